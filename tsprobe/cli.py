@@ -1,0 +1,65 @@
+"""Command-line entry point: a click group that imports each subcommand lazily.
+
+Each subcommand is registered as ``"module:attribute"``; the module is imported only when
+the command is invoked or its ``--help`` is asked for. A command whose module cannot be
+imported (a guest without the host extras) fails with one line naming the missing package
+and the extra that provides it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from probe import __version__
+
+#: name -> (module:attribute, one-line help shown in ``tsprobe --help``)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "agent": ("agent.cli:agent", "Run the in-guest measurement agent."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = COMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        module_name, attr = spec[0].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            missing = getattr(err, "name", None) or str(err)
+            raise click.ClickException(
+                f"'{cmd_name}' needs the Python package {missing!r}, which is not installed "
+                "(host commands need: pip install 'tsprobe[host]')"
+            ) from err
+        command = getattr(module, attr)
+        assert isinstance(command, click.Command)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tsprobe")
+def main() -> None:
+    """tsprobe: what a guest's applications felt during a live migration.
+
+    \b
+    In the guest:   tsprobe agent --duration 10s
+    On the host:    tsprobe record --qmp src=/run/src.qmp --agent http://guest:9466 --out run1
+    """
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
