@@ -1,0 +1,413 @@
+"""``tsprobe agent``: the command line of the in-guest agent.
+
+Flags follow DESIGN.md; each built-in probe has an enable flag (``--stall/--no-stall``) and
+its options under its name (``--stall-mode``, ``--clock-period``), as node_exporter does
+with its collectors. Durations are typed as users write them (``500us``, ``2ms``, ``1.5s``)
+and parsed by ``probe.durations``; a bad value is one line naming the flag, never a
+traceback.
+
+The probes are built by factories that import their modules only when the probe is
+enabled, so this module imports nothing of them at load time. A probe whose module is
+missing or whose constructor fails is reported as down at startup and in /healthz; the
+agent runs with the others. A constructor that rejects a flag value (``ValueError``) is a
+usage error instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from agent.errors import AgentError, ConfigError, ListenError
+from agent.http import DEFAULT_LISTEN, parse_listen
+from agent.main import CANARY_NAMES, Agent, AgentConfig, parse_cpu_list, resolve_cpus
+from agent.metrics import DEFAULT_WARNING_KINDS
+from probe.base import Probe
+from probe.durations import parse_duration, parse_duration_list
+from probe.errors import DurationError, ProbeUnavailable
+from probe.roots import Roots
+
+if TYPE_CHECKING:
+    # click >= 8.2 makes ParamType generic; older releases (Debian 12 ships 8.1) do not.
+    _DurationBase = click.ParamType[int, Any]
+    _NsTupleBase = click.ParamType[tuple[int, ...], Any]
+    _NamesBase = click.ParamType[tuple[str, ...], Any]
+else:
+    _DurationBase = _NsTupleBase = _NamesBase = click.ParamType
+
+ROOT_SPOOL = "/var/lib/tsprobe/events.jsonl"
+USER_SPOOL = "tsprobe-events.jsonl"
+
+
+class DurationType(_DurationBase):
+    """A duration such as ``2ms``, converted to nanoseconds."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_duration(str(value))
+        except DurationError as err:
+            self.fail(str(err), param, ctx)
+
+
+class DurationListType(_NsTupleBase):
+    """A comma-separated list of durations (the timeout ladder), in nanoseconds."""
+
+    name = "DURATIONS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(parse_duration_list(str(value)))
+        except DurationError as err:
+            self.fail(str(err), param, ctx)
+
+
+class CpuListType(_NsTupleBase):
+    """A CPU list such as ``0,1`` or ``0-3``."""
+
+    name = "CPUS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(parse_cpu_list(str(value)))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+
+
+class CanariesType(_NamesBase):
+    """``none`` or a comma-separated list of canary names."""
+
+    name = "CANARIES"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = [part.strip() for part in str(value).split(",") if part.strip()]
+        if names == ["none"]:
+            return ()
+        if not names:
+            self.fail("expected canary names or 'none'", param, ctx)
+        for name in names:
+            if name not in CANARY_NAMES:
+                allowed = ", ".join((*CANARY_NAMES, "none"))
+                self.fail(f"unknown canary {name!r}: choose from {allowed}", param, ctx)
+        return tuple(dict.fromkeys(names))
+
+
+def _check_listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        parse_listen(value)
+    except ListenError as err:
+        raise click.BadParameter(str(err), ctx, param) from err
+    return value
+
+
+def default_spool_path() -> str:
+    """Where the spool goes without --events: the state directory as root, else the cwd.
+
+    :return: an absolute path.
+    """
+    if os.geteuid() == 0:
+        return ROOT_SPOOL
+    return os.path.abspath(USER_SPOOL)
+
+
+# -- probe factories ----------------------------------------------------------------------
+
+
+def _load(module: str, attr: str) -> Any:
+    return getattr(importlib.import_module(module), attr)
+
+
+def _stall_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    stall_probe = _load("agent.samplers", "StallProbe")
+    probe: Probe = stall_probe(
+        cpus,
+        config.interval_ns,
+        config.threshold_ns,
+        mode=config.stall_mode,
+        fifo=config.stall_fifo,
+        roots=roots,
+    )
+    return probe
+
+
+def _clock_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    clock_probe = _load("probe.clock", "ClockProbe")
+    probe: Probe = clock_probe(
+        period_ns=config.clock_period_ns,
+        step_threshold_ns=config.clock_step_threshold_ns,
+        roots=roots,
+        ptp=config.clock_ptp,
+    )
+    return probe
+
+
+def _kmsg_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    kmsg_probe = _load("probe.kmsg", "KmsgProbe")
+    probe: Probe = kmsg_probe(roots=roots)
+    return probe
+
+
+Factory = Callable[[AgentConfig, Roots, list[int]], Probe]
+
+#: The built-in probes, by name, in start order.
+FACTORIES: dict[str, Factory] = {
+    "stall": _stall_probe,
+    "clock": _clock_probe,
+    "kmsg": _kmsg_probe,
+}
+
+
+def build_probes(
+    config: AgentConfig, roots: Roots, cpus: list[int]
+) -> tuple[list[Probe], dict[str, str]]:
+    """Build the enabled probes.
+
+    :param config: the settings (which probes, and their options).
+    :param roots: where /proc, /sys and /dev are.
+    :param cpus: the resolved CPUs to sample.
+    :raise ConfigError: when a probe rejects a setting (its constructor's ValueError).
+    :return: (probes, name -> why a probe could not be built).
+    """
+    probes: list[Probe] = []
+    unavailable: dict[str, str] = {}
+    for name, factory in FACTORIES.items():
+        if not config.enabled(name):
+            continue
+        try:
+            probes.append(factory(config, roots, cpus))
+        except ImportError as err:
+            unavailable[name] = f"not available in this install ({err})"
+        except ProbeUnavailable as err:
+            unavailable[name] = str(err)
+        except ValueError as err:
+            raise ConfigError(f"{name} probe: {err}") from err
+        except Exception as err:
+            unavailable[name] = f"could not be set up: {err!r}"
+    return probes, unavailable
+
+
+def warning_kinds() -> tuple[str, ...]:
+    """The kernel warning kinds the kmsg probe knows, or a built-in list without it.
+
+    :return: the kinds exported from the start.
+    """
+    try:
+        kinds = _load("probe.kmsg_patterns", "WARNING_KINDS")
+    except (ImportError, AttributeError):
+        return DEFAULT_WARNING_KINDS
+    return tuple(str(kind) for kind in kinds)
+
+
+def run_agent(config: AgentConfig) -> str:
+    """Build the probes, start the agent, run it, stop it.
+
+    :param config: the settings.
+    :raise AgentError: when the agent cannot start (the CLI prints it as one line).
+    :return: why the agent stopped.
+    """
+    roots = config.roots()
+    cpus = resolve_cpus(config.cpus, roots)
+    probes, unavailable = build_probes(config, roots, cpus)
+    agent = Agent(config, probes, roots, unavailable=unavailable, warning_kinds=warning_kinds())
+    agent.start()
+    try:
+        return agent.run(config.duration_ns)
+    finally:
+        agent.stop()
+
+
+DURATION = DurationType()
+EPILOG = """\b
+Examples:
+  tsprobe agent --duration 10s --events none
+  tsprobe agent --cpus 0-3 --threshold 50ms --listen 127.0.0.1:9466
+  curl -s 'http://127.0.0.1:9466/events?since=0&limit=100'
+\b
+Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
+/clock (guest clocks, JSON), /healthz (probe health, JSON).
+"""
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--cpus",
+    type=CpuListType(),
+    default=None,
+    help="CPUs to sample, e.g. 0,1 or 0-3.  [default: all online]",
+)
+@click.option("--interval", type=DURATION, default="1ms", show_default=True, help="Sampler period.")
+@click.option(
+    "--threshold",
+    type=DURATION,
+    default="2ms",
+    show_default=True,
+    help="Shortest gap recorded as a stall.",
+)
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    callback=_check_listen,
+    metavar="HOST:PORT",
+    help="HTTP address (port 0 picks a free port).",
+)
+@click.option(
+    "--events",
+    "events",
+    default=None,
+    metavar="PATH|none",
+    help=f"Event spool (JSON Lines, rotated); 'none' keeps events in memory only.  "
+    f"[default: {ROOT_SPOOL} as root, else ./{USER_SPOOL}]",
+)
+@click.option(
+    "--events-ring",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Newest events kept in memory for /events.",
+)
+@click.option(
+    "--timeouts",
+    type=DurationListType(),
+    default="10ms,100ms,1s,5s,30s",
+    show_default=True,
+    help="The timeout ladder.",
+)
+@click.option(
+    "--canaries",
+    type=CanariesType(),
+    default="timer,heartbeat",
+    show_default=True,
+    help="Canaries: timer, heartbeat, rpc, or none.",
+)
+@click.option("--duration", type=DURATION, default=None, help="Run this long, then exit.")
+@click.option("--stall/--no-stall", default=True, show_default=True, help="Per-CPU stall probe.")
+@click.option(
+    "--stall-mode",
+    type=click.Choice(["tick", "spin"]),
+    default="tick",
+    show_default=True,
+    help="tick: sleeping loop; spin: busy loop (never at SCHED_FIFO).",
+)
+@click.option(
+    "--stall-fifo/--no-stall-fifo",
+    default=True,
+    show_default=True,
+    help="Run tick samplers at SCHED_FIFO when permitted.",
+)
+@click.option("--clock/--no-clock", default=True, show_default=True, help="Clock step probe.")
+@click.option(
+    "--clock-period",
+    type=DURATION,
+    default="10ms",
+    show_default=True,
+    help="How often the clocks are compared.",
+)
+@click.option(
+    "--clock-step-threshold",
+    type=DURATION,
+    default="1ms",
+    show_default=True,
+    help="Smallest clock step reported.",
+)
+@click.option(
+    "--clock-ptp/--no-clock-ptp",
+    default=True,
+    show_default=True,
+    help="Read the host clock through ptp_kvm when present.",
+)
+@click.option("--kmsg/--no-kmsg", default=True, show_default=True, help="Kernel warning probe.")
+@click.option("--path.procfs", "procfs", default="/proc", show_default=True, help="procfs root.")
+@click.option("--path.sysfs", "sysfs", default="/sys", show_default=True, help="sysfs root.")
+@click.option("--path.devfs", "devfs", default="/dev", show_default=True, help="devfs root.")
+def agent(
+    cpus: tuple[int, ...] | None,
+    interval: int,
+    threshold: int,
+    listen: str,
+    events: str | None,
+    events_ring: int,
+    timeouts: tuple[int, ...],
+    canaries: tuple[str, ...],
+    duration: int | None,
+    stall: bool,
+    stall_mode: str,
+    stall_fifo: bool,
+    clock: bool,
+    clock_period: int,
+    clock_step_threshold: int,
+    clock_ptp: bool,
+    kmsg: bool,
+    procfs: str,
+    sysfs: str,
+    devfs: str,
+) -> None:
+    """Run the in-guest agent: per-CPU stalls, clock steps and kernel warnings.
+
+    It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to
+    a rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
+    """
+    if interval <= 0:
+        raise click.BadParameter("must be positive", param_hint="--interval")
+    if stall_mode == "tick" and threshold <= interval:
+        raise click.BadParameter(
+            "must be longer than --interval (a gap is measured in sampler periods)",
+            param_hint="--threshold",
+        )
+    for value, hint in (
+        (clock_period, "--clock-period"),
+        (clock_step_threshold, "--clock-step-threshold"),
+    ):
+        if value <= 0:
+            raise click.BadParameter("must be positive", param_hint=hint)
+    if events is None:
+        events_path: str | None = default_spool_path()
+    elif events.strip().lower() == "none":
+        events_path = None
+    else:
+        events_path = events
+    config = AgentConfig(
+        cpus=cpus,
+        interval_ns=interval,
+        threshold_ns=threshold,
+        listen=listen,
+        events_path=events_path,
+        timeouts_ns=timeouts,
+        canaries=canaries,
+        duration_ns=duration,
+        stall=stall,
+        clock=clock,
+        kmsg=kmsg,
+        stall_mode=stall_mode,
+        stall_fifo=stall_fifo,
+        clock_period_ns=clock_period,
+        clock_step_threshold_ns=clock_step_threshold,
+        clock_ptp=clock_ptp,
+        procfs=procfs,
+        sysfs=sysfs,
+        devfs=devfs,
+        ring_size=events_ring,
+    )
+    try:
+        run_agent(config)
+    except AgentError as err:
+        raise click.ClickException(str(err)) from err

@@ -1,0 +1,808 @@
+"""The agent: probes feed one event log, which feeds the metrics, the spool and HTTP.
+
+::
+
+    probes ──emit(RawEvent)──> EventLog ──> ring ──> GET /events
+                                  │  └────> spool (events.jsonl, rotated)
+                                  └──> AgentMetrics.observe ──> GET /metrics
+    probes <──health(), samples(), host_offset_ns() at scrape time── AgentMetrics
+
+Life cycle: ``Agent(config, probes, roots)`` does nothing yet. ``start()`` reads the boot
+id, the online CPUs and the clocksource through ``roots``, opens the event log (an
+unwritable spool is a ``ConfigError``), binds HTTP (``ListenError``), writes the
+``agent_start`` event (always ``seq`` 1: version, pid, CPUs, the whole config, the
+clocksource and one line per degraded capability), starts each probe (a probe that fails
+to start is reported down; the agent keeps running), writes one ``probe_status`` event per
+probe and prints one line per probe and per degraded capability to stderr. ``run()``
+blocks until the duration elapses or SIGINT/SIGTERM arrives. ``stop()`` stops the probes,
+writes ``agent_stop``, closes the spool and shuts HTTP down.
+
+Probe health is gathered here, one probe at a time, so one probe whose ``health()`` raises
+only takes its own ``tsprobe_probe_up`` series to 0. Probes disabled by a flag, and the
+canaries (accepted by the command line but not implemented yet), are reported as off: 0
+in ``tsprobe_probe_up``, but not a reason for /healthz to say "degraded".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import resource
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from agent.errors import AgentError, ConfigError
+from agent.eventlog import (
+    DEFAULT_KEEP_SPOOLS,
+    DEFAULT_MAX_SPOOL_BYTES,
+    DEFAULT_RING_SIZE,
+    EventLog,
+    Page,
+)
+from agent.http import DEFAULT_LISTEN, AgentHTTPServer
+from agent.metrics import (
+    CONTENT_TYPE,
+    DEFAULT_CLOCKS,
+    DEFAULT_PROBES,
+    DEFAULT_TIMEOUTS_NS,
+    DEFAULT_WARNING_KINDS,
+    AgentMetrics,
+    ScrapeHooks,
+    SyncReading,
+)
+from probe import __version__
+from probe.base import Health, Probe, now_pair
+from probe.events import RawEvent
+from probe.roots import Roots
+
+#: The ``probe`` labels each built-in probe reports in ``health()``.
+PROBE_SOURCES: dict[str, tuple[str, ...]] = {
+    "stall": ("stall",),
+    "clock": ("clock", "adjtimex", "ptp"),
+    "kmsg": ("kmsg",),
+}
+#: Canary names the command line accepts.
+CANARY_NAMES = ("timer", "heartbeat", "rpc")
+CANARIES_NOTE = "canaries not yet available"
+
+_CAP_SYS_NICE = 23
+#: How often ``run()`` looks for a signal.
+_POLL_S = 0.1
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """Parse a kernel CPU list such as ``0-3,8,10-11``.
+
+    :param text: the list (the format of /sys/devices/system/cpu/online and of --cpus).
+    :raise ValueError: when an item is not ``N`` or ``N-M`` with ``N <= M``, or the list is
+        empty.
+    :return: the CPUs, ascending, without duplicates.
+    """
+    cpus: set[int] = set()
+    for item in (part.strip() for part in text.strip().split(",")):
+        first, dash, last = item.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"invalid CPU list {text.strip()!r}: expected e.g. 0,1 or 0-3")
+        low, high = int(first), int(last) if dash else int(first)
+        if low > high:
+            raise ValueError(f"invalid CPU list {text.strip()!r}: range {item} is reversed")
+        cpus.update(range(low, high + 1))
+    return sorted(cpus)
+
+
+def format_cpu_list(cpus: Sequence[int]) -> str:
+    """Write CPUs the kernel's way: ``[0, 1, 2, 5]`` -> ``0-2,5``.
+
+    :param cpus: CPU numbers.
+    :return: the compact list.
+    """
+    parts: list[str] = []
+    ordered = sorted(set(cpus))
+    start = 0
+    for index in range(1, len(ordered) + 1):
+        if index == len(ordered) or ordered[index] != ordered[index - 1] + 1:
+            low, high = ordered[start], ordered[index - 1]
+            parts.append(str(low) if low == high else f"{low}-{high}")
+            start = index
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every setting of ``tsprobe agent``; the field names follow the flags.
+
+    :param cpus: CPUs to sample; None means every online CPU.
+    :param interval_ns: the samplers' period (--interval).
+    :param threshold_ns: the shortest gap recorded as a stall (--threshold).
+    :param listen: the HTTP address (--listen).
+    :param events_path: the spool file, or None for memory only (--events).
+    :param timeouts_ns: the timeout ladder (--timeouts).
+    :param canaries: requested canaries (--canaries); empty for none.
+    :param duration_ns: run this long, then exit; None runs until a signal (--duration).
+    :param stall: run the stall probe (--stall/--no-stall).
+    :param clock: run the clock probe (--clock/--no-clock).
+    :param kmsg: run the kernel message probe (--kmsg/--no-kmsg).
+    :param stall_mode: ``tick`` (sleeping loop) or ``spin`` (--stall-mode).
+    :param stall_fifo: run tick samplers at SCHED_FIFO (--stall-fifo).
+    :param clock_period_ns: the clock probe's period (--clock-period).
+    :param clock_step_threshold_ns: the smallest step reported (--clock-step-threshold).
+    :param clock_ptp: read the host clock through ptp_kvm (--clock-ptp).
+    :param procfs: the proc root (--path.procfs).
+    :param sysfs: the sys root (--path.sysfs).
+    :param devfs: the dev root (--path.devfs).
+    :param ring_size: events /events can serve (--events-ring).
+    :param spool_max_bytes: spool size that triggers a rotation.
+    :param spool_keep: rotated spool files kept.
+    """
+
+    cpus: tuple[int, ...] | None = None
+    interval_ns: int = 1_000_000
+    threshold_ns: int = 2_000_000
+    listen: str = DEFAULT_LISTEN
+    events_path: str | None = None
+    timeouts_ns: tuple[int, ...] = DEFAULT_TIMEOUTS_NS
+    canaries: tuple[str, ...] = ("timer", "heartbeat")
+    duration_ns: int | None = None
+    stall: bool = True
+    clock: bool = True
+    kmsg: bool = True
+    stall_mode: str = "tick"
+    stall_fifo: bool = True
+    clock_period_ns: int = 10_000_000
+    clock_step_threshold_ns: int = 1_000_000
+    clock_ptp: bool = True
+    procfs: str = "/proc"
+    sysfs: str = "/sys"
+    devfs: str = "/dev"
+    ring_size: int = DEFAULT_RING_SIZE
+    spool_max_bytes: int = DEFAULT_MAX_SPOOL_BYTES
+    spool_keep: int = DEFAULT_KEEP_SPOOLS
+
+    def roots(self) -> Roots:
+        """The filesystem roots the path flags name."""
+        return Roots(self.procfs, self.sysfs, self.devfs)
+
+    def enabled(self, probe: str) -> bool:
+        """Whether the flags enable a built-in probe.
+
+        :param probe: ``stall``, ``clock`` or ``kmsg``.
+        :return: the flag's value (True for other names).
+        """
+        return bool(getattr(self, probe, True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (for the ``agent_start`` event)."""
+        return {
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in dataclasses.asdict(self).items()
+        }
+
+
+def online_cpus(roots: Roots) -> list[int]:
+    """The online CPUs, from /sys/devices/system/cpu/online.
+
+    :param roots: where /sys is.
+    :raise ConfigError: when the file is unreadable or malformed.
+    :return: the CPUs, ascending.
+    """
+    path = roots.sys_path("devices", "system", "cpu", "online")
+    try:
+        return parse_cpu_list(roots.read_text(path))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the online CPUs from {path}: {err}") from err
+
+
+def resolve_cpus(requested: Sequence[int] | None, roots: Roots) -> list[int]:
+    """The CPUs to sample: the requested ones, which must be online, or every online CPU.
+
+    :param requested: --cpus, or None for all online.
+    :param roots: where /sys is.
+    :raise ConfigError: when a requested CPU is not online, or /sys cannot say.
+    :return: the CPUs, ascending.
+    """
+    online = online_cpus(roots)
+    if requested is None:
+        return online
+    offline = sorted(set(requested) - set(online))
+    if offline:
+        raise ConfigError(
+            f"--cpus: CPU {format_cpu_list(offline)} is not online"
+            f" (online: {format_cpu_list(online)})"
+        )
+    return sorted(set(requested))
+
+
+def _sync_reading(state: Any) -> SyncReading | None:
+    """Turn the clock probe's ``sync_state()`` into a ``SyncReading``.
+
+    Accepts a ``SyncReading``, or a mapping or object with ``synchronised`` (or
+    ``synchronized``) and ``maxerror_ns`` (or ``maxerror_us``, adjtimex's own unit).
+    """
+    if state is None or isinstance(state, SyncReading):
+        return state
+
+    def field(*names: str) -> Any:
+        for name in names:
+            value = state.get(name) if isinstance(state, Mapping) else getattr(state, name, None)
+            if value is not None:
+                return value
+        return None
+
+    synced = field("synchronised", "synchronized")
+    if not isinstance(synced, bool):
+        return None
+    maxerror = field("maxerror_ns")
+    if not isinstance(maxerror, int):
+        maxerror_us = field("maxerror_us")
+        maxerror = maxerror_us * 1000 if isinstance(maxerror_us, int) else None
+    return SyncReading(synced, maxerror)
+
+
+def _say_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class Agent:
+    """The running agent (see the module docstring for its life cycle).
+
+    :param config: the settings.
+    :param probes: started probes' owners; each ``name`` should be unique.
+    :param roots: where /proc, /sys and /dev are; defaults to ``config.roots()``.
+    :param unavailable: probes that could not even be built, name -> reason.
+    :param warning_kinds: the kernel warning kinds exported from the start.
+    :param say: prints one line for the operator (stderr by default).
+    :param agent_id: this start's id; random by default.
+    :param wall_clock: Unix time in seconds (tests freeze it).
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        probes: Sequence[Probe],
+        roots: Roots | None = None,
+        *,
+        unavailable: Mapping[str, str] | None = None,
+        warning_kinds: Sequence[str] = DEFAULT_WARNING_KINDS,
+        say: Callable[[str], None] = _say_stderr,
+        agent_id: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.probes = list(probes)
+        self.roots = roots if roots is not None else config.roots()
+        self.unavailable = dict(unavailable or {})
+        self.warning_kinds = tuple(warning_kinds)
+        self.say = say
+        self.agent_id = agent_id or secrets.token_hex(8)
+        self.boot_id = ""
+        self.cpus: list[int] = []
+        self.degraded: list[str] = []
+        self._wall_clock = wall_clock
+        self._start_errors: dict[str, str] = {}
+        self._started: list[Probe] = []
+        self._sources: dict[str, tuple[str, ...]] = {
+            probe.name: PROBE_SOURCES.get(probe.name, (probe.name,)) for probe in self.probes
+        }
+        self._log: EventLog | None = None
+        self._metrics: AgentMetrics | None = None
+        self._server: AgentHTTPServer | None = None
+        self._state = "created"
+        self._start_mono_ns = 0
+        self._stop_requested = threading.Event()
+        self._stop_reason = ""
+        self._signalled = ""
+        self._lock = threading.Lock()
+
+    # -- accessors --------------------------------------------------------------------
+
+    @property
+    def log(self) -> EventLog:
+        """The event log (after ``start()``)."""
+        if self._log is None:
+            raise AgentError("the agent is not started")
+        return self._log
+
+    @property
+    def metrics(self) -> AgentMetrics:
+        """The metrics collector (after ``start()``)."""
+        if self._metrics is None:
+            raise AgentError("the agent is not started")
+        return self._metrics
+
+    @property
+    def server(self) -> AgentHTTPServer:
+        """The HTTP server (after ``start()``)."""
+        if self._server is None:
+            raise AgentError("the agent is not started")
+        return self._server
+
+    @property
+    def url(self) -> str:
+        """The HTTP endpoint's base URL, as reachable from this machine."""
+        return self.server.url
+
+    def _probe(self, name: str) -> Any:
+        for probe in self.probes:
+            if probe.name == name:
+                return probe
+        return None
+
+    # -- start --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the log, bind HTTP, write ``agent_start``, start the probes, serve.
+
+        :raise ConfigError: when the spool cannot be written, the listen address cannot be
+            bound or a requested CPU is not online (nothing keeps running then).
+        :raise AgentError: when called twice.
+        """
+        with self._lock:
+            if self._state != "created":
+                raise AgentError(f"start() on an agent that is {self._state}")
+            self._state = "starting"
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+        with self._lock:
+            self._state = "running"
+        self._report_probes()
+        config = self.config
+        where = config.events_path or "memory only (--events none)"
+        self.say(
+            f"tsprobe agent {__version__}: serving {self.server.url} (--listen {config.listen}),"
+            f" cpus {format_cpu_list(self.cpus)}, events -> {where}"
+        )
+
+    def _start(self) -> None:
+        config = self.config
+        self.boot_id = self._read_boot_id()
+        self.cpus = resolve_cpus(config.cpus, self.roots)
+        clocksource = self._read_clocksource()
+        self.degraded = self._capability_notes()
+        self._log = log = EventLog(
+            self.boot_id,
+            config.events_path,
+            ring_size=config.ring_size,
+            max_spool_bytes=config.spool_max_bytes,
+            keep_spools=config.spool_keep,
+            warn=lambda line: self.say(f"tsprobe: {line}"),
+        )
+        self._server = server = AgentHTTPServer(config.listen, self)
+        self._metrics = self._build_metrics()
+        log.subscribe(self._metrics.observe)
+        self._start_mono_ns, _ = now_pair()
+        log.append(
+            self._raw(
+                "agent_start",
+                version=__version__,
+                pid=os.getpid(),
+                agent_id=self.agent_id,
+                cpus=self.cpus,
+                config=config.to_dict(),
+                clocksource=clocksource,
+                degraded=self.degraded,
+            )
+        )
+        for line in self.degraded:
+            self.say(f"tsprobe: degraded: {line}")
+        for probe in self.probes:
+            self._started.append(probe)
+            try:
+                probe.start(self._emit)
+            except Exception as err:
+                self._start_errors[probe.name] = f"start failed: {err}"
+        server.start()
+
+    def _abort(self) -> None:
+        """Undo a failed start: stop what was started, close the spool and the socket."""
+        for probe in self._started:
+            with contextlib.suppress(Exception):
+                probe.stop()
+        if self._server is not None:
+            self._server.stop()
+        if self._log is not None:
+            self._log.close()
+        with self._lock:
+            self._state = "failed"
+
+    def _raw(self, kind: str, duration_ns: int | None = None, **fields: Any) -> RawEvent:
+        mono, real = now_pair()
+        return RawEvent(kind, mono, real, duration_ns, fields)
+
+    def _emit(self, raw: RawEvent) -> None:
+        self.log.append(raw)
+
+    def _read_boot_id(self) -> str:
+        path = self.roots.proc_path("sys", "kernel", "random", "boot_id")
+        try:
+            boot_id = self.roots.read_text(path).strip()
+        except OSError as err:
+            self.degraded.append(f"boot id unreadable ({path}: {err.strerror}); using 'unknown'")
+            return "unknown"
+        return boot_id or "unknown"
+
+    def _read_clocksource(self) -> str | None:
+        path = self.roots.sys_path(
+            "devices", "system", "clocksource", "clocksource0", "current_clocksource"
+        )
+        try:
+            return self.roots.read_text(path).strip() or None
+        except OSError:
+            return None
+
+    def _capability_notes(self) -> list[str]:
+        """What this process may not do, known before any probe starts."""
+        notes = list(self.degraded)
+        config = self.config
+        euid = os.geteuid()
+        if euid != 0:
+            notes.append(f"running as uid {euid}, not root")
+        if config.stall and config.stall_mode == "tick" and config.stall_fifo:
+            cap_nice = self._has_capability(_CAP_SYS_NICE)
+            rtprio = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+            if cap_nice is False and rtprio == 0:
+                notes.append(
+                    "SCHED_FIFO not permitted (no CAP_SYS_NICE, RLIMIT_RTPRIO 0):"
+                    " samplers run SCHED_OTHER and see more scheduler delay"
+                )
+        if config.stall:
+            outside = sorted(set(self.cpus) - os.sched_getaffinity(0))
+            if outside:
+                notes.append(
+                    f"CPU {format_cpu_list(outside)} outside this process's CPU affinity:"
+                    " samplers cannot be pinned there"
+                )
+        if config.kmsg and not os.access(self.roots.dev_path("kmsg"), os.R_OK):
+            notes.append(f"{self.roots.dev_path('kmsg')} not readable: no kernel warnings")
+        if config.canaries:
+            notes.append(
+                f"{CANARIES_NOTE} (requested: {', '.join(config.canaries)}):"
+                " no timeout expirations are measured yet"
+            )
+        return notes
+
+    def _has_capability(self, bit: int) -> bool | None:
+        try:
+            text = self.roots.read_text(self.roots.proc_path("self", "status"))
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("CapEff:"):
+                try:
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+                except (IndexError, ValueError):
+                    return None
+        return None
+
+    def _build_metrics(self) -> AgentMetrics:
+        hooks = ScrapeHooks(
+            health=self.probe_health,
+            samples=self._samples,
+            host_offset_ns=self._host_offset_ns,
+            sync=self._sync,
+            clocksource=self.clocksource,
+            kmsg_lost=self._kmsg_lost,
+            log_stats=self.log.stats,
+        )
+        return AgentMetrics(
+            self.cpus,
+            clocks=DEFAULT_CLOCKS,
+            warning_kinds=self.warning_kinds,
+            probes=self.probe_labels(),
+            canaries=self.config.canaries,
+            timeouts_ns=self.config.timeouts_ns,
+            info={"version": __version__, "boot_id": self.boot_id, "agent_id": self.agent_id},
+            start_time_s=self._wall_clock(),
+            hooks=hooks,
+        )
+
+    def _report_probes(self) -> None:
+        health = self.probe_health()
+        for label, entry in health.items():
+            if label in self.config.canaries:
+                continue  # said once, among the degraded capabilities
+            state = "up" if entry.up else f"down: {entry.detail}"
+            self.say(f"tsprobe: probe {label}: {state}")
+        for probe in self.probes:
+            notes = self._notes(probe)
+            for note in notes:
+                self.say(f"tsprobe: {probe.name}: {note}")
+            sources = self._sources[probe.name]
+            self.log.append(
+                self._raw(
+                    "probe_status",
+                    probe=probe.name,
+                    health={
+                        label: {"up": health[label].up, "detail": health[label].detail}
+                        for label in sources
+                        if label in health
+                    },
+                    notes=notes,
+                )
+            )
+
+    @staticmethod
+    def _notes(probe: Probe) -> list[str]:
+        notes = getattr(probe, "notes", None)
+        if not callable(notes):
+            return []
+        try:
+            return [str(note) for note in notes()]
+        except Exception as err:
+            return [f"notes() failed: {err!r}"]
+
+    # -- readings (scrape time) ---------------------------------------------------------
+
+    def _off(self) -> dict[str, str]:
+        """Labels that are off on purpose: disabled probes and canaries not implemented."""
+        off: dict[str, str] = {}
+        running = {probe.name for probe in self.probes}
+        for name, sources in PROBE_SOURCES.items():
+            if name not in running and name not in self.unavailable:
+                reason = (
+                    f"disabled (--no-{name})" if not self.config.enabled(name) else "not running"
+                )
+                for label in sources:
+                    off[label] = reason
+        for canary in self.config.canaries:
+            off[canary] = CANARIES_NOTE
+        return off
+
+    def probe_health(self) -> dict[str, Health]:
+        """Every ``probe`` label's health; one failing probe never hides the others.
+
+        :return: label -> health, in a stable order.
+        """
+        out: dict[str, Health] = {}
+        for label, reason in self._off().items():
+            out[label] = Health(False, reason)
+        for name, reason in self.unavailable.items():
+            for label in PROBE_SOURCES.get(name, (name,)):
+                out[label] = Health(False, reason)
+        for probe in self.probes:
+            sources = self._sources[probe.name]
+            error = self._start_errors.get(probe.name)
+            reported: Mapping[str, Health] = {}
+            if error is None:
+                try:
+                    reported = dict(probe.health())
+                except Exception as err:
+                    error = f"health() failed: {err!r}"
+            if error is not None:
+                for label in sources:
+                    out[label] = Health(False, error)
+                continue
+            for label in sources:
+                entry = reported.get(label)
+                out[label] = entry if isinstance(entry, Health) else Health(False, "no report")
+            for label, entry in reported.items():
+                if label not in out and isinstance(entry, Health):
+                    out[label] = entry
+                    self._sources[probe.name] = (*self._sources[probe.name], label)
+        order = {label: index for index, label in enumerate(self.probe_labels())}
+        return dict(sorted(out.items(), key=lambda item: order.get(item[0], len(order))))
+
+    def probe_labels(self) -> list[str]:
+        """The ``probe`` label universe: built-in sources, the probes' own, the canaries.
+
+        :return: labels in display order.
+        """
+        labels = list(DEFAULT_PROBES)
+        for probe in self.probes:
+            labels.extend(self._sources[probe.name])
+        labels.extend(self.config.canaries)
+        return list(dict.fromkeys(labels))
+
+    def _samples(self) -> Mapping[int, int] | None:
+        probe = self._probe("stall")
+        if probe is None or not callable(getattr(probe, "samples", None)):
+            return None
+        result: Mapping[int, int] = probe.samples()
+        return result
+
+    def _host_offset_ns(self) -> int | None:
+        probe = self._probe("clock")
+        if probe is None or not callable(getattr(probe, "host_offset_ns", None)):
+            return None
+        value = probe.host_offset_ns()
+        return value if isinstance(value, int) else None
+
+    def _sync(self) -> SyncReading | None:
+        probe = self._probe("clock")
+        if probe is None or not callable(getattr(probe, "sync_state", None)):
+            return None
+        return _sync_reading(probe.sync_state())
+
+    def _kmsg_lost(self) -> int | None:
+        probe = self._probe("kmsg")
+        if probe is None or not callable(getattr(probe, "lost", None)):
+            return None
+        value = probe.lost()
+        return value if isinstance(value, int) else None
+
+    def clocksource(self) -> str | None:
+        """The current clocksource: the clock probe's view, else read from /sys.
+
+        :return: e.g. ``kvm-clock``, or None when unknown.
+        """
+        probe = self._probe("clock")
+        if probe is not None and callable(getattr(probe, "clocksource", None)):
+            try:
+                value = probe.clocksource()
+            except Exception:
+                value = None
+            if isinstance(value, str) and value:
+                return value
+        return self._read_clocksource()
+
+    # -- HTTP backend ------------------------------------------------------------------
+
+    def metrics_body(self) -> tuple[bytes, str]:
+        """The /metrics body and its Content-Type.
+
+        :return: (exposition, content type).
+        """
+        return self.metrics.render(), CONTENT_TYPE
+
+    def event_page(self, since: int, limit: int) -> Page:
+        """The /events page after ``since``.
+
+        :param since: the client's last seq.
+        :param limit: the page size.
+        :return: the page.
+        """
+        return self.log.since(since, limit)
+
+    def clock_info(self) -> dict[str, Any]:
+        """The /clock fields besides the clock readings.
+
+        :return: clocksource, boot_id, agent_id and, when known, host_offset_ns.
+        """
+        info: dict[str, Any] = {
+            "clocksource": self.clocksource(),
+            "boot_id": self.boot_id,
+            "agent_id": self.agent_id,
+        }
+        try:
+            offset = self._host_offset_ns()
+        except Exception:
+            offset = None
+        if offset is not None:
+            info["host_offset_ns"] = offset
+        return info
+
+    def health_report(self) -> dict[str, Any]:
+        """The /healthz body: per-probe health, the event log's state and notes.
+
+        ``status`` is ``ok`` unless a probe that should run is down (``degraded``).
+
+        :return: a JSON-ready dict.
+        """
+        health = self.probe_health()
+        off = self._off()
+        stats = self.log.stats()
+        down = [label for label, entry in health.items() if not entry.up and label not in off]
+        notes = list(self.degraded)
+        for probe in self.probes:
+            notes.extend(f"{probe.name}: {note}" for note in self._notes(probe))
+        return {
+            "status": "degraded" if down or not stats.spool_ok else "ok",
+            "version": __version__,
+            "agent_id": self.agent_id,
+            "boot_id": self.boot_id,
+            "cpus": self.cpus,
+            "probes": {
+                label: {"up": entry.up, "detail": entry.detail, "off": label in off}
+                for label, entry in health.items()
+            },
+            "down": down,
+            "events": {
+                "last_seq": stats.last_seq,
+                "oldest_seq": stats.oldest_seq,
+                "ring_size": stats.ring_size,
+                "dropped": stats.dropped,
+                "spool": {
+                    "path": stats.spool_path,
+                    "bytes": stats.spool_bytes,
+                    "errors": stats.spool_errors,
+                    "error": stats.spool_error,
+                },
+            },
+            "notes": notes,
+        }
+
+    # -- run and stop -------------------------------------------------------------------
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Make ``run()`` return (from any thread or a signal handler).
+
+        :param reason: recorded in the ``agent_stop`` event.
+        """
+        if not self._stop_requested.is_set():
+            self._stop_reason = reason
+            self._stop_requested.set()
+
+    def run(self, duration_ns: int | None = None) -> str:
+        """Block until ``duration_ns`` elapsed, SIGINT/SIGTERM arrived or ``request_stop()``.
+
+        Signal handlers are installed only when called from the main thread, and restored
+        on return. A handler only records the signal (taking a lock inside a signal handler
+        can deadlock); the loop below notices it within ``_POLL_S``.
+
+        :param duration_ns: how long to run; None runs until a signal.
+        :return: why it returned: ``duration``, ``SIGINT``, ``SIGTERM`` or the stop reason.
+        """
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+
+            def on_signal(signum: int, frame: FrameType | None) -> None:
+                self._signalled = signal.Signals(signum).name
+
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, on_signal)
+        deadline = None if duration_ns is None else time.monotonic_ns() + max(0, duration_ns)
+        try:
+            while not self._stop_requested.is_set():
+                if self._signalled:
+                    self.request_stop(self._signalled)
+                    break
+                wait_s = _POLL_S
+                if deadline is not None:
+                    remaining = deadline - time.monotonic_ns()
+                    if remaining <= 0:
+                        self.request_stop("duration")
+                        break
+                    wait_s = min(wait_s, remaining / 1e9)
+                self._stop_requested.wait(wait_s)
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        return self._stop_reason
+
+    def stop(self) -> None:
+        """Stop the probes, write ``agent_stop``, close the spool, shut HTTP down.
+
+        Safe to call more than once and after a failed ``start()``.
+        """
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state = "stopping"
+        for probe in self.probes:
+            try:
+                probe.stop()
+            except Exception as err:
+                self.say(f"tsprobe: stopping probe {probe.name} failed: {err!r}")
+        log = self.log
+        stats = log.stats()
+        mono, _ = now_pair()
+        log.append(
+            self._raw(
+                "agent_stop",
+                reason=self._stop_reason or "stopped",
+                uptime_ns=mono - self._start_mono_ns,
+                dropped=stats.dropped,
+                spool_errors=stats.spool_errors,
+            )
+        )
+        log.close()
+        self.server.stop()
+        with self._lock:
+            self._state = "stopped"
+
+    def __enter__(self) -> Agent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

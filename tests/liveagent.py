@@ -1,0 +1,109 @@
+"""Run a real ``tsprobe agent`` process for a test and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from probe.events import Event, parse_event
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers.items()), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers.items()), err.read()
+
+
+@dataclass
+class LiveAgent:
+    proc: subprocess.Popen[bytes]
+    url: str
+    events_path: Path
+
+    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        return http_get(self.url + path)
+
+    def events(self, since: int = 0) -> list[Event]:
+        out: list[Event] = []
+        while True:
+            status, headers, body = self.get(f"/events?since={since}&limit=10000")
+            assert status == 200, body
+            page = [parse_event(line) for line in body.decode().splitlines() if line]
+            out.extend(page)
+            if not page:
+                return out
+            since = page[-1].seq
+
+    def healthz(self) -> dict[str, Any]:
+        status, _, body = self.get("/healthz")
+        assert status == 200
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def sampler_pid(self, cpu: int) -> int:
+        """The pid of the stall sampler process pinned to ``cpu``."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            cmd = child.cmdline()
+            if "probe.stall" in cmd and "--cpu" in cmd and cmd[cmd.index("--cpu") + 1] == str(cpu):
+                return child.pid
+        raise AssertionError(f"no sampler for cpu {cpu}")
+
+
+@contextmanager
+def live_agent(tmp_path: Path, *args: str, ready_timeout: float = 20.0) -> Iterator[LiveAgent]:
+    port = free_port()
+    events_path = tmp_path / "events.jsonl"
+    cmd = [
+        sys.executable, "-m", "tsprobe.cli", "agent",
+        "--listen", f"127.0.0.1:{port}", "--events", str(events_path), *args,
+    ]
+    stderr = open(tmp_path / "agent.stderr", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=stderr, stderr=stderr, start_new_session=True)
+    agent = LiveAgent(proc, f"http://127.0.0.1:{port}", events_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"agent exited {proc.returncode}: {(tmp_path / 'agent.stderr').read_text()}"
+                )
+            try:
+                if agent.get("/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("agent did not answer /healthz in time")
+            time.sleep(0.1)
+        yield agent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        stderr.close()
