@@ -18,6 +18,8 @@ from probe import __version__
 #: name -> (module:attribute, one-line help shown in ``tsprobe --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agent.cli:agent", "Run the in-guest measurement agent."),
+    "record": ("analysis.record_cli:record", "Record a migration: QMP on both sides, the agents."),
+    "timeline": ("analysis.timeline_cli:timeline", "Print the migration phases of a run."),
 }
 
 
@@ -36,6 +38,8 @@ class LazyGroup(click.Group):
             module = importlib.import_module(module_name)
         except ImportError as err:
             missing = getattr(err, "name", None) or str(err)
+            if missing.split(".")[0] in ("probe", "agent", "analysis", "tsprobe"):
+                raise  # our own bug, not a missing extra: let it show
             raise click.ClickException(
                 f"'{cmd_name}' needs the Python package {missing!r}, which is not installed "
                 "(host commands need: pip install 'tsprobe[host]')"

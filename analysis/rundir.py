@@ -1,0 +1,148 @@
+"""The run directory: what ``tsprobe record`` and ``tsprobe lab`` write and analysis reads.
+
+Layout (docs/run-directory.md is the reference)::
+
+    RUNDIR/
+      meta.json                 versions, endpoints, command line, scenario, start/end, counts
+      qmp-NAME.jsonl            one per QMP endpoint (``--qmp src=...`` -> qmp-src.jsonl)
+      guest-events.jsonl        the agent's events verbatim, in seq order
+      guest-events-NAME.jsonl   per agent, when there are several
+      clock-samples.jsonl       host send/receive times around each /clock read
+      agent-NAME.jsonl          the recorder's own notes about an agent (gaps, unreachable)
+
+Every JSONL line is one record; each QMP record has ``type`` (``event``, ``reply``,
+``timeout``, ``error``, ``closed``, ``connected``, ``note``), ``host_real_ns`` and
+``host_mono_ns``; events add ``event``, ``data`` and QEMU's ``timestamp`` as sent, replies
+add ``command`` and ``return``. ``JsonlWriter`` flushes every record, so a crash loses at
+most the record being written. ``read_jsonl`` reports bad lines by file and line number
+and never raises for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from analysis.errors import RunDirError
+from probe.events import Skip
+
+META = "meta.json"
+GUEST_EVENTS = "guest-events.jsonl"
+CLOCK_SAMPLES = "clock-samples.jsonl"
+
+
+def qmp_file(name: str) -> str:
+    """File name of a QMP endpoint's records."""
+    return f"qmp-{name}.jsonl"
+
+
+def guest_events_file(name: str | None) -> str:
+    """File name of an agent's events (``None``: the only agent)."""
+    return GUEST_EVENTS if name is None else f"guest-events-{name}.jsonl"
+
+
+def agent_notes_file(name: str) -> str:
+    """File name of the recorder's notes about one agent."""
+    return f"agent-{name}.jsonl"
+
+
+def host_now() -> tuple[int, int]:
+    """(host CLOCK_REALTIME, host CLOCK_MONOTONIC) in ns, for stamping records."""
+    return time.clock_gettime_ns(time.CLOCK_REALTIME), time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class JsonlWriter:
+    """Append JSON objects to a file, one per line, flushed per record."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fh: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it to the kernel."""
+        self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        self.count += 1
+
+    def write_stamped(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append a record after adding ``host_real_ns`` and ``host_mono_ns`` (now)."""
+        real, mono = host_now()
+        stamped = {**record, "host_real_ns": real, "host_mono_ns": mono}
+        self.write(stamped)
+        return stamped
+
+    def close(self) -> None:
+        """Flush and close; further writes are an error."""
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write a JSON file through a temporary file and a rename, so readers never see half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(
+    path: str | Path, on_skip: Callable[[Skip], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file, reporting bad lines instead of raising.
+
+    :param path: the file.
+    :param on_skip: called with each line passed over (not JSON, not an object, truncated).
+    :raise OSError: when the file cannot be opened.
+    :return: the objects in file order.
+    """
+    name = str(path)
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                reason = "truncated last line" if not line.endswith("\n") else f"not JSON: {err}"
+                if on_skip is not None:
+                    on_skip(Skip(name, line_no, reason))
+                continue
+            if not isinstance(obj, dict):
+                if on_skip is not None:
+                    on_skip(
+                        Skip(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
+                    )
+                continue
+            yield obj
+
+
+def require_rundir(path: str | Path) -> Path:
+    """Check that ``path`` is a run directory with at least one file analysis can read.
+
+    :raise RunDirError: when it does not exist, is not a directory or holds nothing known.
+    :return: the path.
+    """
+    run = Path(path)
+    if not run.exists():
+        raise RunDirError(f"{run}: no such run directory")
+    if not run.is_dir():
+        raise RunDirError(f"{run}: not a directory")
+    known = [p for p in run.iterdir() if p.name == META or p.name.endswith(".jsonl")]
+    if not known:
+        raise RunDirError(f"{run}: empty run directory (no meta.json and no .jsonl records)")
+    return run
+
+
+def qmp_endpoints(run: Path) -> dict[str, Path]:
+    """The QMP record files of a run, keyed by endpoint name."""
+    return {p.name[len("qmp-") : -len(".jsonl")]: p for p in sorted(run.glob("qmp-*.jsonl"))}
