@@ -24,11 +24,12 @@ import click
 
 from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
-from agent.main import CANARY_NAMES, Agent, AgentConfig, parse_cpu_list, resolve_cpus
+from agent.main import CANARY_NAMES, Agent, AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import DurationError, ProbeUnavailable
+from probe.procfs import parse_cpu_list
 from probe.roots import Roots
 
 if TYPE_CHECKING:

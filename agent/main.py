@@ -61,6 +61,7 @@ from agent.metrics import (
 from probe import __version__
 from probe.base import Health, Probe, now_pair
 from probe.events import RawEvent
+from probe.procfs import read_online_cpus
 from probe.roots import Roots
 
 #: The ``probe`` labels each built-in probe reports in ``health()``.
@@ -76,26 +77,6 @@ CANARIES_NOTE = "canaries not yet available"
 _CAP_SYS_NICE = 23
 #: How often ``run()`` looks for a signal.
 _POLL_S = 0.1
-
-
-def parse_cpu_list(text: str) -> list[int]:
-    """Parse a kernel CPU list such as ``0-3,8,10-11``.
-
-    :param text: the list (the format of /sys/devices/system/cpu/online and of --cpus).
-    :raise ValueError: when an item is not ``N`` or ``N-M`` with ``N <= M``, or the list is
-        empty.
-    :return: the CPUs, ascending, without duplicates.
-    """
-    cpus: set[int] = set()
-    for item in (part.strip() for part in text.strip().split(",")):
-        first, dash, last = item.partition("-")
-        if not first.isdigit() or (dash and not last.isdigit()):
-            raise ValueError(f"invalid CPU list {text.strip()!r}: expected e.g. 0,1 or 0-3")
-        low, high = int(first), int(last) if dash else int(first)
-        if low > high:
-            raise ValueError(f"invalid CPU list {text.strip()!r}: range {item} is reversed")
-        cpus.update(range(low, high + 1))
-    return sorted(cpus)
 
 
 def format_cpu_list(cpus: Sequence[int]) -> str:
@@ -195,7 +176,7 @@ def online_cpus(roots: Roots) -> list[int]:
     """
     path = roots.sys_path("devices", "system", "cpu", "online")
     try:
-        return parse_cpu_list(roots.read_text(path))
+        return read_online_cpus(roots)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read the online CPUs from {path}: {err}") from err
 
@@ -355,6 +336,7 @@ class Agent:
             raise
         with self._lock:
             self._state = "running"
+        self._wait_ready()
         self._report_probes()
         config = self.config
         where = config.events_path or "memory only (--events none)"
@@ -505,6 +487,14 @@ class Agent:
             start_time_s=self._wall_clock(),
             hooks=hooks,
         )
+
+    def _wait_ready(self, timeout_s: float = 5.0) -> None:
+        """Give probes that start processes a moment, so the first report is not "starting"."""
+        deadline = time.monotonic() + timeout_s
+        for probe in self.probes:
+            wait_ready = getattr(probe, "wait_ready", None)
+            if callable(wait_ready):
+                wait_ready(max(0.0, deadline - time.monotonic()))
 
     def _report_probes(self) -> None:
         health = self.probe_health()

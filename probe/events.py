@@ -47,7 +47,7 @@ KNOWN_KINDS = frozenset(
 )
 
 #: Cause hints a ``stall`` event can carry (see probe.stall).
-STALL_CAUSES = ("guest-sched", "host-preempt", "vcpu-blocked")
+STALL_CAUSES = ("guest-sched", "host-preempt", "vcpu-blocked", "unknown")
 
 _BASE_FIELDS = ("v", "seq", "boot_id", "kind", "mono_ns", "real_ns", "duration_ns")
 

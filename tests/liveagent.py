@@ -48,7 +48,7 @@ class LiveAgent:
     def events(self, since: int = 0) -> list[Event]:
         out: list[Event] = []
         while True:
-            status, headers, body = self.get(f"/events?since={since}&limit=10000")
+            status, _headers, body = self.get(f"/events?since={since}&limit=10000")
             assert status == 200, body
             page = [parse_event(line) for line in body.decode().splitlines() if line]
             out.extend(page)
@@ -76,8 +76,15 @@ def live_agent(tmp_path: Path, *args: str, ready_timeout: float = 20.0) -> Itera
     port = free_port()
     events_path = tmp_path / "events.jsonl"
     cmd = [
-        sys.executable, "-m", "tsprobe.cli", "agent",
-        "--listen", f"127.0.0.1:{port}", "--events", str(events_path), *args,
+        sys.executable,
+        "-m",
+        "tsprobe.cli",
+        "agent",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--events",
+        str(events_path),
+        *args,
     ]
     stderr = open(tmp_path / "agent.stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=stderr, stderr=stderr, start_new_session=True)

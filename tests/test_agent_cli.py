@@ -16,10 +16,11 @@ from click.testing import CliRunner
 
 import agent.cli as cli
 from agent.errors import ConfigError
-from agent.main import AgentConfig, format_cpu_list, parse_cpu_list, resolve_cpus
+from agent.main import AgentConfig, format_cpu_list, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.errors import ProbeUnavailable
 from probe.events import iter_event_file
+from probe.procfs import parse_cpu_list
 from probe.roots import Roots
 from tests.fakeprobes import FIXTURE_ROOTS, FIXTURE_ROOTS_DIR
 from tests.liveagent import free_port, http_get
@@ -55,7 +56,7 @@ def test_help_has_an_example() -> None:
         (["--threshold", "1ms"], "must be longer than --interval"),
         (["--duration", "ten"], "Invalid value for '--duration'"),
         (["--timeouts", "10ms,x"], "Invalid value for '--timeouts'"),
-        (["--cpus", "a-b"], "Invalid value for '--cpus': invalid CPU list 'a-b'"),
+        (["--cpus", "a-b"], "Invalid value for '--cpus': cpu list: bad item 'a-b'"),
         (["--canaries", "timer,ntp"], "unknown canary 'ntp'"),
         (["--canaries", "none,timer"], "unknown canary 'none'"),
         (["--listen", "9466"], "Invalid value for '--listen'"),

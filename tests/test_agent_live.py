@@ -58,16 +58,30 @@ def test_frozen_sampler_is_reported_once_with_its_length(tmp_path: Path) -> None
             time.sleep(1.0)
         time.sleep(1.5)
         stalls = [e for e in agent.events(start_seq) if e.kind == "stall"]
-    mine = [e for e in stalls if e.get("cpu") == victim]
-    assert len(mine) == 2, [e.to_dict() for e in stalls]
-    for event, (t0, held) in zip(mine, frozen, strict=True):
-        assert event.duration_ns is not None
-        assert held <= event.duration_ns + 1_000 <= held + INTERVAL_NS + 5_000_000, (
-            event.duration_ns,
-            held,
-        )
-        assert abs(event.mono_ns - t0) <= INTERVAL_NS + 5_000_000
-    others = [e for e in stalls if e.get("cpu") != victim and (e.duration_ns or 0) >= 100_000_000]
+    window_start = frozen[0][0] - 50_000_000
+    window_end = frozen[-1][0] + frozen[-1][1] + 50_000_000
+
+    def overlaps(event_start: int, length: int, t0: int, held: int) -> bool:
+        return event_start < t0 + held and event_start + length > t0
+
+    for t0, held in frozen:
+        mine = [
+            e
+            for e in stalls
+            if e.get("cpu") == victim and overlaps(e.mono_ns, e.duration_ns or 0, t0, held)
+        ]
+        # One event for the whole freeze, as long as the freeze within 1 interval + 5 ms.
+        assert len(mine) == 1, ([e.to_dict() for e in mine], t0, held)
+        length = mine[0].duration_ns or 0
+        assert held - 1_000 <= length <= held + INTERVAL_NS + 5_000_000, (length, held)
+        assert abs(mine[0].mono_ns - t0) <= INTERVAL_NS + 5_000_000
+    others = [
+        e
+        for e in stalls
+        if e.get("cpu") != victim
+        and (e.duration_ns or 0) >= 100_000_000
+        and window_start <= e.mono_ns <= window_end
+    ]
     assert others == [], [e.to_dict() for e in others]
 
 

@@ -51,5 +51,9 @@ def test_format_and_labels() -> None:
     assert format_duration(800_000) == "800us"
     assert format_duration(12) == "12ns"
     assert [seconds_label(v) for v in parse_duration_list("10ms,100ms,1s,5s,30s")] == [
-        "0.01", "0.1", "1.0", "5.0", "30.0",
+        "0.01",
+        "0.1",
+        "1.0",
+        "5.0",
+        "30.0",
     ]

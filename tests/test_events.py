@@ -33,8 +33,15 @@ def test_duration_is_omitted_when_absent() -> None:
 
 def test_unknown_kind_and_fields_are_kept() -> None:
     line = json.dumps(
-        {"v": 9, "seq": 3, "boot_id": "x", "kind": "future_thing", "mono_ns": 1, "real_ns": 2,
-         "new_field": [1, 2]}
+        {
+            "v": 9,
+            "seq": 3,
+            "boot_id": "x",
+            "kind": "future_thing",
+            "mono_ns": 1,
+            "real_ns": 2,
+            "new_field": [1, 2],
+        }
     )
     event = parse_event(line)
     assert event.kind == "future_thing" and event.v == 9
@@ -63,8 +70,15 @@ def test_reader_reports_skips_by_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     good = [make(i) for i in (1, 2, 3)]
     path.write_text(
-        good[0].to_json() + "\n" + "garbage\n" + "\n" + good[1].to_json() + "\n"
-        + good[2].to_json() + "\n" + '{"v":1,"seq":4,"boot'
+        good[0].to_json()
+        + "\n"
+        + "garbage\n"
+        + "\n"
+        + good[1].to_json()
+        + "\n"
+        + good[2].to_json()
+        + "\n"
+        + '{"v":1,"seq":4,"boot'
     )
     skips: list[Skip] = []
     events = list(iter_event_file(path, skips.append))

@@ -60,8 +60,16 @@ def main() -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
-        sys.executable, "-m", "tsprobe.cli", "agent", "--listen", f"127.0.0.1:{port}",
-        "--events", str(workdir / "events.jsonl"), "--duration", f"{RUN_S + 4}s",
+        sys.executable,
+        "-m",
+        "tsprobe.cli",
+        "agent",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--events",
+        str(workdir / "events.jsonl"),
+        "--duration",
+        f"{RUN_S + 4}s",
     ]
     print(f"demo: starting the agent: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -73,7 +81,8 @@ def main() -> int:
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    print(f"demo: the agent did not start:\n{proc.stderr.read() if proc.stderr else ''}")
+                    err = proc.stderr.read() if proc.stderr else ""
+                    print(f"demo: the agent did not start:\n{err}")
                     return 1
                 time.sleep(0.1)
         cpus = sorted(os.sched_getaffinity(0))
@@ -132,8 +141,13 @@ def main() -> int:
     print("\n== /metrics (excerpt) ==")
     for line in metrics.splitlines():
         if line.startswith(
-            ("tsprobe_cpu_stall_longest", "tsprobe_cpu_samples_total", "tsprobe_probe_up",
-             "tsprobe_clock_steps_total", "tsprobe_events_dropped_total")
+            (
+                "tsprobe_cpu_stall_longest",
+                "tsprobe_cpu_samples_total",
+                "tsprobe_probe_up",
+                "tsprobe_clock_steps_total",
+                "tsprobe_events_dropped_total",
+            )
         ):
             print(line)
     print(f"\nevent log: {workdir / 'events.jsonl'}")
