@@ -95,15 +95,19 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_jsonl(
+def read_jsonl_numbered(
     path: str | Path, on_skip: Callable[[Skip], None] | None = None
-) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file, reporting bad lines instead of raising.
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each JSON object of a JSONL file, reporting bad lines.
+
+    Blank lines are ignored; a line that is not JSON, or not an object, is reported and
+    passed over; a last line without its newline that does not parse is reported as
+    truncated.
 
     :param path: the file.
-    :param on_skip: called with each line passed over (not JSON, not an object, truncated).
+    :param on_skip: called with each line passed over.
     :raise OSError: when the file cannot be opened.
-    :return: the objects in file order.
+    :return: the objects in file order with their 1-based line numbers.
     """
     name = str(path)
     with open(path, encoding="utf-8", errors="replace") as fh:
@@ -123,7 +127,21 @@ def read_jsonl(
                         Skip(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
                     )
                 continue
-            yield obj
+            yield line_no, obj
+
+
+def read_jsonl(
+    path: str | Path, on_skip: Callable[[Skip], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file (``read_jsonl_numbered`` without the numbers).
+
+    :param path: the file.
+    :param on_skip: called with each line passed over.
+    :raise OSError: when the file cannot be opened.
+    :return: the objects in file order.
+    """
+    for _, obj in read_jsonl_numbered(path, on_skip):
+        yield obj
 
 
 def require_rundir(path: str | Path) -> Path:
