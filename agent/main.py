@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import resource
 import secrets
 import signal
 import sys
@@ -61,7 +60,7 @@ from agent.metrics import (
 from probe import __version__
 from probe.base import Health, Probe, now_pair
 from probe.events import RawEvent
-from probe.procfs import read_online_cpus
+from probe.procfs import format_cpu_list, read_online_cpus
 from probe.roots import Roots
 
 #: The ``probe`` labels each built-in probe reports in ``health()``.
@@ -74,26 +73,8 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
 CANARY_NAMES = ("timer", "heartbeat", "rpc")
 CANARIES_NOTE = "canaries not yet available"
 
-_CAP_SYS_NICE = 23
 #: How often ``run()`` looks for a signal.
 _POLL_S = 0.1
-
-
-def format_cpu_list(cpus: Sequence[int]) -> str:
-    """Write CPUs the kernel's way: ``[0, 1, 2, 5]`` -> ``0-2,5``.
-
-    :param cpus: CPU numbers.
-    :return: the compact list.
-    """
-    parts: list[str] = []
-    ordered = sorted(set(cpus))
-    start = 0
-    for index in range(1, len(ordered) + 1):
-        if index == len(ordered) or ordered[index] != ordered[index - 1] + 1:
-            low, high = ordered[start], ordered[index - 1]
-            parts.append(str(low) if low == high else f"{low}-{high}")
-            start = index
-    return ",".join(parts)
 
 
 @dataclass(frozen=True)
@@ -423,20 +404,17 @@ class Agent:
             return None
 
     def _capability_notes(self) -> list[str]:
-        """What this process may not do, known before any probe starts."""
+        """What this process may not do, known before any probe starts.
+
+        Capabilities a probe tries for itself (SCHED_FIFO for the samplers, /dev/kmsg) are
+        not guessed here: the probe reports what really happened, once, in its notes or
+        its health.
+        """
         notes = list(self.degraded)
         config = self.config
         euid = os.geteuid()
         if euid != 0:
             notes.append(f"running as uid {euid}, not root")
-        if config.stall and config.stall_mode == "tick" and config.stall_fifo:
-            cap_nice = self._has_capability(_CAP_SYS_NICE)
-            rtprio = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
-            if cap_nice is False and rtprio == 0:
-                notes.append(
-                    "SCHED_FIFO not permitted (no CAP_SYS_NICE, RLIMIT_RTPRIO 0):"
-                    " samplers run SCHED_OTHER and see more scheduler delay"
-                )
         if config.stall:
             outside = sorted(set(self.cpus) - os.sched_getaffinity(0))
             if outside:
@@ -444,27 +422,12 @@ class Agent:
                     f"CPU {format_cpu_list(outside)} outside this process's CPU affinity:"
                     " samplers cannot be pinned there"
                 )
-        if config.kmsg and not os.access(self.roots.dev_path("kmsg"), os.R_OK):
-            notes.append(f"{self.roots.dev_path('kmsg')} not readable: no kernel warnings")
         if config.canaries:
             notes.append(
                 f"{CANARIES_NOTE} (requested: {', '.join(config.canaries)}):"
                 " no timeout expirations are measured yet"
             )
         return notes
-
-    def _has_capability(self, bit: int) -> bool | None:
-        try:
-            text = self.roots.read_text(self.roots.proc_path("self", "status"))
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if line.startswith("CapEff:"):
-                try:
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-                except (IndexError, ValueError):
-                    return None
-        return None
 
     def _build_metrics(self) -> AgentMetrics:
         hooks = ScrapeHooks(

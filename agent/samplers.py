@@ -47,6 +47,7 @@ from typing import IO, Any
 import probe
 from probe.base import Emit, Health
 from probe.events import RawEvent
+from probe.procfs import format_cpu_list
 from probe.roots import DEFAULT_ROOTS, Roots
 
 #: Where ``import probe`` works from (the directory that holds the package).
@@ -144,7 +145,7 @@ class StallProbe:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._slots = {cpu: _Slot(cpu) for cpu in self.cpus}
-        self._notes: list[str] = []
+        self._notes: dict[str, list[int]] = {}
         self._emit: Emit | None = None
         self._emit_error = ""
 
@@ -247,12 +248,15 @@ class StallProbe:
             }
 
     def notes(self) -> list[str]:
-        """One line per degraded capability, e.g. ``cpu 1: SCHED_FIFO not permitted (...)``.
+        """One line per degraded capability, naming the CPUs it concerns.
 
-        :return: the lines, in the order they were first reported, without repeats.
+        The samplers report the same refusal (e.g. SCHED_FIFO) each for its CPU; the lines
+        are folded into one: ``cpu 0-1: SCHED_FIFO not permitted (...)``.
+
+        :return: the lines, in the order they were first reported.
         """
         with self._lock:
-            return list(self._notes)
+            return [f"cpu {format_cpu_list(cpus)}: {note}" for note, cpus in self._notes.items()]
 
     # -- supervision -------------------------------------------------------------------
 
@@ -414,6 +418,6 @@ class StallProbe:
                         self._emit_error = f"emit failed: {err!r}"[:200]
 
     def _add_note(self, cpu: int, note: str) -> None:
-        line = f"cpu {cpu}: {note}"
-        if line not in self._notes:
-            self._notes.append(line)
+        cpus = self._notes.setdefault(note, [])
+        if cpu not in cpus:
+            cpus.append(cpu)

@@ -352,7 +352,7 @@ class KmsgProbe:
             source = self._opener(self.path, self._from_start)
         except OSError as err:
             self._set_health(False, _open_error_detail(self.path, err))
-            log.warning("kmsg probe: %s", self._health.detail)
+            log.debug("kmsg probe: %s", self._health.detail)  # health() says it to the user
             return
         self._source = source
         self._set_health(True, "")

@@ -153,6 +153,23 @@ def parse_cpu_list(text: str) -> list[int]:
     return sorted(cpus)
 
 
+def format_cpu_list(cpus: list[int] | tuple[int, ...] | set[int]) -> str:
+    """Write CPUs the kernel's way: ``[0, 1, 2, 5]`` -> ``0-2,5``.
+
+    :param cpus: CPU numbers.
+    :return: the compact list.
+    """
+    parts: list[str] = []
+    ordered = sorted(set(cpus))
+    start = 0
+    for index in range(1, len(ordered) + 1):
+        if index == len(ordered) or ordered[index] != ordered[index - 1] + 1:
+            low, high = ordered[start], ordered[index - 1]
+            parts.append(str(low) if low == high else f"{low}-{high}")
+            start = index
+    return ",".join(parts)
+
+
 def schedstat_path(roots: Roots, tid: int | str = "self") -> str:
     """Where a thread's schedstat is: ``PROC/self/task/TID/schedstat`` (``PROC/self/schedstat``
     for ``tid="self"``, the calling process's main thread).

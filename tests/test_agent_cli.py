@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 import agent.cli as cli
 from agent.errors import ConfigError
-from agent.main import AgentConfig, format_cpu_list, resolve_cpus
+from agent.main import AgentConfig, resolve_cpus
+from probe.procfs import format_cpu_list
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.errors import ProbeUnavailable
 from probe.events import iter_event_file

@@ -128,10 +128,10 @@ def main() -> int:
     if held_ns:
         mine = [e for e in by_cpu.get(victim, []) if (e.duration_ns or 0) >= held_ns // 2]
         for event in mine:
-            err = (event.duration_ns or 0) - held_ns
+            error_ns = (event.duration_ns or 0) - held_ns
             print(
                 f"injected freeze of {format_duration(held_ns)} on CPU {victim}: the agent "
-                f"reported {format_duration(event.duration_ns or 0)} ({err / 1e6:+.2f} ms)"
+                f"reported {format_duration(event.duration_ns or 0)} ({error_ns / 1e6:+.2f} ms)"
             )
     for event in events:
         if event.kind in ("clock_step", "clocksource_change", "kernel_warning"):
