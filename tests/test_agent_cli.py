@@ -17,11 +17,10 @@ from click.testing import CliRunner
 import agent.cli as cli
 from agent.errors import ConfigError
 from agent.main import AgentConfig, resolve_cpus
-from probe.procfs import format_cpu_list
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.errors import ProbeUnavailable
 from probe.events import iter_event_file
-from probe.procfs import parse_cpu_list
+from probe.procfs import format_cpu_list, parse_cpu_list
 from probe.roots import Roots
 from tests.fakeprobes import FIXTURE_ROOTS, FIXTURE_ROOTS_DIR
 from tests.liveagent import free_port, http_get
