@@ -14,7 +14,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check probe agent analysis tsprobe tests bench
 
 typecheck: setup
-	$(VENV)/bin/mypy probe agent tsprobe
+	$(VENV)/bin/mypy probe agent tsprobe analysis
 
 pytest: setup
 	$(PY) -m pytest -ra $(PYTEST_ARGS)

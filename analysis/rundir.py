@@ -20,6 +20,7 @@ and never raises for them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -66,7 +67,11 @@ class JsonlWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it to the kernel."""
-        self._fh.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.write_line(json.dumps(record, separators=(",", ":")))
+
+    def write_line(self, line: str) -> None:
+        """Append one line verbatim (e.g. a guest event as the agent sent it) and flush it."""
+        self._fh.write(line.rstrip("\n") + "\n")
         self._fh.flush()
         self.count += 1
 
@@ -81,7 +86,8 @@ class JsonlWriter:
         """Flush and close; further writes are an error."""
         if not self._fh.closed:
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            with contextlib.suppress(OSError):
+                os.fsync(self._fh.fileno())
             self._fh.close()
 
 
@@ -89,6 +95,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write a JSON file through a temporary file and a rename, so readers never see half."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, 0o644)  # mkstemp makes it 0600; a run directory is for others to read
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
