@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agent.cli:agent", "Run the in-guest measurement agent."),
     "record": ("analysis.record_cli:record", "Record a migration: QMP on both sides, the agents."),
     "timeline": ("analysis.timeline_cli:timeline", "Print the migration phases of a run."),
+    "lab": ("analysis.lab.cli:lab", "Build the lab guest and run migration scenarios."),
 }
 
 

@@ -1,0 +1,47 @@
+"""The lab: a real QEMU guest running the agent, migrated or stalled on purpose.
+
+How it fits together (``tsprobe lab run --scenario NAME --out RUNDIR``)::
+
+    guest.build_guest()          Debian kernel (apt-get download, dpkg-deb -x, PVH vmlinux)
+          |                      + initramfs: busybox, host python3.11, agent, virtio modules
+          v                      cached by content under ~/.cache/tsprobe/guest
+    qemu.start(src), start(dst)  q35, -accel tcg,thread=single (or KVM after a smoke boot),
+          |                      serial console to a file, user-mode net with hostfwd on
+          |                      127.0.0.1 (agent 9466, lab hooks 9467), two QMP sockets each
+          v
+    scenarios.Scenario.run()     waits for the agent, starts analysis.recorder.Recorder on
+          |                      one monitor per QEMU and on the agent (through
+          |                      proxy.Forwarder, which follows the guest to the destination),
+          |                      drives QEMU on the other monitor (timeouts, OOB), checks the
+          v                      guest's health, stops the recorder
+    summary.write_summary()      phases, stalls per CPU and phase, clock lag, injected
+                                 freezes against what the guest saw -> lab-summary.txt/.json
+
+The guest side: ``init.sh`` is PID 1 (busybox sh): it mounts /proc, /sys, /dev, loads the
+virtio modules, sets up eth0 (10.0.2.15/24 via 10.0.2.2), turns RT throttling off (see the
+script for why), and starts ``tsprobe agent --interval 1ms --threshold 50ms`` and
+``guest_hooks.py`` (the host's clock-step trigger on port 9467, the health line on the
+console, and the optional memory workload from ``tsprobe.wss=``/``tsprobe.wcpu=`` on the
+kernel command line).
+
+What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
+
+- Boot to an agent sampling every CPU: 10 to 17 s (kernel to init ~4.5 s; the agent's
+  Python start is most of the rest, ~30x slower than native under TCG).
+- The guest's clocksource under TCG is ``hpet``: it counts QEMU's virtual clock, so it
+  stands still while QEMU has the vCPUs stopped (precopy downtime, the postcopy
+  switchover, ``stop``) and the guest's realtime falls behind the host's by that much; it
+  runs on through a SIGSTOP or a cgroup freeze, which the guest sees as a gap.
+- ``/clock`` round trips take 15 to 250 ms under TCG, so the lag is estimated from the
+  reply's receipt (the agent reads its clocks just before answering), not the midpoint.
+- ``paused``: the vCPUs are usually already blocked on a requested page when the pause
+  comes, so the stall starts in postcopy-active and ends after recovery (3.77 s for a
+  3.02 s pause).
+- ``paused-stop``: ``stop`` is sent before the pause (QEMU's monitor can hang on it while
+  postcopy-paused); with the vCPUs stopped, the destination's monitor answered
+  ``query-status`` during the pause.
+
+Modules: ``guest`` (build), ``elf`` and ``cpio`` (its binary formats), ``qemu`` (command
+lines, processes, accelerator), ``proxy``, ``scenarios``, ``summary``, ``cli``,
+``errors``; ``guest_hooks.py`` and ``init.sh`` run inside the guest only.
+"""

@@ -1,0 +1,172 @@
+"""``tsprobe lab``: build the lab guest, run a scenario on it (see analysis.lab)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from analysis.lab.errors import LabError
+from probe.durations import parse_duration, parse_duration_list
+from probe.errors import DurationError
+
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size(text: str, what: str) -> int:
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = SIZE_UNITS.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if scale != 1 else value)
+    except ValueError:
+        raise click.BadParameter(f"not a size: {text!r} (e.g. 512M)", param_hint=what) from None
+    return int(number * scale)
+
+
+def _duration(text: str, what: str) -> int:
+    try:
+        return parse_duration(text)
+    except DurationError as err:
+        raise click.BadParameter(str(err), param_hint=what) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def lab() -> None:
+    """The lab: a real QEMU guest running the agent, migrated or stalled on purpose.
+
+    \b
+    tsprobe lab build-guest
+    tsprobe lab run --scenario paused --hold 3s --out runs/paused
+    """
+
+
+@lab.command("build-guest")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache holds this build.")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache directory.  [default: $TSPROBE_CACHE or ~/.cache/tsprobe/guest]",
+)
+def build_guest_cmd(force: bool, cache: Path | None) -> None:
+    """Build (or find in the cache) the lab guest: Debian kernel + initramfs.
+
+    \b
+    Example:
+      tsprobe lab build-guest
+    """
+    from analysis.lab.guest import build_guest
+
+    try:
+        guest = build_guest(cache=cache, force=force)
+    except LabError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"kernel {guest.kernel} ({guest.boot})\ninitrd {guest.initrd}")
+
+
+RUN_EPILOG = """\b
+Scenarios:
+  precopy      precopy with --bandwidth until completed
+  postcopy     ~1 s of precopy, then postcopy (memory workload 64M by default)
+  paused       postcopy, migrate-pause for --hold, recover; vCPUs keep running
+  paused-stop  as paused, with the destination's vCPUs stopped while paused
+  stall        SIGSTOP/SIGCONT the whole QEMU for each --stall
+  stall-vcpu   freeze vCPU --cpu's host thread (cgroup freezer) for each --stall
+\b
+Examples:
+  tsprobe lab run --scenario precopy --out runs/precopy
+  tsprobe lab run --scenario paused --hold 3s --out runs/paused
+  tsprobe lab run --scenario stall --stall 300ms,1.2s --out runs/stall
+  tsprobe lab run --scenario stall-vcpu --cpu 1 --stall 700ms --out runs/vcpu
+\b
+The run directory holds the recorder's files (meta.json, qmp-src.jsonl, qmp-dst.jsonl,
+guest-events.jsonl, clock-samples.jsonl), lab-steps.jsonl, lab-health.json, the serial
+consoles and lab-summary.txt/.json.
+"""
+
+
+@lab.command("run", epilog=RUN_EPILOG)
+@click.option("--scenario", required=True, metavar="NAME", help="See the list below.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New run directory.")
+@click.option("--vcpus", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--mem", default="512M", show_default=True, help="Guest RAM.")
+@click.option("--hold", default="3s", show_default=True, help="How long to stay paused.")
+@click.option(
+    "--stall", default="300ms", show_default=True, help="Freeze length(s), comma-separated."
+)
+@click.option("--cpu", type=int, default=1, show_default=True, help="vCPU that stall-vcpu freezes.")
+@click.option(
+    "--workload",
+    default=None,
+    help="Working set kept dirty in the guest (e.g. 64M; 0: none).  "
+    "[default: 64M for the postcopy scenarios, else none]",
+)
+@click.option("--workload-cpu", type=int, default=0, show_default=True, help="Its vCPU.")
+@click.option(
+    "--bandwidth", default="50M", show_default=True, help="max-bandwidth per second (bytes)."
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="auto: KVM if a smoke boot works, else TCG.",
+)
+@click.option(
+    "--clock-step",
+    default=None,
+    help="Step the guest's realtime by this much first (stall scenarios), e.g. 2s.",
+)
+def run_cmd(
+    scenario: str,
+    out: Path,
+    vcpus: int,
+    mem: str,
+    hold: str,
+    stall: str,
+    cpu: int,
+    workload: str | None,
+    workload_cpu: int,
+    bandwidth: str,
+    accel: str,
+    clock_step: str | None,
+) -> None:
+    """Run one lab scenario end to end and print its summary."""
+    from analysis.lab.scenarios import SCENARIOS, LabOptions, run_scenario
+
+    if scenario not in SCENARIOS:
+        raise click.BadParameter(
+            f"unknown scenario {scenario!r}: choose from {', '.join(SCENARIOS)}",
+            param_hint="--scenario",
+        )
+    try:
+        stalls = tuple(parse_duration_list(stall))
+    except DurationError as err:
+        raise click.BadParameter(str(err), param_hint="--stall") from None
+    if workload is not None and workload.strip() != "0":
+        _size(workload, "--workload")
+    step = None
+    if clock_step is not None:
+        negative = clock_step.strip().startswith("-")
+        step = _duration(clock_step.strip().lstrip("+-"), "--clock-step")
+        step = -step if negative else step
+    opts = LabOptions(
+        scenario=scenario,
+        out=out,
+        vcpus=vcpus,
+        mem_mb=_size(mem, "--mem") >> 20,
+        hold_ns=_duration(hold, "--hold"),
+        stalls_ns=stalls,
+        cpu=cpu,
+        workload=workload,
+        workload_cpu=workload_cpu,
+        bandwidth=_size(bandwidth, "--bandwidth"),
+        accel=accel,
+        clock_step_ns=step,
+    )
+    try:
+        summary = run_scenario(opts)
+    except LabError as err:
+        raise click.ClickException(str(err)) from err
+    if not (summary.get("health") or {}).get("ok"):
+        raise click.ClickException("the guest was not healthy afterwards (see lab-summary.txt)")

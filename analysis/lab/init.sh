@@ -1,0 +1,85 @@
+#!/bin/busybox sh
+# PID 1 of the tsprobe lab guest (an initramfs only; busybox sh).
+#
+# It mounts proc, sys and devtmpfs, loads the virtio modules listed in
+# /lib/modules/load-order (modules.dep order, computed at build time), brings up eth0 on
+# QEMU's user-mode network (10.0.2.15/24, gateway 10.0.2.2), then starts:
+#   - the agent: tsprobe agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466,
+#     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl);
+#   - the lab hooks (port 9467): clock steps on request, and a health line on the console;
+#   - optionally a memory workload that keeps a working set dirty, pinned to one CPU.
+# Settings come from the kernel command line:
+#   tsprobe.wss=SIZE      working set of the memory workload (e.g. 64M; 0 or absent: none)
+#   tsprobe.wcpu=N        CPU the workload is pinned to (default 0)
+#   tsprobe.agent="ARGS"  extra agent arguments (commas stand for spaces)
+# Every line this script prints starts with "tsprobe-lab:" so the host can grep the
+# serial console (console=ttyS0) for it; kernel oopses and warnings reach the console
+# through loglevel=5.
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export HOME=/root
+exec >/dev/console 2>&1 </dev/null
+mkdir -p /tmp /run /root
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mkdir -p /run/tsprobe /dev/shm
+echo "tsprobe-lab: init at $(cut -d' ' -f1 /proc/uptime)s"
+
+while read -r mod; do
+    insmod "/lib/modules/$mod" || echo "tsprobe-lab: insmod $mod failed"
+done </lib/modules/load-order
+
+WSS=0
+WCPU=0
+AGENT_EXTRA=""
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        tsprobe.wss=*) WSS="${word#*=}" ;;
+        tsprobe.wcpu=*) WCPU="${word#*=}" ;;
+        tsprobe.agent=*) AGENT_EXTRA="$(echo "${word#*=}" | tr ',' ' ')" ;;
+    esac
+done
+
+ip link set lo up
+tries=0
+while [ ! -e /sys/class/net/eth0 ] && [ $tries -lt 50 ]; do
+    sleep 0.1
+    tries=$((tries + 1))
+done
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+echo "tsprobe-lab: network up at $(cut -d' ' -f1 /proc/uptime)s: $(ip -o -4 addr show eth0 | awk '{print $4}')"
+echo "tsprobe-lab: clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+
+# The agent's samplers sleep at SCHED_FIFO. When the host freezes a vCPU while one of
+# them is on it, the guest's clock runs on (the vCPU is not stopped in QEMU's sense) and
+# the whole freeze is charged to that FIFO task as runtime: a freeze longer than 950 ms
+# then triggers RT throttling ("sched: RT throttling activated"), which keeps the
+# CPU's sampler off for the rest of the 1 s period and stretches the stall it reports
+# (a 1.2 s SIGSTOP read as 1.96 s). The lab measures the host's freeze, not this
+# artifact of the probe's own policy, so RT throttling is off in the lab guest.
+echo -1 >/proc/sys/kernel/sched_rt_runtime_us
+
+PY="/usr/bin/python3.11 -S"
+export PYTHONPATH=/opt/tsprobe
+export PYTHONDONTWRITEBYTECODE=1
+# shellcheck disable=SC2086
+$PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
+    --events /run/tsprobe/events.jsonl $AGENT_EXTRA &
+$PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
+if [ "$WSS" != "0" ]; then
+    # Started once the agent answers, so it does not slow the agent's start under TCG.
+    (
+        until wget -q -O /dev/null http://127.0.0.1:9466/healthz 2>/dev/null; do sleep 0.5; done
+        exec $PY /opt/tsprobe/lab/hooks.py dirty --size "$WSS" --cpu "$WCPU"
+    ) &
+fi
+
+while true; do
+    wait
+    sleep 1
+done

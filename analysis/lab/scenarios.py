@@ -1,0 +1,816 @@
+"""The lab's scenarios: boot the guest, disturb it in a known way, record, check, summarize.
+
+Every scenario boots the cached guest in a source QEMU (and, when it migrates, starts a
+destination with ``-incoming defer``), waits until the agent samples every CPU, then
+records with ``analysis.recorder.Recorder`` (QMP of both QEMUs on their own monitors, the
+agent through ``analysis.lab.proxy.Forwarder``, which follows the guest to the
+destination) while it drives QEMU over a second monitor per QEMU (``Control``: every
+command with a timeout, out-of-band where the main loop may be stuck). Then it checks the
+guest's health, stops the recorder and writes ``lab-summary.txt``/``.json``.
+
+==============  =================================================================
+``precopy``     ``migrate`` with ``max-bandwidth`` (``--bandwidth``) until completed.
+``postcopy``    precopy for ~1 s, then ``migrate-start-postcopy`` (postcopy-ram on
+                both sides, ``postcopy-blocktime`` on the destination,
+                ``max-postcopy-bandwidth`` = ``--bandwidth``); a memory workload
+                (``--workload``, default 64M) makes the guest fault on missing pages.
+``paused``      postcopy, then ``migrate-pause`` (OOB, source) for ``--hold``, then
+                ``migrate-recover`` (OOB, destination, a new port) and ``migrate``
+                with ``resume: true``. The vCPUs keep running on the destination: the
+                behaviour libvirt merged; a vCPU touching a missing page blocks.
+``paused-stop`` the same, with the destination's vCPUs stopped while the migration is
+                paused, as the upstream patch proposed. QEMU's monitor hangs on ``stop``
+                while postcopy-paused (the symptom of QEMU issue 1052: the main loop
+                waits for a vCPU stuck on a missing page; seen here in 4 of 4 tries),
+                so the lab sends ``stop`` to the destination *before* the pause, while
+                postcopy-active (it returns once the faulting vCPUs have their pages),
+                and ``cont`` once the recovered migration is postcopy-active again. It
+                also sends ``query-status`` (1 s timeout) during the pause and records
+                whether the monitor answered.
+``stall``       SIGSTOP / SIGCONT of the whole source QEMU for each ``--stall`` (all
+                vCPUs at once); the host measures each freeze between the two kill()
+                calls. ``--clock-step`` first steps the guest's realtime through the
+                lab hooks.
+``stall-vcpu``  freeze ONE vCPU's host thread (``query-cpus-fast`` ``thread-id`` of
+                ``--cpu``) with the cgroup v1 freezer for ``--stall`` while the others
+                run. Needs a host thread per vCPU: KVM, or ``-accel tcg,thread=multi``
+                (fine without migration).
+==============  =================================================================
+
+Besides the recorder's files, the run directory gets ``lab-steps.jsonl`` (each command
+with its reply or timeout, each injected freeze with host times, and marks: baseline
+start, disturbance start, settled), ``lab-health.json``, the serial consoles
+(``serial-src.log``, ``serial-dst.log``), QEMU's own output (``qemu-*.log``) and meta.json
+gains ``scenario`` and ``lab`` (parameters, accelerator, boot time, wall time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from analysis import rundir
+from analysis.lab import qemu as lq
+from analysis.lab.errors import LabError, QemuError, ScenarioError
+from analysis.lab.guest import Guest, build_guest
+from analysis.lab.proxy import Forwarder
+from analysis.lab.summary import HEALTH, STEPS, render, write_summary
+from analysis.qmp_endpoint import StatusChange
+from analysis.recorder import Recorder
+from analysis.rundir import JsonlWriter, host_now
+
+SCENARIOS: dict[str, str] = {
+    "precopy": "precopy migration with a bandwidth limit",
+    "postcopy": "precopy, then postcopy with a memory workload",
+    "paused": "postcopy, migrate-pause for --hold, recover; vCPUs keep running",
+    "paused-stop": "as paused, with the destination's vCPUs stopped while paused",
+    "stall": "SIGSTOP/SIGCONT the whole QEMU for each --stall",
+    "stall-vcpu": "freeze one vCPU thread (--cpu) for --stall with the cgroup freezer",
+}
+MIGRATING = frozenset({"precopy", "postcopy", "paused", "paused-stop"})
+POSTCOPY = frozenset({"postcopy", "paused", "paused-stop"})
+DEFAULT_WORKLOAD = {"postcopy": "64M", "paused": "64M", "paused-stop": "64M"}
+FREEZER = Path("/sys/fs/cgroup/freezer")
+#: Console patterns that make a guest unhealthy.
+OOPS = re.compile(
+    r"Oops|BUG:|Kernel panic|general protection fault|WARNING: CPU|soft lockup|"
+    r"hard LOCKUP|blocked for more than|segfault at|Call Trace|tsprobe-lab: insmod"
+)
+BOOT_TIMEOUT_S = 120.0
+MIGRATION_TIMEOUT_S = 120.0
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class LabOptions:
+    """What ``tsprobe lab run`` was asked for (durations in ns, sizes as typed)."""
+
+    scenario: str
+    out: Path
+    vcpus: int = 2
+    mem_mb: int = 512
+    hold_ns: int = 3_000_000_000
+    stalls_ns: tuple[int, ...] = (300_000_000,)
+    cpu: int = 1
+    workload: str | None = None
+    workload_cpu: int = 0
+    bandwidth: int = 50 * 1024 * 1024
+    accel: str = "auto"
+    clock_step_ns: int | None = None
+    baseline_s: float = 2.0
+    postcopy_after_s: float = 1.0
+    verbose: bool = True
+
+    def check(self) -> None:
+        """Reject impossible combinations with one line.
+
+        :raise LabError: on a bad value.
+        """
+        if self.scenario not in SCENARIOS:
+            raise LabError(
+                f"unknown scenario {self.scenario!r}: choose from {', '.join(SCENARIOS)}"
+            )
+        if self.vcpus < 1:
+            raise LabError("--vcpus must be at least 1")
+        if self.mem_mb < 256:
+            raise LabError("--mem must be at least 256M (the guest's initramfs needs it)")
+        if self.scenario == "stall-vcpu" and not 0 <= self.cpu < self.vcpus:
+            raise LabError(f"--cpu {self.cpu} is not a vCPU of a {self.vcpus}-vCPU guest")
+        if self.scenario == "stall-vcpu" and self.vcpus < 2:
+            raise LabError("stall-vcpu needs at least 2 vCPUs (one frozen, one running)")
+        if not 0 <= self.workload_cpu < self.vcpus:
+            raise LabError(f"--workload-cpu {self.workload_cpu} is not a vCPU of the guest")
+        if self.bandwidth <= 0:
+            raise LabError("--bandwidth must be positive")
+        if any(s <= 0 for s in self.stalls_ns) or self.hold_ns <= 0:
+            raise LabError("--stall and --hold must be positive")
+        if (self.out / rundir.META).exists():
+            raise LabError(f"{self.out} already holds a recording: choose a new --out")
+
+    @property
+    def workload_size(self) -> str:
+        """The workload's working set (``0``: none)."""
+        if self.workload is not None:
+            return self.workload
+        return DEFAULT_WORKLOAD.get(self.scenario, "0")
+
+
+class Control:
+    """The scenario's own QMP monitor of one QEMU: commands with timeouts, logged."""
+
+    def __init__(self, name: str, socket_path: Path, steps: JsonlWriter, say: Say) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.steps = steps
+        self.say = say
+        self.client = QMPClient(f"lab-{name}")
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect and negotiate (OOB is enabled when QEMU offers it).
+
+        :raise QemuError: when the monitor does not answer in time.
+        """
+        try:
+            await asyncio.wait_for(self.client.connect(str(self.socket_path)), timeout_s)
+        except (OSError, QMPError, TimeoutError) as err:
+            raise QemuError(f"{self.name}: cannot connect to {self.socket_path}: {err}") from err
+
+    async def cmd(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout_s: float = 10.0,
+        oob: bool = False,
+        check: bool = True,
+    ) -> Any:
+        """Run a command; log it (reply, error or timeout) to lab-steps.jsonl.
+
+        :raise ScenarioError: on an error reply or a timeout (when ``check``).
+        :return: the command's return value, or None after a tolerated failure.
+        """
+        real0, mono0 = host_now()
+        record: dict[str, Any] = {
+            "type": "command",
+            "endpoint": self.name,
+            "command": command,
+            "arguments": arguments or {},
+            "oob": oob,
+            "host_real_ns": real0,
+            "host_mono_ns": mono0,
+        }
+        try:
+            result = await asyncio.wait_for(
+                self.client.execute(command, arguments, oob=oob), timeout_s
+            )
+        except TimeoutError as err:
+            record.update(outcome="timeout", timeout_s=timeout_s)
+            self._log(record, mono0)
+            if check:
+                raise ScenarioError(
+                    f"{self.name}: {command} got no answer within {timeout_s:g} s"
+                ) from err
+            return None
+        except QMPError as err:
+            record.update(outcome="error", error=str(err))
+            self._log(record, mono0)
+            if check:
+                raise ScenarioError(f"{self.name}: {command} failed: {err}") from err
+            return None
+        record.update(outcome="reply", **{"return": result})
+        self._log(record, mono0)
+        return result
+
+    def _log(self, record: dict[str, Any], mono0: int) -> None:
+        record["elapsed_ns"] = time.monotonic_ns() - mono0
+        self.steps.write(record)
+
+    async def close(self) -> None:
+        """Disconnect (never raises)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), 2.0)
+
+
+def _get(url: str, timeout_s: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        body: bytes = resp.read()
+        return body
+
+
+def _samples(port: int) -> dict[str, float]:
+    text = _get(f"http://127.0.0.1:{port}/metrics", 10.0).decode()
+    out = {}
+    for match in re.finditer(r'^tsprobe_cpu_samples_total\{cpu="(\d+)"\} (\S+)$', text, re.M):
+        out[match.group(1)] = float(match.group(2))
+    return out
+
+
+def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float) -> float:
+    """Wait until the agent answers on ``port`` and its stall probe samples every CPU.
+
+    :raise QemuError: when QEMU dies or the agent is not ready in time.
+    :return: seconds since QEMU was started.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 1.0))
+            if health.get("probes", {}).get("stall", {}).get("up"):
+                return time.monotonic() - qemu.started_mono
+        if not qemu.alive():
+            raise QemuError(f"{qemu.spec.name} QEMU exited: {qemu.stderr_tail() or '?'}")
+        if time.monotonic() > deadline:
+            tail = qemu.console().strip().splitlines()[-3:]
+            raise QemuError(
+                f"the guest's agent was not ready after {timeout_s:.0f} s "
+                f"(console: {' | '.join(tail) or 'empty'})"
+            )
+        time.sleep(0.2)
+
+
+def hooks_command(port: int, line: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Send one line to the guest's lab hooks (port forwarded to guest 9467).
+
+    :raise ScenarioError: when the hooks do not answer or answer an error.
+    """
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(line.encode() + b"\n")
+            reply = sock.makefile("r").readline()
+        result: dict[str, Any] = json.loads(reply)
+    except (OSError, ValueError) as err:
+        raise ScenarioError(f"lab hooks did not answer {line!r}: {err}") from err
+    if not result.get("ok"):
+        raise ScenarioError(f"lab hooks refused {line!r}: {result.get('error')}")
+    return result
+
+
+def check_health(final: lq.Qemu, qemus: list[lq.Qemu], cpus: int) -> dict[str, Any]:
+    """Check the guest after the scenario: consoles, agent, every CPU sampling.
+
+    :param final: the QEMU the guest runs in now.
+    :param qemus: every QEMU of the scenario (their consoles are scanned).
+    :param cpus: the number of vCPUs.
+    :return: ``{"ok", "problems", ...}`` (also written as lab-health.json).
+    """
+    problems: list[str] = []
+    oopses = []
+    for q in qemus:
+        for line in q.console().splitlines():
+            if OOPS.search(line):
+                oopses.append(f"{q.spec.name}: {line.strip()}")
+    if oopses:
+        problems.append(f"console: {oopses[0]}")
+    if not final.alive():
+        problems.append(f"{final.spec.name} QEMU exited")
+    port = final.spec.agent_port
+    health: dict[str, Any] = {}
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
+            break
+        except (OSError, ValueError) as err:
+            if time.monotonic() > deadline:
+                problems.append(f"agent on {final.spec.name} does not answer: {err}")
+                break
+            time.sleep(0.5)
+    down = [
+        p for p in ("stall", "clock", "kmsg") if not health.get("probes", {}).get(p, {}).get("up")
+    ]
+    if health and down:
+        problems.append(f"probes down: {', '.join(down)}")
+    rates: dict[str, float] = {}
+    if health:
+        try:
+            first = _samples(port)
+            t0 = time.monotonic()
+            time.sleep(1.0)
+            second = _samples(port)
+            span = time.monotonic() - t0
+            rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
+        except (OSError, ValueError) as err:
+            problems.append(f"/metrics failed: {err}")
+        idle = [c for c in map(str, range(cpus)) if rates.get(c, 0) <= 0]
+        if idle:
+            problems.append(f"CPU {','.join(idle)} not sampling")
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "final": final.spec.name,
+        "oopses": oopses[:20],
+        "agent_status": health.get("status"),
+        "probes_down": health.get("down"),
+        "samples_per_s": {c: round(v, 1) for c, v in rates.items()},
+    }
+
+
+class _Freezer:
+    """A cgroup v1 freezer group holding one thread."""
+
+    def __init__(self, tid: int) -> None:
+        if not (FREEZER / "tasks").exists():
+            raise ScenarioError(f"no cgroup v1 freezer at {FREEZER}: stall-vcpu needs one")
+        self.tid = tid
+        self.group = FREEZER / f"tsprobe-lab-{os.getpid()}-{tid}"
+        self.group.mkdir(exist_ok=True)
+        (self.group / "tasks").write_text(str(tid))
+
+    def set(self, state: str, timeout_s: float = 2.0) -> None:
+        (self.group / "freezer.state").write_text(state)
+        deadline = time.monotonic() + timeout_s
+        while (self.group / "freezer.state").read_text().strip() != state:
+            if time.monotonic() > deadline:
+                raise ScenarioError(f"the freezer did not reach {state} in {timeout_s} s")
+            time.sleep(0.0005)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.group / "freezer.state").write_text("THAWED")
+        with contextlib.suppress(OSError):
+            (FREEZER / "tasks").write_text(str(self.tid))
+        with contextlib.suppress(OSError):
+            self.group.rmdir()
+
+
+class Scenario:
+    """One run of a scenario (use ``run_scenario``)."""
+
+    def __init__(self, opts: LabOptions, guest: Guest, say: Say) -> None:
+        self.opts = opts
+        self.guest = guest
+        self.say = say
+        self.out = opts.out
+        self.migrates = opts.scenario in MIGRATING
+        self.qemus: list[lq.Qemu] = []
+        self.controls: dict[str, Control] = {}
+        self.status_events: dict[tuple[str, str], asyncio.Event] = {}
+        self.forwarder: Forwarder | None = None
+        self.accel = "tcg"
+        self.accel_note = ""
+        self.boot_s: float | None = None
+        self.steps: JsonlWriter | None = None
+        self.sockdir = Path(tempfile.mkdtemp(prefix="tsprobe-lab-"))
+        self.info: dict[str, Any] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def mark(self, name: str) -> None:
+        """Record a named host time (the summary's windows)."""
+        assert self.steps is not None
+        self.steps.write_stamped({"type": "mark", "name": name})
+
+    def _on_status(self, change: StatusChange) -> None:
+        self.status_events.setdefault((change.endpoint, change.status), asyncio.Event()).set()
+        if (
+            self.forwarder is not None
+            and len(self.qemus) > 1
+            and change.status in ("postcopy-active", "completed")
+        ):
+            self.forwarder.target = self.qemus[1].spec.agent_port
+
+    async def wait_status(self, endpoint: str, statuses: tuple[str, ...], timeout_s: float) -> str:
+        """Wait until ``endpoint`` reports one of ``statuses``.
+
+        :raise ScenarioError: on ``failed``/``cancelled`` or a timeout.
+        :return: the status reached.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for status in statuses:
+                event = self.status_events.get((endpoint, status))
+                if event is not None and event.is_set():
+                    return status
+            for bad in ("failed", "cancelled"):
+                if bad not in statuses and (endpoint, bad) in self.status_events:
+                    raise ScenarioError(f"{endpoint}: migration {bad}")
+            if time.monotonic() > deadline:
+                raise ScenarioError(
+                    f"{endpoint} did not reach {'/'.join(statuses)} within {timeout_s:g} s"
+                )
+            await asyncio.sleep(0.02)
+
+    # -- boot ------------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Choose the accelerator, start the QEMUs, wait for the agent."""
+        scenario_accel = "tcg-multi" if self.opts.scenario == "stall-vcpu" else "tcg"
+        self.accel, self.accel_note = lq.choose_accel(
+            self.opts.accel, self.guest, self.sockdir, scenario_accel
+        )
+        if self.accel_note:
+            self.say(self.accel_note)
+        if self.migrates and self.accel == "tcg-multi":
+            self.say("note: multi-threaded TCG corrupted guests during precopy here")
+        cmdline = []
+        if self.opts.scenario == "stall-vcpu":
+            # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
+            # emulated under QEMU's big lock; a vCPU thread frozen while it holds the lock
+            # blocks its siblings' host threads too (seen: CPU 0 stalled 250-700 ms in 3
+            # of 6 freezes of CPU 1, its thread asleep meanwhile). The TSC is read
+            # without leaving the translated code.
+            cmdline += ["clocksource=tsc", "tsc=reliable"]
+        if self.opts.workload_size not in ("0", ""):
+            cmdline += [
+                f"tsprobe.wss={self.opts.workload_size}",
+                f"tsprobe.wcpu={self.opts.workload_cpu}",
+            ]
+        common = {
+            "guest": self.guest,
+            "workdir": self.sockdir,
+            "accel": self.accel,
+            "mem_mb": self.opts.mem_mb,
+            "vcpus": self.opts.vcpus,
+            "cmdline": cmdline,
+        }
+        src_spec = lq.QemuSpec(name="src", **common)  # type: ignore[arg-type]
+        self.say(
+            f"booting the guest ({self.guest.boot}, {self.accel}, {self.opts.vcpus} vCPUs, "
+            f"{self.opts.mem_mb} MiB, workload {self.opts.workload_size})"
+        )
+        self.qemus.append(lq.start(src_spec))
+        if self.migrates:
+            dst_spec = lq.QemuSpec(name="dst", incoming=True, **common)  # type: ignore[arg-type]
+            self.qemus.append(lq.start(dst_spec))
+        self.boot_s = round(wait_agent(src_spec.agent_port, self.qemus[0], BOOT_TIMEOUT_S), 2)
+        if self.opts.workload_size not in ("0", ""):
+            self.qemus[0].wait_console("tsprobe-lab: workload:", 30)
+        self.say(f"guest agent sampling every CPU {self.boot_s} s after QEMU started")
+
+    # -- the drivers -------------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Drive a precopy/postcopy/paused/paused-stop migration to completion."""
+        src, dst = self.controls["src"], self.controls["dst"]
+        scenario = self.opts.scenario
+        postcopy = scenario in POSTCOPY
+        if postcopy:
+            caps = [{"capability": "postcopy-ram", "state": True}]
+            await src.cmd("migrate-set-capabilities", {"capabilities": caps})
+            await dst.cmd(
+                "migrate-set-capabilities",
+                {"capabilities": [*caps, {"capability": "postcopy-blocktime", "state": True}]},
+            )
+        params: dict[str, Any] = {"max-bandwidth": self.opts.bandwidth}
+        if postcopy:
+            params["max-postcopy-bandwidth"] = self.opts.bandwidth
+        await src.cmd("migrate-set-parameters", params)
+        port = lq.free_port()
+        uri = f"tcp:127.0.0.1:{port}"
+        await dst.cmd("migrate-incoming", {"uri": uri})
+        self.mark("disturb_start")
+        self.say(f"migrate to {uri} ({scenario}, max-bandwidth {self.opts.bandwidth >> 20} MiB/s)")
+        await src.cmd("migrate", {"uri": uri})
+        await self.wait_status("src", ("active", "completed"), 30)
+        if postcopy:
+            await asyncio.sleep(self.opts.postcopy_after_s)
+            self.say("migrate-start-postcopy")
+            await src.cmd("migrate-start-postcopy")
+            await self.wait_status("dst", ("postcopy-active", "completed"), 30)
+        if scenario in ("paused", "paused-stop"):
+            await self._pause_and_recover(src, dst)
+        await self.wait_status("src", ("completed",), MIGRATION_TIMEOUT_S)
+        await self.wait_status("dst", ("completed",), 30)
+        self.say("migration completed")
+
+    async def _pause_and_recover(self, src: Control, dst: Control) -> None:
+        stop_policy = self.opts.scenario == "paused-stop"
+        await asyncio.sleep(0.3)
+        if self.status_events.get(("src", "completed")):
+            raise ScenarioError(
+                "postcopy completed before migrate-pause could be sent: lower --bandwidth "
+                "or raise --workload"
+            )
+        if stop_policy:
+            self.say("stop on the destination (before the pause: it hangs while paused)")
+            await dst.cmd("stop", timeout_s=30)
+        self.say(f"migrate-pause (OOB) on the source; holding {self.opts.hold_ns / 1e9:g} s")
+        await src.cmd("migrate-pause", oob=True, timeout_s=5)
+        await self.wait_status("src", ("postcopy-paused",), 15)
+        await self.wait_status("dst", ("postcopy-paused",), 15)
+        t_paused = time.monotonic()
+        if stop_policy:
+            answered = await dst.cmd("query-status", timeout_s=1.0, check=False)
+            self.info["dst_monitor_answered_while_paused"] = answered is not None
+            self.say(
+                "destination monitor "
+                + ("answered query-status" if answered is not None else "did not answer")
+                + " while postcopy-paused"
+            )
+        await asyncio.sleep(max(0.0, self.opts.hold_ns / 1e9 - (time.monotonic() - t_paused)))
+        port = lq.free_port()
+        uri = f"tcp:127.0.0.1:{port}"
+        event = self.status_events.get(("dst", "postcopy-active"))
+        if event is not None:
+            event.clear()  # wait for the recovered migration's postcopy-active below
+        self.say(f"migrate-recover (OOB) on the destination at {uri}, resume the source")
+        await dst.cmd("migrate-recover", {"uri": uri}, oob=True, timeout_s=10)
+        await src.cmd("migrate", {"uri": uri, "resume": True}, timeout_s=10)
+        if stop_policy:
+            await self.wait_status("dst", ("postcopy-active", "completed"), 60)
+            self.say("cont on the destination")
+            await dst.cmd("cont", timeout_s=30)
+
+    async def stall(self) -> None:
+        """SIGSTOP/SIGCONT the source QEMU for each --stall (and a clock step first)."""
+        await self._clock_step()
+        pid = self.qemus[0].pid
+        self.mark("disturb_start")
+        for index, stall_ns in enumerate(self.opts.stalls_ns):
+            if index:
+                await asyncio.sleep(2.5)
+            self.say(f"SIGSTOP QEMU (pid {pid}) for {stall_ns / 1e6:g} ms")
+            record = await asyncio.to_thread(_freeze_process, pid, stall_ns)
+            self._inject(record, "SIGSTOP QEMU")
+
+    async def stall_vcpu(self) -> None:
+        """Freeze one vCPU thread with the cgroup freezer for each --stall."""
+        await self._clock_step()
+        cpus = await self.controls["src"].cmd("query-cpus-fast")
+        threads = {int(c["cpu-index"]): int(c["thread-id"]) for c in cpus}
+        if len(set(threads.values())) < len(threads):
+            raise ScenarioError(
+                f"the vCPUs share host threads ({self.accel}): stall-vcpu needs KVM or "
+                "multi-threaded TCG"
+            )
+        tid = threads[self.opts.cpu]
+        self.mark("disturb_start")
+        for index, stall_ns in enumerate(self.opts.stalls_ns):
+            if index:
+                await asyncio.sleep(2.5)
+            self.say(f"freezing vCPU {self.opts.cpu} (thread {tid}) for {stall_ns / 1e6:g} ms")
+            others = [t for cpu, t in threads.items() if cpu != self.opts.cpu]
+            record = await asyncio.to_thread(
+                _freeze_thread, tid, stall_ns, self.qemus[0].pid, others
+            )
+            self._inject(record, f"cgroup-freeze vCPU {self.opts.cpu}", cpu=self.opts.cpu)
+
+    def _inject(self, record: dict[str, Any], what: str, **extra: Any) -> None:
+        assert self.steps is not None
+        self.steps.write({"type": "inject", "what": what, **record, **extra})
+        self.say(f"  host-measured freeze {record['freeze_ns'] / 1e6:.1f} ms")
+
+    async def _clock_step(self) -> None:
+        if self.opts.clock_step_ns is None:
+            return
+        port = self.qemus[0].spec.hooks_port
+        self.say(f"stepping the guest's realtime by {self.opts.clock_step_ns / 1e9:+g} s")
+        reply = await asyncio.to_thread(hooks_command, port, f"step {self.opts.clock_step_ns}")
+        assert self.steps is not None
+        self.steps.write_stamped({"type": "clock_step", **reply})
+        await asyncio.sleep(1.5)
+        self.mark("baseline_start")
+        await asyncio.sleep(self.opts.baseline_s)
+
+    # -- the whole run ---------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Boot, record, drive, check; return the lab info for meta.json."""
+        started = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        # In this (the main) thread: each QEMU gets PR_SET_PDEATHSIG, which fires when the
+        # thread that started it ends, so a worker thread would take QEMU down with it.
+        self.boot()
+        self.steps = JsonlWriter(self.out / STEPS)
+        for q in self.qemus:
+            self.controls[q.spec.name] = Control(
+                q.spec.name, q.spec.ctl_socket, self.steps, self.say
+            )
+            await self.controls[q.spec.name].connect()
+        self.forwarder = Forwarder(self.qemus[0].spec.agent_port)
+        await self.forwarder.start()
+        lab_meta = self.lab_meta(started)
+        recorder = Recorder(
+            self.out,
+            qmp={q.spec.name: str(q.spec.qmp_socket) for q in self.qemus},
+            agents={"guest": self.forwarder.url},
+            grace_ns=600_000_000_000,
+            on_status=self._on_status,
+            command_timeout_ns=1_000_000_000,
+            clock_period_ns=250_000_000,
+            events_poll_ns=250_000_000,
+            status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
+            command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario],
+            extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
+        )
+        task = asyncio.ensure_future(recorder.run())
+        try:
+            await _first(recorder.started.wait(), task, 30)
+            if task.done():
+                task.result()
+            self.mark("baseline_start")
+            await asyncio.sleep(self.opts.baseline_s)
+            if self.migrates:
+                await self.migrate()
+            elif self.opts.scenario == "stall":
+                await self.stall()
+            else:
+                await self.stall_vcpu()
+            await asyncio.sleep(0.5)
+            self.mark("settled")
+            await asyncio.sleep(1.5)
+            final = self.qemus[-1]
+            self.say(f"checking the guest's health on {final.spec.name}")
+            health = await asyncio.to_thread(check_health, final, self.qemus, self.opts.vcpus)
+            rundir.write_json_atomic(self.out / HEALTH, health)
+        finally:
+            recorder.stop("lab scenario done")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        return self.lab_meta(started)
+
+    def lab_meta(self, started: float) -> dict[str, Any]:
+        """The ``lab`` section of meta.json."""
+        opts = asdict(self.opts)
+        opts["out"] = str(self.opts.out)
+        return {
+            "options": opts,
+            "migrates": self.migrates,
+            "accel": self.accel,
+            "accel_note": self.accel_note,
+            "vcpus": self.opts.vcpus,
+            "mem_mb": self.opts.mem_mb,
+            "workload": self.opts.workload_size,
+            "guest": {
+                "key": self.guest.key,
+                "boot": self.guest.boot,
+                "sizes": self.guest.manifest.get("sizes"),
+                "kernel_package": self.guest.manifest.get("kernel_package"),
+            },
+            "boot_s": self.boot_s,
+            "wall_s": round(time.monotonic() - started, 1),
+            "qemu": {q.spec.name: q.spec.command() for q in self.qemus},
+            **self.info,
+        }
+
+    async def close(self) -> None:
+        """Disconnect, kill every QEMU, remove the sockets; copy the consoles."""
+        for control in self.controls.values():
+            await control.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
+        for q in self.qemus:
+            q.stop()
+            for name in (q.spec.serial_log.name, f"qemu-{q.spec.name}.log"):
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(self.sockdir / name, self.out / name)
+        if self.steps is not None:
+            self.steps.close()
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+class _Prefixed(io.TextIOBase):
+    """A text stream that hands each line to ``say`` (the recorder's status lines)."""
+
+    def __init__(self, say: Say) -> None:
+        super().__init__()
+        self.say = say
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self.say(f"recorder: {line}")
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+
+async def _first(aw: Any, task: asyncio.Future[Any], timeout_s: float) -> None:
+    waiter = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({waiter, task}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+    waiter.cancel()
+    if not done:
+        raise ScenarioError(f"the recorder did not start within {timeout_s:g} s")
+
+
+def _freeze_process(pid: int, stall_ns: int) -> dict[str, Any]:
+    real0, _ = host_now()
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic_ns()
+    try:
+        time.sleep(stall_ns / 1e9)
+    finally:
+        t1 = time.monotonic_ns()
+        os.kill(pid, signal.SIGCONT)
+    return {
+        "freeze_ns": t1 - t0,
+        "host_start_ns": real0,
+        "host_end_ns": real0 + (t1 - t0),
+        "requested_ns": stall_ns,
+    }
+
+
+def _oncpu_ns(pid: int, tids: list[int]) -> dict[str, int]:
+    out = {}
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text()
+            out[str(tid)] = int(text.split()[0])
+    return out
+
+
+def _freeze_thread(tid: int, stall_ns: int, pid: int, others: list[int]) -> dict[str, Any]:
+    freezer = _Freezer(tid)
+    try:
+        real0, _ = host_now()
+        before = _oncpu_ns(pid, others)
+        t_req = time.monotonic_ns()
+        freezer.set("FROZEN")
+        t0 = time.monotonic_ns()
+        time.sleep(max(0.0, (stall_ns - (t0 - t_req)) / 1e9))
+        t1 = time.monotonic_ns()
+        freezer.set("THAWED")
+        t2 = time.monotonic_ns()
+        after = _oncpu_ns(pid, others)
+    finally:
+        freezer.release()
+    return {
+        # On-CPU time of the other vCPU threads during the freeze (schedstat field 1):
+        # near the freeze's length means they ran (or spun), near 0 that they slept.
+        "others_oncpu_ns": {t: after[t] - before[t] for t in after if t in before},
+        # Frozen from (about) the FROZEN write to the THAWED write's completion.
+        "freeze_ns": t2 - t_req,
+        "frozen_confirmed_ns": t1 - t0,
+        "host_start_ns": real0,
+        "host_end_ns": real0 + (t2 - t_req),
+        "requested_ns": stall_ns,
+    }
+
+
+def run_scenario(opts: LabOptions, say: Say | None = None) -> dict[str, Any]:
+    """Run one scenario end to end and write its run directory.
+
+    :param opts: the options.
+    :param say: progress lines (default: print with a ``lab:`` prefix and the elapsed time).
+    :raise LabError: on bad options, a guest that does not boot, or a failed step; every
+        process started is killed whatever happens.
+    :return: the summary (also in lab-summary.json).
+    """
+    opts.check()
+    t0 = time.monotonic()
+
+    def default_say(line: str) -> None:
+        print(f"lab {time.monotonic() - t0:6.1f}s: {line}", flush=True)
+
+    say = say or default_say
+    guest = build_guest(log=lambda line: say(f"build-guest: {line}"))
+    scenario = Scenario(opts, guest, say)
+
+    async def main() -> dict[str, Any]:
+        try:
+            return await scenario.run()
+        finally:
+            await scenario.close()
+
+    with lq.handle_signals():
+        try:
+            lab_meta = asyncio.run(main())
+        finally:
+            lq.kill_all()
+    meta_path = opts.out / rundir.META
+    with contextlib.suppress(OSError, ValueError):
+        meta = json.loads(meta_path.read_text())
+        meta["lab"] = lab_meta
+        rundir.write_json_atomic(meta_path, meta)
+    summary = write_summary(opts.out)
+    say("summary:\n" + render(summary))
+    return summary

@@ -1,0 +1,382 @@
+"""The lab's short summary of a run directory (until the full report exists).
+
+``summarize(rundir)`` reads what ``tsprobe lab run`` left there and answers:
+
+- phases: ``analysis.timeline.build_timeline`` over ``qmp-*.jsonl`` (none for the stall
+  scenarios, which do not migrate);
+- the guest's stalls per CPU and per phase. A stall's start is a guest CLOCK_REALTIME
+  reading; it is put on the host's clock with the offset of the last ``/clock`` sample
+  taken before it (in guest time), so a stall that began in ``postcopy-paused`` lands
+  there even though the guest's clock fell behind the host's during the switchover;
+- the guest clock's lag behind the host (host realtime minus guest realtime, from
+  ``clock-samples.jsonl``) before and after the disturbance: each is the median of the
+  three samples with the shortest round trip in its window (``lab-steps.jsonl`` marks the
+  windows), and its growth; against it, the time QEMU had the guest's vCPUs stopped (every
+  ``STOP`` to the next ``RESUME``, QEMU's own timestamps), which is what kvm-clock and the
+  HPET hide from the guest;
+- the stalls injected by the host (``lab-steps.jsonl`` ``inject`` records) and the guest's
+  matching stall per CPU;
+- clock steps the guest reported; whether the agent's ``seq`` is continuous (no event
+  lost) from one agent; the health checks (``lab-health.json``).
+
+The result is a JSON-ready dict (``lab-summary.json``) and a text rendering
+(``lab-summary.txt``). ``summary.json`` is left to ``tsprobe report``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from analysis import rundir
+from analysis.timeline import Timeline, build_timeline
+
+STEPS = "lab-steps.jsonl"
+HEALTH = "lab-health.json"
+SUMMARY_JSON = "lab-summary.json"
+SUMMARY_TXT = "lab-summary.txt"
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return list(rundir.read_jsonl(path))
+
+
+def _qemu_time(record: dict[str, Any]) -> int:
+    stamp = record.get("timestamp")
+    if isinstance(stamp, dict) and "seconds" in stamp:
+        return int(stamp["seconds"]) * 1_000_000_000 + int(stamp.get("microseconds", 0)) * 1000
+    return int(record.get("host_real_ns", 0))
+
+
+def stopped_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every window in which QEMU had the guest's vCPUs stopped: a STOP to the next RESUME.
+
+    :param qmp: records per endpoint.
+    :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by"}`` in time order (an
+        unterminated STOP has ``end_ns`` None).
+    """
+    marks = []
+    for name, records in qmp.items():
+        for rec in records:
+            if rec.get("type") == "event" and rec.get("event") in ("STOP", "RESUME"):
+                marks.append((_qemu_time(rec), str(rec["event"]), name))
+    marks.sort()
+    windows: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    for t, event, name in marks:
+        if event == "STOP" and current is None:
+            current = {"start_ns": t, "end_ns": None, "stopped_by": name, "resumed_by": None}
+        elif event == "RESUME" and current is not None:
+            current.update(end_ns=t, resumed_by=name)
+            windows.append(current)
+            current = None
+    if current is not None:
+        windows.append(current)
+    return windows
+
+
+class ClockMap:
+    """Guest realtime -> host realtime, from the /clock samples and QEMU's stops.
+
+    While QEMU has the vCPUs stopped the guest's clocks stand still (kvm-clock, and the
+    HPET under TCG, count QEMU's virtual clock), so a guest time maps to the host through
+    the last sample before it plus every stopped window in between.
+    """
+
+    def __init__(
+        self,
+        samples: Iterable[dict[str, Any]],
+        stopped: Iterable[dict[str, Any]] = (),
+    ) -> None:
+        self.stopped = [w for w in stopped if w.get("end_ns") is not None]
+        self.samples = sorted(
+            (
+                s
+                for s in samples
+                if isinstance(s.get("clock"), dict) and "realtime_ns" in s["clock"]
+            ),
+            key=lambda s: int(s["host_real_ns"]),
+        )
+
+    @staticmethod
+    def offset(sample: dict[str, Any]) -> int:
+        """Guest realtime minus host realtime of a sample (at the reply's receipt: the
+        agent reads its clocks just before it answers; see ``lag``)."""
+        return int(sample["clock"]["realtime_ns"]) - int(sample["host_recv_real_ns"])
+
+    def to_host(self, guest_real_ns: int) -> int | None:
+        """The host time of a guest realtime reading.
+
+        :return: host realtime in ns, or None without samples.
+        """
+        best = None
+        for sample in self.samples:
+            if int(sample["clock"]["realtime_ns"]) <= guest_real_ns:
+                best = sample
+        if best is None:
+            best = self.samples[0] if self.samples else None
+        if best is None:
+            return None
+        host = guest_real_ns - self.offset(best)
+        since = int(best["host_recv_real_ns"])
+        for window in self.stopped:
+            if since <= window["start_ns"] < host:
+                host += window["end_ns"] - window["start_ns"]
+        return host
+
+    def lag(self, start_ns: int | None, end_ns: int | None) -> dict[str, Any] | None:
+        """Host minus guest realtime in a host time window.
+
+        The guest read its clocks at some host time between the request's send and the
+        reply's receipt, so each sample bounds the lag: ``send - guest <= lag <= recv -
+        guest``. The agent reads its clocks last, just before it writes the reply
+        (agent/http.py), so the upper bound is the close one: it exceeds the lag only by
+        the reply's way out (a few ms under TCG, where a round trip takes 15 to 100 ms
+        and the midpoint would be off by half of it). The estimate is the smallest upper
+        bound in the window; the largest lower bound is reported beside it.
+
+        :return: ``{"lag_ns", "lower_bound_ns", "samples", "best_rtt_ns"}`` or None
+            without samples.
+        """
+        window = [
+            s
+            for s in self.samples
+            if (start_ns is None or int(s["host_real_ns"]) >= start_ns)
+            and (end_ns is None or int(s["host_real_ns"]) < end_ns)
+        ]
+        if not window:
+            return None
+        upper = [int(s["host_recv_real_ns"]) - int(s["clock"]["realtime_ns"]) for s in window]
+        lower = [int(s["host_send_real_ns"]) - int(s["clock"]["realtime_ns"]) for s in window]
+        best = min(range(len(window)), key=lambda i: upper[i])
+        return {
+            "lag_ns": upper[best],
+            "lower_bound_ns": max(lower),
+            "samples": len(window),
+            "best_rtt_ns": int(window[best]["rtt_ns"]),
+        }
+
+
+def _phase_name(timeline: Timeline | None, host_ns: int | None) -> str:
+    if timeline is None or host_ns is None:
+        return "-"
+    phase = timeline.phase_at(host_ns)
+    if phase is None:
+        return "before" if timeline.phases and host_ns < timeline.phases[0].start_ns else "-"
+    return phase.name
+
+
+def _overlapped(timeline: Timeline | None, start: int | None, end: int | None) -> list[str]:
+    if timeline is None or start is None or end is None:
+        return []
+    return [
+        p.name
+        for p in timeline.phases
+        if p.start_ns < end and (p.end_ns is None or p.end_ns > start)
+    ]
+
+
+def summarize(run: Path) -> dict[str, Any]:
+    """Summarize a lab run directory.
+
+    :param run: the run directory.
+    :return: a JSON-ready dict (see the module docstring).
+    """
+    meta: dict[str, Any] = {}
+    if (run / rundir.META).exists():
+        meta = json.loads((run / rundir.META).read_text())
+    lab = meta.get("lab", {})
+    qmp = {name: _records(path) for name, path in rundir.qmp_endpoints(run).items()}
+    timeline = build_timeline(qmp) if any(qmp.values()) and lab.get("migrates") else None
+    events = _records(run / rundir.GUEST_EVENTS)
+    windows = stopped_windows(qmp)
+    clock = ClockMap(_records(run / rundir.CLOCK_SAMPLES), windows)
+    steps = _records(run / STEPS)
+    health = json.loads((run / HEALTH).read_text()) if (run / HEALTH).exists() else {}
+    marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
+
+    seqs = [int(e["seq"]) for e in events if "seq" in e]
+    agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+    continuity = {
+        "events": len(seqs),
+        "first_seq": seqs[0] if seqs else None,
+        "last_seq": seqs[-1] if seqs else None,
+        "missing": missing[:50],
+        "missing_count": len(missing),
+        "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
+        "agent_starts": len(agent_ids),
+        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
+    }
+
+    stalls: list[dict[str, Any]] = []
+    for event in events:
+        if event.get("kind") != "stall":
+            continue
+        start_host = clock.to_host(int(event["real_ns"]))
+        stalls.append(
+            {
+                "seq": event.get("seq"),
+                "cpu": event.get("cpu"),
+                "duration_ns": event.get("duration_ns"),
+                "cause": event.get("cause"),
+                "host_start_ns": start_host,
+                "host_end_ns": clock.to_host(
+                    int(event["real_ns"]) + int(event.get("duration_ns") or 0)
+                ),
+                "phase": _phase_name(timeline, start_host),
+                "phases_overlapped": _overlapped(
+                    timeline,
+                    start_host,
+                    clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0)),
+                ),
+            }
+        )
+    per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
+    for stall in stalls:
+        slot = per_cpu.setdefault(str(stall["cpu"]), {}).setdefault(
+            stall["phase"], {"count": 0, "longest_ns": 0, "total_ns": 0}
+        )
+        slot["count"] += 1
+        slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
+        slot["total_ns"] += int(stall["duration_ns"] or 0)
+
+    steps_seen = [
+        {"clock": e.get("clock"), "step_ns": e.get("step_ns"), "bracket_ns": e.get("bracket_ns")}
+        for e in events
+        if e.get("kind") == "clock_step"
+    ]
+    before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
+    after = clock.lag(marks.get("settled"), None)
+    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in windows if w["end_ns"] is not None)
+    lag = {
+        "before": before,
+        "after": after,
+        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
+        "vcpus_stopped_ns": stopped_ns,
+        "stopped_windows": windows,
+        "clocksource": next(
+            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
+            None,
+        ),
+    }
+
+    injected = []
+    for step in steps:
+        if step.get("type") != "inject":
+            continue
+        freeze = int(step["freeze_ns"])
+        t0, t1 = int(step["host_start_ns"]), int(step["host_end_ns"])
+        match: dict[str, Any] = {}
+        for stall in stalls:
+            start = stall["host_start_ns"]
+            if start is None or stall["duration_ns"] is None:
+                continue
+            # The guest's gap begins at its last sample before the freeze.
+            if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
+                match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
+        injected.append({**step, "guest_stalls_ns": match})
+
+    summary: dict[str, Any] = {
+        "run": str(run),
+        "scenario": meta.get("scenario"),
+        "lab": lab,
+        "phases": [
+            {"name": p.name, "start_ns": p.start_ns, "duration_ns": p.duration_ns}
+            for p in (timeline.phases if timeline else ())
+        ],
+        "timeline_summary": timeline.summary().to_dict() if timeline else None,
+        "stalls": stalls,
+        "stalls_per_cpu_phase": per_cpu,
+        "clock_steps": steps_seen,
+        "clock_lag": lag,
+        "injected": injected,
+        "continuity": continuity,
+        "health": health,
+        "marks": marks,
+    }
+    return summary
+
+
+def _ms(ns: Any) -> str:
+    return "-" if ns is None else f"{int(ns) / 1e6:.1f} ms"
+
+
+def render(summary: dict[str, Any]) -> str:
+    """The summary as a few lines of text."""
+    lab = summary.get("lab", {})
+    lines = [f"scenario {summary.get('scenario')}: {summary.get('run')}"]
+    lines.append(
+        f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
+        f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
+        f"wall {lab.get('wall_s')} s"
+    )
+    if summary["phases"]:
+        lines.append(
+            "  phases: "
+            + ", ".join(f"{p['name']} {_ms(p['duration_ns'])}" for p in summary["phases"])
+        )
+        ts = summary.get("timeline_summary") or {}
+        lines.append(
+            f"  downtime (src STOP -> dst RESUME) {_ms(ts.get('downtime_ns'))}, QEMU downtime "
+            f"{ts.get('qemu_downtime_ms')} ms, postcopy blocktime "
+            f"{ts.get('postcopy_blocktime_ms')} ms per vCPU {ts.get('postcopy_vcpu_blocktime_ms')}"
+        )
+    for cpu, phases in sorted(summary["stalls_per_cpu_phase"].items()):
+        parts = [
+            f"{name} {v['count']}x longest {_ms(v['longest_ns'])}" for name, v in phases.items()
+        ]
+        lines.append(f"  CPU {cpu} stalls: " + "; ".join(parts))
+    for stall in summary["stalls"]:
+        if int(stall["duration_ns"] or 0) >= 1_000_000_000 and stall["phases_overlapped"]:
+            lines.append(
+                f"    CPU {stall['cpu']}: {_ms(stall['duration_ns'])} over "
+                + " > ".join(stall["phases_overlapped"])
+            )
+    if not summary["stalls_per_cpu_phase"]:
+        lines.append("  stalls: none above the threshold")
+    for inj in summary["injected"]:
+        got = ", ".join(
+            f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
+            for cpu, vals in sorted(inj["guest_stalls_ns"].items())
+        )
+        lines.append(
+            f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
+            f"{got or 'nothing'}"
+        )
+    for step in summary["clock_steps"]:
+        lines.append(f"  clock step: {step['clock']} {_ms(step['step_ns'])}")
+    lag = summary["clock_lag"]
+    lines.append(
+        f"  guest clock lag behind host ({lag.get('clocksource')}): before "
+        f"{_ms((lag['before'] or {}).get('lag_ns'))}, "
+        f"after {_ms((lag['after'] or {}).get('lag_ns'))}"
+        f", growth {_ms(lag['growth_ns'])}; vCPUs stopped by QEMU {_ms(lag['vcpus_stopped_ns'])}"
+    )
+    cont = summary["continuity"]
+    state = "continuous" if cont["continuous"] else f"{cont['missing_count']} missing"
+    lines.append(
+        f"  events: {cont['events']} (seq {cont['first_seq']}..{cont['last_seq']}), "
+        f"{state}, agent starts {cont['agent_starts']}"
+    )
+    health = summary.get("health") or {}
+    lines.append(
+        f"  health: {'ok' if health.get('ok') else 'NOT OK'}"
+        + (f" ({'; '.join(health.get('problems', []))})" if health.get("problems") else "")
+    )
+    return "\n".join(lines)
+
+
+def write_summary(run: Path) -> dict[str, Any]:
+    """Summarize ``run`` and write lab-summary.json and lab-summary.txt into it.
+
+    :return: the summary.
+    """
+    summary = summarize(run)
+    rundir.write_json_atomic(run / SUMMARY_JSON, summary)
+    (run / SUMMARY_TXT).write_text(render(summary) + "\n")
+    return summary
