@@ -28,7 +28,11 @@ demo: setup
 	$(VENV)/bin/tsprobe lab build-guest
 	$(VENV)/bin/tsprobe lab run --scenario paused --out $(DEMO_DIR)/paused
 	$(VENV)/bin/tsprobe lab run --scenario paused-stop --out $(DEMO_DIR)/paused-stop
-	@echo "demo: run directories in $(DEMO_DIR)"
+	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused
+	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused-stop
+	$(VENV)/bin/tsprobe compare $(DEMO_DIR)/paused $(DEMO_DIR)/paused-stop --out $(DEMO_DIR)/comparison
+	@echo "demo: reports $(DEMO_DIR)/paused/report.html $(DEMO_DIR)/paused-stop/report.html"
+	@echo "demo: comparison $(DEMO_DIR)/comparison/comparison.html (and comparison.md)"
 
 # The agent alone on this machine, with a known 300 ms freeze of one sampler.
 agent-demo: setup

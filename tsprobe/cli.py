@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("analysis.record_cli:record", "Record a migration: QMP on both sides, the agents."),
     "timeline": ("analysis.timeline_cli:timeline", "Print the migration phases of a run."),
     "lab": ("analysis.lab.cli:lab", "Build the lab guest and run migration scenarios."),
+    "report": ("analysis.report_cli:report", "Write report.html, report.md, summary.json."),
+    "compare": ("analysis.compare_cli:compare", "Compare runs side by side."),
 }
 
 

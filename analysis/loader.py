@@ -1,0 +1,822 @@
+"""Load a whole run directory into typed data for alignment, attribution and the report.
+
+``load_run(RUNDIR)`` reads every file analysis uses (docs/run-directory.md is the layout):
+
+=========================  ==============================================================
+``meta.json``              kept as a dict (``Run.meta``); optional
+``qmp-NAME.jsonl``         records per endpoint, and the ``Timeline`` built from them
+``guest-events.jsonl``     the agent's events; ``guest-events-NAME.jsonl`` per agent
+``clock-samples.jsonl``    one ``ClockSample`` per ``/clock`` burst
+``lab-steps.jsonl``        the lab's injected freezes (``inject`` records), when present
+=========================  ==============================================================
+
+A run directory holding only a guest's spool (``guest-events.jsonl``, or any
+``*.jsonl`` of agent events copied off a guest) is valid: it has no phases.
+
+Guest events become numpy columns, not objects, because a long run holds millions of them:
+``StallTable`` (lane, start, length, cause, segment, line) and ``TimeoutTable``; the rare
+kinds (``kernel_warning``, ``clock_step``, ``agent_start``, unknown kinds) stay dicts.
+A *lane* is one sampled CPU of one agent (``Lane``): with one agent, lane ``i`` is simply
+``CPU n``. Lines are parsed in chunks as one JSON array (fast), and a chunk that fails
+is parsed again line by line so that each bad line is found and reported.
+
+Segments. Guest ``mono_ns`` values compare only within one boot: the loader splits each
+agent's events into ``Segment`` objects, one per ``(agent, boot_id)``; a new ``boot_id``
+in the middle of a file is a guest that rebooted, reported as a note (and a finding
+later). Clock samples carry the boot id of the clock they read, so each segment is aligned
+with its own samples (``analysis.alignment``).
+
+What is passed over is an ``Issue`` with file and line: ``skip`` (a line that is not
+JSON, a truncated last line, an event missing a required field, a measurement event from
+before the recording started) or ``note`` (an unknown kind, kept in ``Run.other``; a
+reboot; a segment without clock samples). ``load_run(..., strict=True)`` raises
+``RecordFormatError`` naming the first skip and the count, after reading everything.
+
+"Before the recording started": when meta.json gives the recording's start and a clock
+sample of the same boot exists, a ``stall`` that ended, or a point event that happened,
+before the start (converted with that boot's first sample) is skipped; the agent serves
+everything it buffered since it started, and that history belongs to no phase.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeGuard
+
+import numpy as np
+import numpy.typing as npt
+
+from analysis import rundir
+from analysis.errors import RecordFormatError, RunDirError
+from analysis.timeline import Timeline, build_timeline
+
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+
+#: Cause hints, coded as small integers in ``StallTable.cause``.
+CAUSES = ("guest-sched", "host-preempt", "vcpu-blocked", "unknown")
+_CAUSE_CODE = {name: i for i, name in enumerate(CAUSES)}
+#: Event kinds whose position in time is a measurement (checked against the start).
+MEASURED_KINDS = frozenset({"stall", "timeout", "kernel_warning", "clock_step"})
+#: Kinds the loader understands (others are kept in ``Run.other`` with a note).
+HANDLED_KINDS = frozenset(
+    {
+        "agent_start",
+        "agent_stop",
+        "probe_status",
+        "stall",
+        "sampler_outage",
+        "clock_step",
+        "clocksource_change",
+        "clock_sync",
+        "timeout",
+        "kernel_warning",
+    }
+)
+LAB_STEPS = "lab-steps.jsonl"
+#: Lines parsed per bulk ``json.loads`` call.
+CHUNK = 20_000
+
+Severity = Literal["skip", "note"]
+
+
+@dataclass(frozen=True)
+class Issue:
+    """A line passed over (``skip``) or worth pointing at (``note``), by file and line."""
+
+    path: str
+    line: int
+    reason: str
+    severity: Severity = "skip"
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Lane:
+    """One sampled CPU of one agent: a row of the timeline plot."""
+
+    agent: str
+    cpu: int
+
+    def label(self, several_agents: bool) -> str:
+        """``CPU 1``, or ``guest2 CPU 1`` when the run followed several agents."""
+        return f"{self.agent} CPU {self.cpu}" if several_agents else f"CPU {self.cpu}"
+
+
+@dataclass
+class Segment:
+    """The events of one agent within one guest boot (their ``mono_ns`` compare).
+
+    :param agent: the agent's name.
+    :param boot_id: the guest boot.
+    :param index: position in ``Run.segments``.
+    :param path: the events file; ``first_line`` its first line in this segment.
+    :param agent_ids: the agent starts seen (``agent_start``'s ``agent_id``).
+    :param cpus: the CPUs the agent sampled (from ``agent_start``, else from stalls).
+    :param threshold_ns: the stall threshold (from the agent's config), None when unknown.
+    :param interval_ns: the sampling interval, None when unknown.
+    :param timeouts_ns: the agent's timeout ladder, empty when unknown.
+    :param clocksource: the clocksource at agent start.
+    :param first_mono_ns: earliest ``mono_ns`` seen; ``last_mono_ns`` the latest end.
+    """
+
+    agent: str
+    boot_id: str
+    index: int
+    path: str
+    first_line: int
+    agent_ids: list[str] = field(default_factory=list)
+    cpus: set[int] = field(default_factory=set)
+    threshold_ns: int | None = None
+    interval_ns: int | None = None
+    timeouts_ns: tuple[int, ...] = ()
+    clocksource: str | None = None
+    first_mono_ns: int | None = None
+    last_mono_ns: int | None = None
+
+    def see(self, mono: int, end: int) -> None:
+        """Widen the segment's guest-time span."""
+        if self.first_mono_ns is None or mono < self.first_mono_ns:
+            self.first_mono_ns = mono
+        if self.last_mono_ns is None or end > self.last_mono_ns:
+            self.last_mono_ns = end
+
+
+@dataclass
+class StallTable:
+    """Every stall as numpy columns (one row per stall, in file order).
+
+    ``lane`` indexes ``Run.lanes``; ``mono`` is the guest start, ``dur`` the guest length
+    (ns); ``cause`` indexes ``CAUSES``; ``seg`` indexes ``Run.segments``; ``line`` is the
+    line number in the segment's file.
+    """
+
+    lane: I32
+    mono: I64
+    dur: I64
+    cause: I32
+    seg: I32
+    line: I32
+
+    def __len__(self) -> int:
+        return int(self.lane.shape[0])
+
+
+@dataclass
+class TimeoutTable:
+    """The canaries' ``timeout`` events: an application wait that outlived ``timeout_ns``.
+
+    ``canary`` indexes ``Run.canaries``; ``lane`` is -1 when the event names no CPU.
+    """
+
+    lane: I32
+    mono: I64
+    timeout_ns: I64
+    canary: I32
+    seg: I32
+    line: I32
+
+    def __len__(self) -> int:
+        return int(self.lane.shape[0])
+
+
+@dataclass(frozen=True)
+class PointEvent:
+    """A rare guest event kept whole: a kernel warning, a clock step, an unknown kind."""
+
+    kind: str
+    mono_ns: int
+    seg: int
+    line: int
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """One kept ``/clock`` read with the host times around it (clock-samples.jsonl).
+
+    :param host_ns: host realtime midpoint of send and receive (best estimate of the read).
+    :param half_rtt_ns: half the round trip: the bound on the read's host time.
+    :param guest_mono_ns: guest CLOCK_MONOTONIC of the read; ``guest_real_ns`` REALTIME.
+    :param bracket_ns: the guest's own MONOTONIC bracket around its REALTIME read.
+    :param ptp_offset_ns: guest realtime minus host realtime from ptp_kvm, when given.
+    """
+
+    agent: str
+    reason: str
+    host_ns: int
+    half_rtt_ns: int
+    guest_mono_ns: int
+    guest_real_ns: int
+    bracket_ns: int
+    boot_id: str
+    agent_id: str
+    ptp_offset_ns: int | None
+    line: int
+
+
+@dataclass
+class Run:
+    """Everything read from one run directory.
+
+    :param path: the run directory.
+    :param meta: meta.json (empty without it).
+    :param qmp: QMP records per endpoint; ``timeline`` built from them (None without QMP).
+    :param lanes: the (agent, CPU) lanes, sorted; ``segments`` the guest boots per agent.
+    :param stalls: ``timeouts``: the numpy tables; ``warnings``, ``clock_steps``,
+        ``lifecycle`` (agent_start/stop, probe_status, sampler_outage, clocksource and
+        sync changes) and ``other`` (unknown kinds): point events.
+    :param samples: the clock samples, in file order.
+    :param injects: the lab's ``inject`` records (host-measured freezes).
+    :param issues: every skip and note.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    qmp: dict[str, list[dict[str, Any]]]
+    timeline: Timeline | None
+    lanes: list[Lane]
+    segments: list[Segment]
+    stalls: StallTable
+    timeouts: TimeoutTable
+    canaries: list[str]
+    warnings: list[PointEvent]
+    clock_steps: list[PointEvent]
+    lifecycle: list[PointEvent]
+    other: list[PointEvent]
+    samples: list[ClockSample]
+    injects: list[dict[str, Any]]
+    issues: list[Issue]
+    unknown_kinds: Counter[str]
+
+    @property
+    def skips(self) -> list[Issue]:
+        """The issues that are skipped lines or records."""
+        return [i for i in self.issues if i.severity == "skip"]
+
+    @property
+    def notes(self) -> list[Issue]:
+        """The issues that are notes."""
+        return [i for i in self.issues if i.severity == "note"]
+
+    @property
+    def agents(self) -> list[str]:
+        """The agents' names, in lane order."""
+        return sorted({seg.agent for seg in self.segments})
+
+    @property
+    def has_guest(self) -> bool:
+        """True when any guest event was read."""
+        return bool(self.segments)
+
+    @property
+    def accel(self) -> str | None:
+        """The accelerator the lab used (meta.json ``lab.accel``), or None."""
+        lab = self.meta.get("lab")
+        accel = lab.get("accel") if isinstance(lab, dict) else None
+        return str(accel) if isinstance(accel, str) else None
+
+    def recording_span(self) -> tuple[int | None, int | None]:
+        """The recording's start and end in host realtime from meta.json (None if absent)."""
+        return _meta_time(self.meta, "start"), _meta_time(self.meta, "end")
+
+
+def _meta_time(meta: Mapping[str, Any], key: str) -> int | None:
+    part = meta.get(key)
+    if isinstance(part, dict):
+        value = part.get("real_ns")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- lines
+
+
+def iter_objects(path: Path, on_issue: Callable[[Issue], None]) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded value) for every non-blank line of a JSONL file.
+
+    Lines are decoded ``CHUNK`` at a time as one JSON array; a chunk that does not
+    decode is decoded line by line, and each bad line is reported (``truncated last
+    line`` for a last line without its newline, else ``not JSON``).
+
+    :param path: the file.
+    :param on_issue: called with each line passed over.
+    :raise RunDirError: when the file cannot be read.
+    :return: the values with their 1-based line numbers (values may be any JSON type).
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot read: {err.strerror or err}") from err
+    text = data.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    ends_with_newline = text.endswith("\n")
+    if ends_with_newline:
+        lines.pop()
+    total = len(lines)
+    name = str(path)
+    for start in range(0, total, CHUNK):
+        chunk = lines[start : start + CHUNK]
+        numbered = [(start + i + 1, ln) for i, ln in enumerate(chunk) if ln.strip()]
+        if not numbered:
+            continue
+        try:
+            values = json.loads("[" + ",".join(ln for _, ln in numbered) + "]")
+            if len(values) != len(numbered):
+                raise ValueError("a line held more than one value")
+        except ValueError:
+            for line_no, ln in numbered:
+                try:
+                    yield line_no, json.loads(ln)
+                except ValueError as err:
+                    last = line_no == total and not ends_with_newline
+                    reason = "truncated last line" if last else f"not JSON: {err}"
+                    on_issue(Issue(name, line_no, reason))
+            continue
+        for (line_no, _), value in zip(numbered, values, strict=True):
+            yield line_no, value
+
+
+# --------------------------------------------------------------------------- guest events
+
+
+#: The agent's own layout of a ``stall`` line (docs/events.md), matched whole: a line that
+#: matches is valid JSON by construction, so it skips ``json.loads`` (4x faster).
+STALL_LINE = re.compile(
+    r'\{"v":\d+,"seq":\d+,"boot_id":"([0-9A-Za-z_-]*)","kind":"stall","mono_ns":(\d+),'
+    r'"real_ns":-?\d+,"duration_ns":(\d+),"cpu":(\d+),"cause":"([a-z-]*)"'
+    r'(?:,"(?:run_delay_ns|steal_ns)":(?:-?\d+|null))*(?:,"mode":"[a-z]*")?\}\n?'
+)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) for each non-blank line; the text keeps its newline."""
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if line.strip():
+                    yield line_no, line
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot read: {err.strerror or err}") from err
+
+
+class _GuestReader:
+    """Accumulates the guest events of every agent into columns."""
+
+    def __init__(self, issue: Callable[[Issue], None]) -> None:
+        self.issue = issue
+        self.segments: list[Segment] = []
+        self.seg_by_key: dict[tuple[str, str], int] = {}
+        self.lane_keys: dict[tuple[str, int], int] = {}
+        self.st: dict[str, list[int]] = {k: [] for k in ("lane", "mono", "dur", "cause", "seg")}
+        self.st_line: list[int] = []
+        self.to: dict[str, list[int]] = {k: [] for k in ("lane", "mono", "t", "canary", "seg")}
+        self.to_line: list[int] = []
+        self.canaries: dict[str, int] = {}
+        self.warnings: list[PointEvent] = []
+        self.clock_steps: list[PointEvent] = []
+        self.lifecycle: list[PointEvent] = []
+        self.other: list[PointEvent] = []
+        self.unknown: Counter[str] = Counter()
+
+    def lane(self, agent: str, cpu: int) -> int:
+        key = (agent, cpu)
+        idx = self.lane_keys.get(key)
+        if idx is None:
+            idx = self.lane_keys[key] = len(self.lane_keys)
+        return idx
+
+    def segment(self, agent: str, boot_id: str, path: str, line: int) -> Segment:
+        key = (agent, boot_id)
+        idx = self.seg_by_key.get(key)
+        if idx is None:
+            idx = self.seg_by_key[key] = len(self.segments)
+            self.segments.append(Segment(agent, boot_id, idx, path, line))
+        return self.segments[idx]
+
+    def read_file(self, agent: str, path: Path) -> None:
+        name = str(path)
+        current: Segment | None = None
+        fast = STALL_LINE.fullmatch
+        st_lane, st_mono, st_dur = self.st["lane"], self.st["mono"], self.st["dur"]
+        st_cause, st_seg, st_line = self.st["cause"], self.st["seg"], self.st_line
+        for line_no, line in _lines(path):
+            m = fast(line)
+            if m is not None and current is not None and m[1] == current.boot_id:
+                mono, dur, cpu = int(m[2]), int(m[3]), int(m[4])
+                st_lane.append(self.lane(agent, cpu))
+                st_mono.append(mono)
+                st_dur.append(dur)
+                st_cause.append(_CAUSE_CODE.get(m[5], 3))
+                st_seg.append(current.index)
+                st_line.append(line_no)
+                current.cpus.add(cpu)
+                current.see(mono, mono + dur)
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as err:
+                reason = "truncated last line" if not line.endswith("\n") else f"not JSON: {err}"
+                self.issue(Issue(name, line_no, reason))
+                continue
+            if not isinstance(obj, dict):
+                self.issue(
+                    Issue(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
+                )
+                continue
+            kind = obj.get("kind")
+            boot = obj.get("boot_id")
+            mono_value = obj.get("mono_ns")
+            if not isinstance(kind, str) or not kind:
+                self.issue(Issue(name, line_no, "missing or empty field 'kind'"))
+                continue
+            if not isinstance(boot, str):
+                self.issue(Issue(name, line_no, f"{kind}: missing field 'boot_id'"))
+                continue
+            if not _is_int(mono_value):
+                self.issue(Issue(name, line_no, f"{kind}: missing or non-integer 'mono_ns'"))
+                continue
+            if not (_is_int(obj.get("seq")) and _is_int(obj.get("real_ns"))):
+                self.issue(Issue(name, line_no, f"{kind}: missing or non-integer 'seq'/'real_ns'"))
+                continue
+            if current is None or current.boot_id != boot:
+                if current is not None:
+                    self.issue(
+                        Issue(
+                            name,
+                            line_no,
+                            f"guest rebooted: boot_id {current.boot_id} -> {boot}; "
+                            "times of the new boot are aligned separately",
+                            "note",
+                        )
+                    )
+                current = self.segment(agent, boot, name, line_no)
+            self.event(current, kind, obj, mono_value, line_no, name)
+
+    def event(
+        self, seg: Segment, kind: str, obj: dict[str, Any], mono: int, line: int, name: str
+    ) -> None:
+        if kind == "stall":
+            cpu, dur = obj.get("cpu"), obj.get("duration_ns")
+            if not _is_int(cpu) or not _is_int(dur) or dur < 0 or cpu < 0:
+                self.issue(Issue(name, line, "stall without an integer 'cpu' and 'duration_ns'"))
+                return
+            self.st["lane"].append(self.lane(seg.agent, cpu))
+            self.st["mono"].append(mono)
+            self.st["dur"].append(dur)
+            self.st["cause"].append(_CAUSE_CODE.get(str(obj.get("cause")), 3))
+            self.st["seg"].append(seg.index)
+            self.st_line.append(line)
+            seg.cpus.add(cpu)
+            seg.see(mono, mono + dur)
+            return
+        if kind == "timeout":
+            t = obj.get("timeout_ns")
+            if not _is_int(t) or t <= 0:
+                self.issue(Issue(name, line, "timeout without a positive integer 'timeout_ns'"))
+                return
+            canary = str(obj.get("canary", "unknown"))
+            cpu = obj.get("cpu")
+            self.to["lane"].append(self.lane(seg.agent, cpu) if _is_int(cpu) else -1)
+            self.to["mono"].append(mono)
+            self.to["t"].append(t)
+            self.to["canary"].append(self.canaries.setdefault(canary, len(self.canaries)))
+            self.to["seg"].append(seg.index)
+            self.to_line.append(line)
+            seg.see(mono, mono)
+            return
+        point = PointEvent(kind, mono, seg.index, line, obj)
+        if kind == "kernel_warning":
+            self.warnings.append(point)
+        elif kind == "clock_step":
+            self.clock_steps.append(point)
+        elif kind in HANDLED_KINDS:
+            self.lifecycle.append(point)
+            if kind == "agent_start":
+                self._agent_start(seg, obj)
+        else:
+            if not self.unknown[kind]:
+                self.issue(
+                    Issue(name, line, f"unknown event kind {kind!r}: kept, not analysed", "note")
+                )
+            self.unknown[kind] += 1
+            self.other.append(point)
+            return
+        seg.see(mono, mono)
+
+    @staticmethod
+    def _agent_start(seg: Segment, obj: dict[str, Any]) -> None:
+        agent_id = obj.get("agent_id")
+        if isinstance(agent_id, str):
+            seg.agent_ids.append(agent_id)
+        cpus = obj.get("cpus")
+        if isinstance(cpus, list):
+            seg.cpus.update(c for c in cpus if _is_int(c))
+        if isinstance(obj.get("clocksource"), str):
+            seg.clocksource = obj["clocksource"]
+        config = obj.get("config")
+        if isinstance(config, dict):
+            if _is_int(config.get("threshold_ns")):
+                seg.threshold_ns = config["threshold_ns"]
+            if _is_int(config.get("interval_ns")):
+                seg.interval_ns = config["interval_ns"]
+            ladder = config.get("timeouts_ns")
+            if isinstance(ladder, list) and all(_is_int(t) for t in ladder):
+                seg.timeouts_ns = tuple(sorted(ladder))
+
+
+def _stall_table(r: _GuestReader) -> StallTable:
+    return StallTable(
+        lane=np.asarray(r.st["lane"], dtype=np.int32),
+        mono=np.asarray(r.st["mono"], dtype=np.int64),
+        dur=np.asarray(r.st["dur"], dtype=np.int64),
+        cause=np.asarray(r.st["cause"], dtype=np.int32),
+        seg=np.asarray(r.st["seg"], dtype=np.int32),
+        line=np.asarray(r.st_line, dtype=np.int32),
+    )
+
+
+def _timeout_table(r: _GuestReader) -> TimeoutTable:
+    return TimeoutTable(
+        lane=np.asarray(r.to["lane"], dtype=np.int32),
+        mono=np.asarray(r.to["mono"], dtype=np.int64),
+        timeout_ns=np.asarray(r.to["t"], dtype=np.int64),
+        canary=np.asarray(r.to["canary"], dtype=np.int32),
+        seg=np.asarray(r.to["seg"], dtype=np.int32),
+        line=np.asarray(r.to_line, dtype=np.int32),
+    )
+
+
+# --------------------------------------------------------------------------- clock samples
+
+
+def _read_samples(path: Path, issue: Callable[[Issue], None]) -> list[ClockSample]:
+    out: list[ClockSample] = []
+    name = str(path)
+    for line_no, obj in iter_objects(path, issue):
+        if not isinstance(obj, dict):
+            issue(Issue(name, line_no, "expected a JSON object"))
+            continue
+        clock = obj.get("clock")
+        send, recv = obj.get("host_send_real_ns"), obj.get("host_recv_real_ns")
+        if not isinstance(clock, dict) or not (_is_int(send) and _is_int(recv)):
+            issue(Issue(name, line_no, "clock sample without 'clock' and host send/receive times"))
+            continue
+        mono, real = clock.get("monotonic_ns"), clock.get("realtime_ns")
+        if not (_is_int(mono) and _is_int(real)) or recv < send:
+            issue(Issue(name, line_no, "clock sample without integer guest clocks"))
+            continue
+        ptp = clock.get("host_offset_ns")
+        bracket = clock.get("bracket_ns")
+        out.append(
+            ClockSample(
+                agent=str(obj.get("agent", "guest")),
+                reason=str(obj.get("reason", "")),
+                host_ns=(send + recv) // 2,
+                half_rtt_ns=(recv - send + 1) // 2,
+                guest_mono_ns=mono,
+                guest_real_ns=real,
+                bracket_ns=bracket if _is_int(bracket) else 0,
+                boot_id=str(clock.get("boot_id", "unknown")),
+                agent_id=str(clock.get("agent_id", "")),
+                ptp_offset_ns=ptp if _is_int(ptp) else None,
+                line=line_no,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def guest_event_files(run: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
+    """The guest event files of a run, keyed by agent name.
+
+    ``guest-events.jsonl`` belongs to the only agent meta.json names (else ``guest``);
+    ``guest-events-NAME.jsonl`` to agent NAME. A directory without any of those but with
+    exactly one other ``*.jsonl`` that is not a known run file (a copied spool such as
+    ``events.jsonl``) is read as the spool of an agent called ``guest``.
+    """
+    files: dict[str, Path] = {}
+    agents = meta.get("agents")
+    names = sorted(agents) if isinstance(agents, dict) else []
+    single = run / rundir.GUEST_EVENTS
+    if single.exists():
+        files[names[0] if len(names) == 1 else "guest"] = single
+    for p in sorted(run.glob("guest-events-*.jsonl")):
+        files[p.name[len("guest-events-") : -len(".jsonl")]] = p
+    if files:
+        return files
+    known = ("qmp-", "agent-", "clock-samples", "lab-")
+    spools = [p for p in sorted(run.glob("*.jsonl")) if not p.name.startswith(known)]
+    if len(spools) == 1:
+        files["guest"] = spools[0]
+    return files
+
+
+def load_run(path: str | Path, strict: bool = False) -> Run:
+    """Read a run directory.
+
+    :param path: the run directory.
+    :param strict: raise after reading when any line or record was skipped.
+    :raise RunDirError: when the directory is missing, empty, or a file cannot be read.
+    :raise RecordFormatError: with ``strict``, when anything was skipped (the message
+        names the first skip and the count).
+    :return: the run; ``Run.issues`` lists what was skipped or noted.
+    """
+    run = rundir.require_rundir(path)
+    issues: list[Issue] = []
+    meta: dict[str, Any] = {}
+    meta_path = run / rundir.META
+    if meta_path.exists():
+        try:
+            loaded = json.loads(meta_path.read_text(encoding="utf-8", errors="replace"))
+            if isinstance(loaded, dict):
+                meta = loaded
+            else:
+                issues.append(Issue(str(meta_path), 1, "meta.json is not a JSON object"))
+        except (OSError, ValueError) as err:
+            issues.append(Issue(str(meta_path), 1, f"meta.json unreadable: {err}"))
+
+    qmp: dict[str, list[dict[str, Any]]] = {}
+    qmp_lines: dict[str, tuple[Path, list[int]]] = {}
+    for name, qpath in rundir.qmp_endpoints(run).items():
+        records, lines = [], []
+        for line_no, obj in iter_objects(qpath, issues.append):
+            if isinstance(obj, dict):
+                records.append(obj)
+                lines.append(line_no)
+            else:
+                issues.append(Issue(str(qpath), line_no, "expected a JSON object"))
+        qmp[name], qmp_lines[name] = records, (qpath, lines)
+    timeline = build_timeline(qmp) if qmp else None
+    if timeline is not None:
+        for it in timeline.issues:
+            qpath, lines = qmp_lines[it.endpoint]
+            line = lines[it.index] if 0 <= it.index < len(lines) else 0
+            issues.append(Issue(str(qpath), line, it.message, it.severity))
+
+    reader = _GuestReader(issues.append)
+    for agent, gpath in guest_event_files(run, meta).items():
+        reader.read_file(agent, gpath)
+
+    samples: list[ClockSample] = []
+    cpath = run / rundir.CLOCK_SAMPLES
+    if cpath.exists():
+        samples = _read_samples(cpath, issues.append)
+
+    injects: list[dict[str, Any]] = []
+    lpath = run / LAB_STEPS
+    if lpath.exists():
+        for line_no, obj in iter_objects(lpath, issues.append):
+            if isinstance(obj, dict) and obj.get("type") == "inject":
+                if _is_int(obj.get("host_start_ns")) and _is_int(obj.get("host_end_ns")):
+                    injects.append(obj)
+                else:
+                    issues.append(Issue(str(lpath), line_no, "inject without host times"))
+
+    keys = set(reader.lane_keys)
+    for seg in reader.segments:  # every sampled CPU gets a lane, stalled or not
+        keys.update((seg.agent, cpu) for cpu in seg.cpus)
+    order = sorted(keys)
+    index = {k: i for i, k in enumerate(order)}
+    remap = np.zeros(max(len(reader.lane_keys), 1), dtype=np.int32)
+    for key, raw in reader.lane_keys.items():
+        remap[raw] = index[key]
+    stalls = _stall_table(reader)
+    timeouts = _timeout_table(reader)
+    if len(stalls):
+        stalls.lane = remap[stalls.lane]
+    if len(timeouts):
+        has = timeouts.lane >= 0
+        timeouts.lane = np.where(has, remap[np.maximum(timeouts.lane, 0)], -1).astype(np.int32)
+    lanes = [Lane(a, c) for a, c in order]
+
+    result = Run(
+        path=run,
+        meta=meta,
+        qmp=qmp,
+        timeline=timeline,
+        lanes=lanes,
+        segments=reader.segments,
+        stalls=stalls,
+        timeouts=timeouts,
+        canaries=list(reader.canaries),
+        warnings=reader.warnings,
+        clock_steps=reader.clock_steps,
+        lifecycle=reader.lifecycle,
+        other=reader.other,
+        samples=samples,
+        injects=injects,
+        issues=issues,
+        unknown_kinds=reader.unknown,
+    )
+    _drop_before_start(result)
+    _note_unaligned(result)
+    if strict and result.skips:
+        first = result.skips[0]
+        n = len(result.skips)
+        raise RecordFormatError(f"{first} ({n} line{'s' if n != 1 else ''} skipped; --strict)")
+    return result
+
+
+def _first_sample(run: Run, seg: Segment) -> ClockSample | None:
+    for s in run.samples:
+        if s.boot_id == seg.boot_id and (s.agent == seg.agent or len(run.agents) == 1):
+            return s
+    return None
+
+
+def _drop_before_start(run: Run) -> None:
+    """Skip measurement events that ended before the recording started."""
+    start, _ = run.recording_span()
+    if start is None:
+        return
+    limits = np.full(max(len(run.segments), 1), np.iinfo(np.int64).min, dtype=np.int64)
+    for seg in run.segments:
+        s = _first_sample(run, seg)
+        if s is not None:
+            limits[seg.index] = s.guest_mono_ns - (s.host_ns - start) - s.half_rtt_ns
+    st = run.stalls
+    if len(st):
+        early = (st.mono + st.dur) < limits[st.seg]
+        if early.any():
+            for i in np.flatnonzero(early)[:1000]:
+                seg = run.segments[int(st.seg[i])]
+                run.issues.append(
+                    Issue(seg.path, int(st.line[i]), "stall ended before the recording started")
+                )
+            extra = int(early.sum()) - 1000
+            if extra > 0:
+                seg0 = run.segments[0]
+                run.issues.extend(
+                    Issue(seg0.path, 0, "stall ended before the recording started")
+                    for _ in range(extra)
+                )
+            keep = ~early
+            run.stalls = StallTable(
+                st.lane[keep],
+                st.mono[keep],
+                st.dur[keep],
+                st.cause[keep],
+                st.seg[keep],
+                st.line[keep],
+            )
+    to = run.timeouts
+    if len(to):
+        early = to.mono < limits[to.seg]
+        for i in np.flatnonzero(early):
+            seg = run.segments[int(to.seg[i])]
+            run.issues.append(
+                Issue(seg.path, int(to.line[i]), "timeout before the recording started")
+            )
+        keep = ~early
+        run.timeouts = TimeoutTable(
+            to.lane[keep],
+            to.mono[keep],
+            to.timeout_ns[keep],
+            to.canary[keep],
+            to.seg[keep],
+            to.line[keep],
+        )
+    for attr in ("warnings", "clock_steps"):
+        kept = []
+        for ev in getattr(run, attr):
+            if ev.mono_ns < limits[ev.seg]:
+                seg = run.segments[ev.seg]
+                run.issues.append(
+                    Issue(seg.path, ev.line, f"{ev.kind} before the recording started")
+                )
+            else:
+                kept.append(ev)
+        setattr(run, attr, kept)
+
+
+def _note_unaligned(run: Run) -> None:
+    """A note per segment that no clock sample can put on the host's clock."""
+    if not run.samples:
+        return
+    for seg in run.segments:
+        if _first_sample(run, seg) is None:
+            run.issues.append(
+                Issue(
+                    seg.path,
+                    seg.first_line,
+                    f"no clock sample for boot {seg.boot_id} of agent {seg.agent}: its events "
+                    "are placed with the guest's realtime clock (error unknown)",
+                    "note",
+                )
+            )

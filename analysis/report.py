@@ -1,0 +1,475 @@
+"""``report.html``, ``report.md`` and ``summary.json`` from an analysed run.
+
+``build_summary(analysis)`` is the JSON document (schema in docs/summary-schema.md,
+``schema_version`` ``SCHEMA_VERSION``); ``render_markdown`` and ``render_html`` turn the
+same document into tables. The HTML file is self-contained: inline CSS, plots embedded as
+base64 PNG (``analysis.report_plots``), no script, nothing fetched: it opens offline and
+can be attached to a ticket. ``write_report`` writes all three.
+
+Every table comes from ``build_summary``, so the three files never disagree: phases;
+stalls per phase x CPU; asymmetry; timeout sensitivity; host truth against the guest's
+figures (validation); clock steps; findings; the alignment's method and error bounds;
+and what was skipped in the input.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from analysis import rundir
+from analysis.attribution import CAUSES_DOC, Analysis
+from analysis.findings import findings
+from analysis.report_plots import sensitivity_png, timeline_png
+from probe.durations import format_duration
+
+SCHEMA_VERSION = 1
+MAX_ISSUES = 50
+
+
+def _ms(ns: float | None) -> float | None:
+    return None if ns is None else round(ns / 1e6, 3)
+
+
+def build_summary(a: Analysis) -> dict[str, Any]:
+    """The run's figures as one JSON-ready dict (docs/summary-schema.md).
+
+    :param a: what ``analyse`` returned.
+    :return: the document.
+    """
+    run = a.run
+    tl = run.timeline
+    phases = [
+        {
+            "index": s.index,
+            "name": s.name,
+            "label": a.phase_label(s.index),
+            "start_offset_ms": _ms(s.start_ns - a.origin_ns),
+            "start_ns": s.start_ns,
+            "length_ms": _ms(s.length_ns),
+            "vm_stopped": s.vm_stopped,
+        }
+        for s in a.spans
+    ]
+    stats = [
+        {
+            "phase": a.phase_label(s.phase),
+            "phase_index": s.phase,
+            "cpu": a.lane_label(s.lane),
+            "count": s.count,
+            "stalled_ms": _ms(s.stalled_ns),
+            "fraction": round(s.fraction, 4),
+            "longest_ms": _ms(s.longest_ns),
+            "p50_ms": _ms(s.p50_ns),
+            "p99_ms": _ms(s.p99_ns),
+            "alone_ms": _ms(s.alone_ns),
+        }
+        for s in a.stats
+    ]
+    sens = a.sensitivity
+    sensitivity = {
+        "ladder_ms": [_ms(t) for t in sens.ladder],
+        "phases": [
+            {
+                "phase": a.phase_label(p),
+                "stalls": sens.stalls.get(p, []),
+                "worst_cpu": sens.worst_lane.get(p, []),
+                "canaries": sens.canary.get(p, {}),
+                "peer": sens.peer.get(p, []),
+            }
+            for p in range(len(a.spans))
+        ],
+    }
+    steps = [
+        {
+            "agent": s.agent,
+            "boot_id": s.boot_id,
+            "clock": s.clock,
+            "at_offset_ms": _ms(s.at_ns - a.origin_ns),
+            "between_offset_ms": [
+                _ms(s.after_host_ns - a.origin_ns),
+                _ms(s.before_host_ns - a.origin_ns),
+            ],
+            "size_ms": _ms(s.size_ns),
+            "lag_ms": _ms(s.lag_ns),
+            "error_ms": _ms(s.error_ns),
+            "stopped_ms": _ms(s.stopped_ns) if s.windows else None,
+            "windows": [
+                {
+                    "stopped_by": w.stopped_by,
+                    "resumed_by": w.resumed_by,
+                    "length_ms": _ms(w.length_ns),
+                }
+                for w in s.windows
+            ],
+        }
+        for s in a.alignment.steps + a.alignment.realtime_steps
+    ]
+    boots = [
+        {
+            "agent": b.agent,
+            "boot_id": b.boot_id,
+            "method": b.method,
+            "samples": len(b.host),
+            "stretches": [
+                {"samples": st.last - st.first + 1, "error_ms": _ms(st.error)} for st in b.stretches
+            ],
+        }
+        for b in a.alignment.boots.values()
+    ]
+    errs = [e for e in a.placed.err.tolist() if e == e]  # drop NaN
+    summary = tl.summary().to_dict() if tl is not None else None
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "tsprobe-report",
+        "rundir": str(run.path),
+        "scenario": run.meta.get("scenario"),
+        "accel": run.accel,
+        "phases_known": a.phases_known,
+        "origin_ns": a.origin_ns,
+        "labels": a.labels,
+        "migration": summary,
+        "phases": phases,
+        "cpus": [a.lane_label(i) for i in range(len(run.lanes))],
+        "stall_cause_codes": CAUSES_DOC,
+        "stalls": stats,
+        "asymmetry": [
+            {"phase": a.phase_label(x.phase), "some_ms": _ms(x.some_ns), "all_ms": _ms(x.all_ns)}
+            for x in a.asymmetry
+        ],
+        "timeout_sensitivity": sensitivity,
+        "validation": [
+            {
+                "what": c.what,
+                "host_ms": _ms(c.host_ns),
+                "guest_ms": _ms(c.guest_ns),
+                "tolerance_ms": _ms(c.tolerance_ns),
+                "ok": c.ok,
+                "note": c.note,
+            }
+            for c in a.checks
+        ],
+        "clock_steps": steps,
+        "kernel_warnings": [
+            {
+                "offset_ms": _ms(p.host_ns - a.origin_ns),
+                "phase": a.phase_label(p.phase),
+                "warning": p.label,
+                "near_boundary": p.near,
+                "line": p.line,
+            }
+            for p in a.points
+            if p.kind == "kernel_warning"
+        ],
+        "alignment": {
+            "method": a.alignment.method,
+            "boots": boots,
+            "max_error_ms": _ms(max(errs)) if errs else None,
+            "stalls_near_boundary": int(a.placed.near.sum()),
+        },
+        "findings": [{"category": f.category, "text": f.text, "warn": f.warn} for f in findings(a)],
+        "input": {
+            "skipped": len(run.skips),
+            "notes": len(run.notes),
+            "issues": [
+                {"file": i.path, "line": i.line, "reason": i.reason, "severity": i.severity}
+                for i in run.issues[:MAX_ISSUES]
+            ],
+            "guest_events": {
+                "stalls": len(run.stalls),
+                "timeouts": len(run.timeouts),
+                "kernel_warnings": len(run.warnings),
+                "clock_steps": len(run.clock_steps),
+                "unknown_kinds": dict(run.unknown_kinds),
+            },
+            "segments": [
+                {"agent": s.agent, "boot_id": s.boot_id, "file": s.path, "first_line": s.first_line}
+                for s in run.segments
+            ],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """The report's tables: (title, header, rows), from a summary document."""
+    out: list[tuple[str, list[str], list[list[Any]]]] = []
+    out.append(
+        (
+            "Phases",
+            ["phase", "start (ms)", "length (ms)", "vCPUs stopped"],
+            [
+                [p["label"], p["start_offset_ms"], p["length_ms"], p["vm_stopped"]]
+                for p in doc["phases"]
+            ],
+        )
+    )
+    rows = [
+        [
+            s["phase"],
+            s["cpu"],
+            s["count"],
+            s["stalled_ms"],
+            f"{100 * s['fraction']:.1f} %",
+            s["longest_ms"],
+            s["p50_ms"],
+            s["p99_ms"],
+            s["alone_ms"],
+        ]
+        for s in doc["stalls"]
+        if s["count"] or s["stalled_ms"]
+    ]
+    out.append(
+        (
+            "Stalls per phase and CPU",
+            [
+                "phase",
+                "CPU",
+                "count",
+                "stalled (ms)",
+                "of phase",
+                "longest (ms)",
+                "p50 (ms)",
+                "p99 (ms)",
+                "alone (ms)",
+            ],
+            rows,
+        )
+    )
+    out.append(
+        (
+            "Asymmetry",
+            ["phase", "some CPUs stalled, others ran (ms)", "all CPUs stalled (ms)"],
+            [
+                [x["phase"], x["some_ms"], x["all_ms"]]
+                for x in doc["asymmetry"]
+                if x["some_ms"] or x["all_ms"]
+            ],
+        )
+    )
+    sens = doc["timeout_sensitivity"]
+    head = ["phase", "source"] + [f"T={_fmt(t)} ms" for t in sens["ladder_ms"]]
+    srows: list[list[Any]] = []
+    for ph in sens["phases"]:
+        if any(ph["stalls"]):
+            srows.append([ph["phase"], "stalls (all CPUs)", *ph["stalls"]])
+            srows.append([ph["phase"], "stalls (worst CPU)", *ph["worst_cpu"]])
+        for canary, counts in ph["canaries"].items():
+            srows.append([ph["phase"], f"canary {canary}", *counts])
+        if any(ph["peer"]):
+            srows.append([ph["phase"], "peer outside (clock lag)", *ph["peer"]])
+    out.append(("Timeout sensitivity: expirations per phase", head, srows))
+    out.append(
+        (
+            "Validation: host truth against the guest",
+            ["check", "host (ms)", "guest (ms)", "tolerance (ms)", "result", "note"],
+            [
+                [
+                    c["what"],
+                    c["host_ms"],
+                    c["guest_ms"],
+                    c["tolerance_ms"],
+                    {True: "ok", False: "OUTSIDE", None: "n/a"}[c["ok"]],
+                    c["note"],
+                ]
+                for c in doc["validation"]
+            ],
+        )
+    )
+    out.append(
+        (
+            "Clock steps (guest minus host offset)",
+            ["clock", "at (ms)", "guest fell behind by (ms)", "± (ms)", "vCPUs stopped (ms)"],
+            [
+                [s["clock"], s["at_offset_ms"], s["lag_ms"], s["error_ms"], s["stopped_ms"]]
+                for s in doc["clock_steps"]
+            ],
+        )
+    )
+    return out
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> str:
+    if not rows:
+        return "(none)\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _intro(doc: dict[str, Any]) -> list[str]:
+    lines = [f"run: {doc['rundir']}"]
+    if doc.get("scenario"):
+        lines.append(f"scenario: {doc['scenario']}")
+    m = doc.get("migration")
+    if m:
+        parts = [f"outcome: {m['outcome'] or 'not finished'}"]
+        if m.get("downtime_ns") is not None:
+            parts.append(f"downtime (STOP -> RESUME): {format_duration(m['downtime_ns'])}")
+        if m.get("qemu_downtime_ms") is not None:
+            parts.append(f"QEMU downtime: {m['qemu_downtime_ms']} ms")
+        lines.append("; ".join(parts))
+    if not doc["phases_known"]:
+        lines.append("phases: unknown (no migration in the QMP records, or no QMP records)")
+    al = doc["alignment"]
+    err = al["max_error_ms"]
+    lines.append(
+        f"alignment: {al['method']}; largest error bound of a placed stall: "
+        f"{'-' if err is None else f'{err:.1f} ms'}; stalls near a phase boundary: "
+        f"{al['stalls_near_boundary']}"
+    )
+    lines.append(
+        f"input: {doc['input']['skipped']} line(s) skipped, {doc['input']['notes']} note(s)"
+    )
+    return lines
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    """report.md: the same tables as the HTML, for terminals and tickets."""
+    out = ["# tsprobe report", ""]
+    out += [f"- {line}" for line in _intro(doc)]
+    out += ["", "## Findings", ""]
+    out += [
+        f"- {'**' if f['warn'] else ''}{f['text']}{'**' if f['warn'] else ''}"
+        for f in doc["findings"]
+    ]
+    for title, header, rows in tables(doc):
+        out += ["", f"## {title}", "", _md_table(header, rows).rstrip()]
+    if doc["input"]["issues"]:
+        out += ["", "## Input issues", ""]
+        out += [
+            f"- {i['severity']}: {i['file']}:{i['line']}: {i['reason']}"
+            for i in doc["input"]["issues"]
+        ]
+    return "\n".join(out) + "\n"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;
+max-width:1200px}
+h1{font-size:22px;margin-bottom:4px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+td:first-child,th:first-child,td.text{text-align:left}th{background:#f4f4f4}
+.bad{background:#fde0dc;font-weight:600}.good{color:#2e7d32}.diff{background:#fff3bf}
+.warn{color:#b71c1c}.label{background:#e3f2fd;padding:6px 10px;border-radius:4px;margin:4px 0}
+img{max-width:100%;border:1px solid #eee}.muted{color:#777;font-size:12px}
+"""
+
+
+def html_table(
+    header: list[str], rows: list[list[Any]], flags: list[list[str]] | None = None
+) -> str:
+    """An HTML table; ``flags`` gives a CSS class per cell (``bad``, ``diff``, ``''``)."""
+    if not rows:
+        return "<p class=muted>(none)</p>"
+    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = []
+    for r, row in enumerate(rows):
+        cells = []
+        for c, v in enumerate(row):
+            cls = flags[r][c] if flags else ""
+            if not cls and isinstance(v, str) and v == "OUTSIDE":
+                cls = "bad"
+            if isinstance(v, str) and c > 0 and not cls and not v.replace(".", "").isdigit():
+                cls = "text"
+            attr = f' class="{cls}"' if cls else ""
+            cells.append(f"<td{attr}>{html.escape(_fmt(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{h}</tr>{''.join(body)}</table>"
+
+
+def img(png: bytes, alt: str) -> str:
+    """An <img> with the PNG embedded as base64."""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(doc: dict[str, Any], a: Analysis) -> str:
+    """report.html: one self-contained page (inline CSS, embedded PNG plots)."""
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>tsprobe report: {html.escape(Path(doc['rundir']).name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>tsprobe report</h1>",
+    ]
+    parts += [f"<div class=muted>{html.escape(line)}</div>" for line in _intro(doc)]
+    parts += [f"<div class=label>{html.escape(label)}</div>" for label in doc["labels"]]
+    if not doc["phases_known"]:
+        parts.append(
+            "<div class=label>Phases are unknown: the figures below use the "
+            "guest's own timeline.</div>"
+        )
+    parts.append("<h2>Findings</h2><ul>")
+    for f in doc["findings"]:
+        cls = ' class="warn"' if f["warn"] else ""
+        parts.append(f"<li{cls}>{html.escape(f['text'])}</li>")
+    parts.append("</ul><h2>Timeline</h2>")
+    parts.append(img(timeline_png(a), "timeline: phases, stalls per CPU, clock offset"))
+    parts.append(
+        "<p class=muted>Bars: stalls per CPU (colour: cause hint); hatched: QEMU had the "
+        "vCPUs stopped (the guest's clocks stood still); triangles: canary "
+        "timeouts; red crosses: kernel warnings. Lower panel: how far the guest's clock fell "
+        "behind the host's since the first clock sample, with each sample's error bound "
+        "(half its round trip); dotted lines: detected steps.</p>"
+    )
+    for title, header, rows in tables(doc):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(html_table(header, rows))
+        if title.startswith("Timeout sensitivity"):
+            parts.append(img(sensitivity_png([a]), "timeout sensitivity curve"))
+            parts.append(
+                "<p class=muted>A stall of guest length S on a CPU makes one wait with "
+                "timeout T &lt; S expire late, per stall and per T; a peer outside the guest "
+                "sees each clock-lag step L as one expiration for every T &lt; L.</p>"
+            )
+    if doc["input"]["issues"]:
+        parts.append("<h2>Input issues</h2><ul>")
+        parts += [
+            f"<li>{html.escape(i['severity'])}: {html.escape(i['file'])}:{i['line']}: "
+            f"{html.escape(i['reason'])}</li>"
+            for i in doc["input"]["issues"]
+        ]
+        parts.append("</ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(a: Analysis, out: Path) -> dict[str, Path]:
+    """Write report.html, report.md and summary.json into ``out`` (created if missing).
+
+    :param a: the analysis.
+    :param out: the directory.
+    :return: the paths written, keyed by name.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    doc = build_summary(a)
+    paths = {
+        "summary.json": out / "summary.json",
+        "report.md": out / "report.md",
+        "report.html": out / "report.html",
+    }
+    rundir.write_json_atomic(paths["summary.json"], doc)
+    paths["report.md"].write_text(render_markdown(doc), encoding="utf-8")
+    paths["report.html"].write_text(render_html(doc, a), encoding="utf-8")
+    return paths
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    """The summary as compact JSON (for tests and pipes)."""
+    return json.dumps(doc, separators=(",", ":"))

@@ -1,0 +1,90 @@
+"""``tsprobe report RUNDIR``: write report.html, report.md and summary.json.
+
+The run directory is read by ``analysis.loader`` (every skipped line is reported as
+``tsprobe: FILE:LINE: reason`` on stderr, the first ``SHOW`` of them, then the count),
+analysed by ``analysis.attribution`` and written by ``analysis.report``. Exit status: 0
+(even with skipped lines), 1 with ``--strict`` when anything was skipped or the output
+cannot be written, 2 for a missing or empty run directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from analysis.errors import AnalysisError, RecordFormatError, RunDirError
+from analysis.loader import Run, load_run
+
+SHOW = 20
+
+
+def report_issues(run: Run) -> None:
+    """Print the run's skips and notes (the first ``SHOW``) and the count of skips."""
+    for issue in run.issues[:SHOW]:
+        prefix = "" if issue.severity == "skip" else "note: "
+        click.echo(f"tsprobe: {prefix}{issue}", err=True)
+    if len(run.issues) > SHOW:
+        click.echo(f"tsprobe: ... and {len(run.issues) - SHOW} more", err=True)
+    if run.skips:
+        n = len(run.skips)
+        click.echo(f"tsprobe: {run.path}: {n} line{'s' if n != 1 else ''} skipped", err=True)
+
+
+def load_or_exit(ctx: click.Context, rundir: Path, strict: bool) -> Run:
+    """Load a run for a command: user errors become one line and an exit status."""
+    try:
+        run = load_run(rundir)
+    except RunDirError as err:
+        click.echo(f"tsprobe: {err}", err=True)
+        ctx.exit(2)
+    except (AnalysisError, OSError) as err:
+        click.echo(f"tsprobe: {err}", err=True)
+        ctx.exit(1)
+    report_issues(run)
+    if strict and run.skips:
+        failure = RecordFormatError(f"{run.skips[0]} ({len(run.skips)} skipped)")
+        click.echo(f"tsprobe: failing because of --strict: {failure}", err=True)
+        ctx.exit(1)
+    return run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("rundir", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory for the report (default: RUNDIR).",
+)
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when any line had to be skipped.")
+@click.pass_context
+def report(ctx: click.Context, rundir: Path, out: Path | None, strict: bool) -> None:
+    """Write report.html, report.md and summary.json for a run directory.
+
+    The report places every guest stall, timeout and kernel warning in the migration phase
+    it fell in (guest clocks aligned to the host with the recorder's /clock samples),
+    gives per-phase and per-CPU figures, the timeout sensitivity, the guest clock's
+    offset steps, and checks the guest's figures against the host's (QMP, the lab).
+    A run holding only a guest's spool gives a report on the guest's own timeline.
+
+    \b
+    Examples:
+      tsprobe report run1                  # writes run1/report.html, .md, summary.json
+      tsprobe report run1 --out /tmp/r1
+      tsprobe report --strict run1         # exit 1 if any line was skipped
+    """
+    from analysis.attribution import analyse
+    from analysis.report import write_report
+
+    run = load_or_exit(ctx, rundir, strict)
+    target = out if out is not None else run.path
+    try:
+        paths = write_report(analyse(run), target)
+    except OSError as err:
+        click.echo(
+            f"tsprobe: cannot write the report into {target}: {err.strerror or err}", err=True
+        )
+        ctx.exit(1)
+    click.echo(f"tsprobe: wrote {paths['report.html']}, report.md, summary.json", err=True)
