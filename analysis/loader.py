@@ -54,30 +54,18 @@ import numpy.typing as npt
 from analysis import rundir
 from analysis.errors import RecordFormatError, RunDirError
 from analysis.timeline import Timeline, build_timeline
+from probe.events import KNOWN_KINDS, STALL_CAUSES
 
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
 #: Cause hints, coded as small integers in ``StallTable.cause``.
-CAUSES = ("guest-sched", "host-preempt", "vcpu-blocked", "unknown")
+CAUSES = STALL_CAUSES
 _CAUSE_CODE = {name: i for i, name in enumerate(CAUSES)}
 #: Event kinds whose position in time is a measurement (checked against the start).
 MEASURED_KINDS = frozenset({"stall", "timeout", "kernel_warning", "clock_step"})
 #: Kinds the loader understands (others are kept in ``Run.other`` with a note).
-HANDLED_KINDS = frozenset(
-    {
-        "agent_start",
-        "agent_stop",
-        "probe_status",
-        "stall",
-        "sampler_outage",
-        "clock_step",
-        "clocksource_change",
-        "clock_sync",
-        "timeout",
-        "kernel_warning",
-    }
-)
+HANDLED_KINDS = KNOWN_KINDS
 LAB_STEPS = "lab-steps.jsonl"
 #: Lines parsed per bulk ``json.loads`` call.
 CHUNK = 20_000
