@@ -5,7 +5,9 @@
     AnalysisError
      ├── RunDirError        a run directory that is missing, empty or unreadable
      ├── RecordFormatError  a run-directory line that is not a valid record
-     └── RecorderError      the recorder could not start (bad --qmp spec, unwritable --out)
+     ├── RecorderError      the recorder could not start (bad --qmp spec, unwritable --out)
+     └── PrometheusError    a Prometheus server unreachable, refusing a query, or without
+                            data for the instance and time range asked for
 
 Each message is one line fit for the command line; the CLI prints it as ``tsprobe: ...``
 and exits 2 (usage) or 1 (failure) without a traceback.
@@ -28,3 +30,7 @@ class RecordFormatError(AnalysisError, ValueError):
 
 class RecorderError(AnalysisError):
     """The recorder cannot start or go on."""
+
+
+class PrometheusError(AnalysisError):
+    """Prometheus could not give what a report from metrics needs."""

@@ -18,6 +18,7 @@ from typing import NoReturn
 import click
 
 from analysis.errors import RecorderError
+from analysis.exporter import ExporterServer, MigrationExporter
 from analysis.recorder import Recorder, check_name
 from probe.durations import parse_duration
 from probe.errors import DurationError
@@ -32,7 +33,9 @@ Examples:
 \b
 It stops when the source (the endpoint named src, else the first --qmp) reaches
 completed, failed or cancelled, plus --grace; after --duration; or on Ctrl-C.
-The run directory is described in docs/run-directory.md.
+The run directory is described in docs/run-directory.md. With --listen it also
+serves the migration state on /metrics for Prometheus (docs/prometheus.md); keep
+--grace above two scrape intervals so the final state is scraped.
 """
 
 
@@ -147,6 +150,12 @@ async def _record(recorder: Recorder) -> str:
     metavar="[NAME=]FILE|-",
     help="Output of 'virsh qemu-monitor-event --loop --timestamp' (a file or stdin).",
 )
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the migration state on http://HOST:PORT/metrics (Prometheus).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
 def record(
     qmp: tuple[str, ...],
@@ -159,6 +168,7 @@ def record(
     reconnect: bool,
     no_enable_events: bool,
     libvirt: tuple[str, ...],
+    listen: str | None,
     quiet: bool,
 ) -> None:
     """Record a migration: both QMP monitors, the guest agents, into a run directory.
@@ -181,6 +191,9 @@ def record(
         logger = logging.getLogger(name)
         logger.addHandler(logging.NullHandler())
         logger.propagate = False
+    exporter = None
+    if listen is not None:
+        exporter = MigrationExporter([*qmp_map, *libvirt_map], agent_map, run=out)
     try:
         recorder = Recorder(
             out,
@@ -195,10 +208,22 @@ def record(
             reconnect=reconnect,
             enable_events=not no_enable_events,
             status_stream=None if quiet else sys.stdout,
+            on_record=None if exporter is None else exporter.observe,
         )
     except RecorderError as err:
         _fail(str(err), 2)
+    server: ExporterServer | None = None
+    if exporter is not None and listen is not None:
+        try:
+            server = exporter.serve(listen)
+        except RecorderError as err:
+            _fail(str(err), 2)
+        if not quiet:
+            click.echo(f"serving the migration state on http://{server.address}/metrics")
     try:
         asyncio.run(_record(recorder))
     except RecorderError as err:
         _fail(str(err), 1)
+    finally:
+        if server is not None:
+            server.close()

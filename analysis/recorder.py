@@ -97,6 +97,19 @@ def _version(package: str) -> str | None:
         return None
 
 
+class _TappedWriter(JsonlWriter):
+    """A ``JsonlWriter`` that also hands each record to a callback once it is written."""
+
+    def __init__(self, path: Path, tap: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__(path)
+        self._tap = tap
+
+    def write(self, record: dict[str, Any]) -> None:
+        super().write(record)
+        with contextlib.suppress(Exception):  # a tap's bug must not stop the recording
+            self._tap(record)
+
+
 @dataclass(frozen=True)
 class RecorderResult:
     """How a recording ended.
@@ -134,6 +147,8 @@ class Recorder:
     :param clock_period_ns: pause between periodic /clock bursts.
     :param agent_timeout_ns: timeout of each agent HTTP request.
     :param burst_reads: /clock reads per burst.
+    :param on_record: called with (endpoint name, record) for every record written to a
+        ``qmp-NAME.jsonl`` (the migration exporter's feed); its errors are ignored.
     :raise RecorderError: for a bad name, address or URL, or nothing to record.
     """
 
@@ -159,8 +174,10 @@ class Recorder:
         clock_period_ns: int = 1_000_000_000,
         agent_timeout_ns: int = 1_000_000_000,
         burst_reads: int = 5,
+        on_record: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.out = Path(out)
+        self._on_record = on_record
         self._qmp = {check_name(n, "endpoint"): parse_address(a) for n, a in (qmp or {}).items()}
         self._agents = {
             check_name(n, "agent"): check_agent_url(u) for n, u in (agents or {}).items()
@@ -365,9 +382,15 @@ class Recorder:
         except OSError as err:
             raise RecorderError(f"cannot write to {self.out}: {err.strerror or err}") from err
 
+    def _qmp_writer(self, name: str) -> JsonlWriter:
+        path = self.out / rundir.qmp_file(name)
+        if self._on_record is None:
+            return JsonlWriter(path)
+        return _TappedWriter(path, functools.partial(self._on_record, name))
+
     def _open_writers(self) -> None:
         for name, address in self._qmp.items():
-            writer = JsonlWriter(self.out / rundir.qmp_file(name))
+            writer = self._qmp_writer(name)
             self._writers[rundir.qmp_file(name)] = writer
             self.endpoints[name] = QmpEndpoint(
                 name,
@@ -382,7 +405,7 @@ class Recorder:
                 on_note=self._endpoint_note,
             )
         for name, source in self._libvirt.items():
-            writer = JsonlWriter(self.out / rundir.qmp_file(name))
+            writer = self._qmp_writer(name)
             self._writers[rundir.qmp_file(name)] = writer
             self.streams[name] = LibvirtEventReader(
                 name,
