@@ -28,7 +28,7 @@ from agent.main import CANARY_NAMES, Agent, AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
 from probe.durations import parse_duration, parse_duration_list
-from probe.errors import DurationError, ProbeUnavailable
+from probe.errors import DurationError, LogSpecError, ProbeUnavailable
 from probe.procfs import parse_cpu_list
 from probe.roots import Roots
 
@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     _DurationBase = click.ParamType[int, Any]
     _NsTupleBase = click.ParamType[tuple[int, ...], Any]
     _NamesBase = click.ParamType[tuple[str, ...], Any]
+    _TextBase = click.ParamType[str, Any]
 else:
-    _DurationBase = _NsTupleBase = _NamesBase = click.ParamType
+    _DurationBase = _NsTupleBase = _NamesBase = _TextBase = click.ParamType
 
 ROOT_SPOOL = "/var/lib/tsprobe/events.jsonl"
 USER_SPOOL = "tsprobe-events.jsonl"
@@ -112,6 +113,20 @@ class CanariesType(_NamesBase):
         return tuple(dict.fromkeys(names))
 
 
+class LogSpecType(_TextBase):
+    """A ``PATH:REGEX[:NAME]`` log-watch specification, checked (``probe.logwatch``)."""
+
+    name = "PATH:REGEX[:NAME]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            _load("probe.logwatch", "parse_log_spec")(text)
+        except LogSpecError as err:
+            self.fail(str(err), param, ctx)
+        return text
+
+
 def _check_listen(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         parse_listen(value)
@@ -167,13 +182,42 @@ def _kmsg_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
     return probe
 
 
+def _timer_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    timer_canary = _load("agent.canaries", "TimerCanary")
+    probe: Probe = timer_canary(cpus, config.timeouts_ns)
+    return probe
+
+
+def _heartbeat_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    heartbeat_canary = _load("agent.canaries", "HeartbeatCanary")
+    probe: Probe = heartbeat_canary(cpus, config.timeouts_ns, config.heartbeat_interval_ns)
+    return probe
+
+
+def _rpc_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    rpc_canary = _load("agent.canaries", "RpcCanary")
+    probe: Probe = rpc_canary(cpus, config.timeouts_ns, config.rpc_interval_ns)
+    return probe
+
+
+def _logwatch_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
+    parse_log_spec = _load("probe.logwatch", "parse_log_spec")
+    logwatch_probe = _load("probe.logwatch", "LogWatchProbe")
+    probe: Probe = logwatch_probe([parse_log_spec(text) for text in config.watch_logs])
+    return probe
+
+
 Factory = Callable[[AgentConfig, Roots, list[int]], Probe]
 
-#: The built-in probes, by name, in start order.
+#: The built-in probes, by name, in start order (the canaries and the log watcher last).
 FACTORIES: dict[str, Factory] = {
     "stall": _stall_probe,
     "clock": _clock_probe,
     "kmsg": _kmsg_probe,
+    "timer": _timer_canary,
+    "heartbeat": _heartbeat_canary,
+    "rpc": _rpc_canary,
+    "logwatch": _logwatch_probe,
 }
 
 
@@ -241,6 +285,8 @@ EPILOG = """\b
 Examples:
   tsprobe agent --duration 10s --events none
   tsprobe agent --cpus 0-3 --threshold 50ms --listen 127.0.0.1:9466
+  tsprobe agent --canaries timer,heartbeat,rpc --timeouts 10ms,100ms,1s,5s,30s
+  tsprobe agent --watch-log '/var/log/app.log:deadline exceeded|DEADLINE_EXCEEDED:grpc'
   curl -s 'http://127.0.0.1:9466/events?since=0&limit=100'
 \b
 Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
@@ -300,6 +346,30 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
     show_default=True,
     help="Canaries: timer, heartbeat, rpc, or none.",
 )
+@click.option(
+    "--heartbeat-interval",
+    type=DURATION,
+    default="5ms",
+    show_default=True,
+    help="Heartbeat canary: time between two heartbeats of a side.",
+)
+@click.option(
+    "--rpc-interval",
+    type=DURATION,
+    default="10ms",
+    show_default=True,
+    help="Rpc canary: time between the starts of two requests.",
+)
+@click.option(
+    "--watch-log",
+    "watch_logs",
+    type=LogSpecType(),
+    multiple=True,
+    help="Count lines of PATH matching REGEX as application timeouts named NAME (repeatable;"
+    " followed like tail -F). PATH ends at the first ':'; NAME is the text after the last"
+    " ':' when it is a plain name (letters, digits, _, -, spaces), else there is none and"
+    " the rest is REGEX. Write '\\:' for a colon the rule would misread.",
+)
 @click.option("--duration", type=DURATION, default=None, help="Run this long, then exit.")
 @click.option("--stall/--no-stall", default=True, show_default=True, help="Per-CPU stall probe.")
 @click.option(
@@ -349,6 +419,9 @@ def agent(
     events_ring: int,
     timeouts: tuple[int, ...],
     canaries: tuple[str, ...],
+    heartbeat_interval: int,
+    rpc_interval: int,
+    watch_logs: tuple[str, ...],
     duration: int | None,
     stall: bool,
     stall_mode: str,
@@ -362,10 +435,15 @@ def agent(
     sysfs: str,
     devfs: str,
 ) -> None:
-    """Run the in-guest agent: per-CPU stalls, clock steps and kernel warnings.
+    """Run the in-guest agent: per-CPU stalls, clock steps, kernel warnings, timeouts.
 
-    It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to
-    a rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
+    The canaries (--canaries) measure what applications with deadlines feel: timed waits
+    (timer), heartbeats between two CPUs (heartbeat), loopback requests (rpc); each counts
+    the timeouts of the ladder (--timeouts) that would have expired; --watch-log counts the
+    timeouts applications write to their logs.
+
+    It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to a
+    rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
     """
     if interval <= 0:
         raise click.BadParameter("must be positive", param_hint="--interval")
@@ -377,6 +455,8 @@ def agent(
     for value, hint in (
         (clock_period, "--clock-period"),
         (clock_step_threshold, "--clock-step-threshold"),
+        (heartbeat_interval, "--heartbeat-interval"),
+        (rpc_interval, "--rpc-interval"),
     ):
         if value <= 0:
             raise click.BadParameter("must be positive", param_hint=hint)
@@ -394,6 +474,9 @@ def agent(
         events_path=events_path,
         timeouts_ns=timeouts,
         canaries=canaries,
+        heartbeat_interval_ns=heartbeat_interval,
+        rpc_interval_ns=rpc_interval,
+        watch_logs=watch_logs,
         duration_ns=duration,
         stall=stall,
         clock=clock,

@@ -18,9 +18,14 @@ blocks until the duration elapses or SIGINT/SIGTERM arrives. ``stop()`` stops th
 writes ``agent_stop``, closes the spool and shuts HTTP down.
 
 Probe health is gathered here, one probe at a time, so one probe whose ``health()`` raises
-only takes its own ``tsprobe_probe_up`` series to 0. Probes disabled by a flag, and the
-canaries (accepted by the command line but not implemented yet), are reported as off: 0
-in ``tsprobe_probe_up``, but not a reason for /healthz to say "degraded".
+only takes its own ``tsprobe_probe_up`` series to 0. Probes disabled by a flag are reported
+as off: 0 in ``tsprobe_probe_up``, but not a reason for /healthz to say "degraded".
+
+The canaries (``--canaries``: ``timer``, ``heartbeat``, ``rpc``; ``agent.canaries``) and the
+log watcher (``--watch-log``, ``probe.logwatch``) are probes like the others, named after
+themselves; a canary's ``latency()`` feeds ``tsprobe_canary_latency_seconds{canary}`` at
+scrape time, and the log watcher's names are the label universe of
+``tsprobe_app_timeouts_total``.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ from agent.metrics import (
 )
 from probe import __version__
 from probe.base import Health, Probe, now_pair
+from probe.errors import LogSpecError
 from probe.events import RawEvent
+from probe.logwatch import parse_log_spec
 from probe.procfs import format_cpu_list, read_online_cpus
 from probe.roots import Roots
 
@@ -71,7 +78,8 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
 }
 #: Canary names the command line accepts.
 CANARY_NAMES = ("timer", "heartbeat", "rpc")
-CANARIES_NOTE = "canaries not yet available"
+#: The probe name of the log watcher (``--watch-log``).
+LOGWATCH = "logwatch"
 
 #: How often ``run()`` looks for a signal.
 _POLL_S = 0.1
@@ -88,6 +96,9 @@ class AgentConfig:
     :param events_path: the spool file, or None for memory only (--events).
     :param timeouts_ns: the timeout ladder (--timeouts).
     :param canaries: requested canaries (--canaries); empty for none.
+    :param heartbeat_interval_ns: the heartbeat canary's interval (--heartbeat-interval).
+    :param rpc_interval_ns: the rpc canary's time between requests (--rpc-interval).
+    :param watch_logs: ``PATH:REGEX[:NAME]`` specifications (--watch-log), as given.
     :param duration_ns: run this long, then exit; None runs until a signal (--duration).
     :param stall: run the stall probe (--stall/--no-stall).
     :param clock: run the clock probe (--clock/--no-clock).
@@ -112,6 +123,9 @@ class AgentConfig:
     events_path: str | None = None
     timeouts_ns: tuple[int, ...] = DEFAULT_TIMEOUTS_NS
     canaries: tuple[str, ...] = ("timer", "heartbeat")
+    heartbeat_interval_ns: int = 5_000_000
+    rpc_interval_ns: int = 10_000_000
+    watch_logs: tuple[str, ...] = ()
     duration_ns: int | None = None
     stall: bool = True
     clock: bool = True
@@ -133,11 +147,16 @@ class AgentConfig:
         return Roots(self.procfs, self.sysfs, self.devfs)
 
     def enabled(self, probe: str) -> bool:
-        """Whether the flags enable a built-in probe.
+        """Whether the flags enable a probe.
 
-        :param probe: ``stall``, ``clock`` or ``kmsg``.
-        :return: the flag's value (True for other names).
+        :param probe: ``stall``, ``clock``, ``kmsg``, a canary or ``logwatch``.
+        :return: the flag's value: a canary when listed in --canaries, the log watcher when
+            --watch-log was given (True for other names).
         """
+        if probe in CANARY_NAMES:
+            return probe in self.canaries
+        if probe == LOGWATCH:
+            return bool(self.watch_logs)
         return bool(getattr(self, probe, True))
 
     def to_dict(self) -> dict[str, Any]:
@@ -422,11 +441,6 @@ class Agent:
                     f"CPU {format_cpu_list(outside)} outside this process's CPU affinity:"
                     " samplers cannot be pinned there"
                 )
-        if config.canaries:
-            notes.append(
-                f"{CANARIES_NOTE} (requested: {', '.join(config.canaries)}):"
-                " no timeout expirations are measured yet"
-            )
         return notes
 
     def _build_metrics(self) -> AgentMetrics:
@@ -438,6 +452,7 @@ class Agent:
             clocksource=self.clocksource,
             kmsg_lost=self._kmsg_lost,
             log_stats=self.log.stats,
+            canary_latency=self._canary_latency,
         )
         return AgentMetrics(
             self.cpus,
@@ -446,6 +461,7 @@ class Agent:
             probes=self.probe_labels(),
             canaries=self.config.canaries,
             timeouts_ns=self.config.timeouts_ns,
+            app_timeout_names=self._app_timeout_names(),
             info={"version": __version__, "boot_id": self.boot_id, "agent_id": self.agent_id},
             start_time_s=self._wall_clock(),
             hooks=hooks,
@@ -462,8 +478,6 @@ class Agent:
     def _report_probes(self) -> None:
         health = self.probe_health()
         for label, entry in health.items():
-            if label in self.config.canaries:
-                continue  # said once, among the degraded capabilities
             state = "up" if entry.up else f"down: {entry.detail}"
             self.say(f"tsprobe: probe {label}: {state}")
         for probe in self.probes:
@@ -497,7 +511,7 @@ class Agent:
     # -- readings (scrape time) ---------------------------------------------------------
 
     def _off(self) -> dict[str, str]:
-        """Labels that are off on purpose: disabled probes and canaries not implemented."""
+        """Labels that are off on purpose: disabled probes, probes not running."""
         off: dict[str, str] = {}
         running = {probe.name for probe in self.probes}
         for name, sources in PROBE_SOURCES.items():
@@ -508,7 +522,8 @@ class Agent:
                 for label in sources:
                     off[label] = reason
         for canary in self.config.canaries:
-            off[canary] = CANARIES_NOTE
+            if canary not in running and canary not in self.unavailable:
+                off[canary] = "not running"
         return off
 
     def probe_health(self) -> dict[str, Health]:
@@ -575,6 +590,28 @@ class Agent:
         if probe is None or not callable(getattr(probe, "sync_state", None)):
             return None
         return _sync_reading(probe.sync_state())
+
+    def _canary_latency(self) -> Mapping[str, Any]:
+        """Each running canary's latency histogram; a canary that fails is left out."""
+        out: dict[str, Any] = {}
+        for probe in self.probes:
+            latency = getattr(probe, "latency", None)
+            if probe.name in CANARY_NAMES and callable(latency):
+                with contextlib.suppress(Exception):
+                    out[probe.name] = latency()
+        return out
+
+    def _app_timeout_names(self) -> list[str]:
+        probe = self._probe(LOGWATCH)
+        if probe is not None and callable(getattr(probe, "names", None)):
+            return [str(name) for name in probe.names()]
+        names: list[str] = []
+        for text in self.config.watch_logs:
+            try:
+                names.append(parse_log_spec(text).name)
+            except LogSpecError:
+                continue
+        return names
 
     def _kmsg_lost(self) -> int | None:
         probe = self._probe("kmsg")

@@ -33,6 +33,8 @@ The metric contract (DESIGN.md) and the extras::
     tsprobe_clock_sync_synchronised               gauge      1/0 from adjtimex
     tsprobe_clock_sync_maxerror_seconds           gauge      adjtimex maxerror
     tsprobe_timeout_expirations_total{canary,timeout}  counter  timeout events
+    tsprobe_canary_latency_seconds{canary}        histogram  each canary measurement (hook)
+    tsprobe_app_timeouts_total{name}              counter    app_timeout events (log lines)
     tsprobe_kernel_warnings_total{kind}           counter    kernel_warning events
     tsprobe_kmsg_lost_total                       counter    kernel messages lost (hook)
     tsprobe_probe_up{probe}                       gauge      1 while a source works
@@ -49,7 +51,13 @@ a sample (HELP and TYPE only) while their source has no value, and the source's
 Events feed the counters with these fields (others are ignored): ``stall`` (``cpu``,
 ``duration_ns``), ``sampler_outage`` (``cpu``, ``duration_ns``), ``clock_step``
 (``clock``, ``step_ns``), ``kernel_warning`` (``warning``), ``timeout`` (``canary`` and
-``timeout_ns``, one event per ladder value a wait outlived).
+``timeout_ns``: one event per timeout of the ladder a measurement outlived),
+``app_timeout`` (``name``, ``count``).
+
+The canary latency histogram is not derived from events (a canary measures hundreds of
+waits and heartbeats a second and reports only those that expired a timeout): each canary
+worker counts its measurements into ``LATENCY_BUCKETS_NS`` and the ``canary_latency`` hook
+hands the sums over. Its buckets are the stall histogram's.
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from prometheus_client.metrics_core import (
 )
 
 from probe.base import Health
+from probe.canary import LATENCY_BUCKETS_NS
 from probe.durations import seconds_label
 from probe.events import KNOWN_KINDS, Event
 
@@ -114,6 +123,10 @@ def _no_health() -> Mapping[str, Health]:
     return {}
 
 
+def _no_latency() -> Mapping[str, Any]:
+    return {}
+
+
 @dataclass
 class ScrapeHooks:
     """What the collector asks at each scrape; each hook may raise or return "unknown".
@@ -126,6 +139,9 @@ class ScrapeHooks:
     :param kmsg_lost: kernel messages the kmsg reader lost.
     :param log_stats: the event log's counters: an object with ``dropped`` and
         ``spool_errors``.
+    :param canary_latency: per canary, its latency histogram: an object with ``counts``
+        (per-bucket counts over ``LATENCY_BUCKETS_NS``, not cumulative, then the count
+        above every bound) and ``sum_ns``.
     """
 
     health: Callable[[], Mapping[str, Health]] = _no_health
@@ -135,6 +151,7 @@ class ScrapeHooks:
     clocksource: Callable[[], str | None] = _none
     kmsg_lost: Callable[[], int | None] = _none
     log_stats: Callable[[], Any] = _none
+    canary_latency: Callable[[], Mapping[str, Any]] = _no_latency
 
 
 #: Which ``probe`` label goes down when a hook fails.
@@ -166,6 +183,7 @@ class _State:
     last_step_ns: dict[str, int] = field(default_factory=dict)
     clocksource_changes: int = 0
     timeouts: dict[tuple[str, str], int] = field(default_factory=dict)
+    app_timeouts: dict[str, int] = field(default_factory=dict)
     warnings: dict[str, int] = field(default_factory=dict)
     kinds: dict[str, int] = field(default_factory=dict)
 
@@ -185,6 +203,7 @@ class AgentMetrics:
     :param probes: the ``probe`` universe of ``tsprobe_probe_up``.
     :param canaries: the ``canary`` universe (empty when no canary runs).
     :param timeouts_ns: the timeout ladder (``timeout`` label universe).
+    :param app_timeout_names: the ``name`` universe of ``tsprobe_app_timeouts_total``.
     :param event_kinds: the ``kind`` universe of ``tsprobe_events_total``.
     :param info: labels of ``tsprobe_info`` besides ``clocksource`` (version, boot_id, ...).
     :param start_time_s: the agent's start, Unix seconds.
@@ -199,6 +218,7 @@ class AgentMetrics:
         probes: Sequence[str] = DEFAULT_PROBES,
         canaries: Sequence[str] = (),
         timeouts_ns: Sequence[int] = DEFAULT_TIMEOUTS_NS,
+        app_timeout_names: Sequence[str] = (),
         event_kinds: Sequence[str] = tuple(sorted(KNOWN_KINDS)),
         info: Mapping[str, str] | None = None,
         start_time_s: float = 0.0,
@@ -211,6 +231,8 @@ class AgentMetrics:
         self._lock = threading.Lock()
         self._samples: dict[str, int] = {}
         self._kmsg_lost = 0
+        self._canaries = list(dict.fromkeys(canaries))
+        self._latency: dict[str, tuple[list[int], int]] = {}
         self._state = _State()
         state = self._state
         for cpu in sorted(set(cpus)):
@@ -225,6 +247,8 @@ class AgentMetrics:
         for canary in canaries:
             for timeout in sorted(set(timeouts_ns)):
                 state.timeouts[(canary, seconds_label(timeout))] = 0
+        for name in app_timeout_names:
+            state.app_timeouts[name] = 0
         for kind in warning_kinds:
             state.warnings[kind] = 0
         for kind in event_kinds:
@@ -271,6 +295,7 @@ class AgentMetrics:
         clocksource = self._read("clocksource", down)
         kmsg_lost = _int_or_none(self._read("kmsg_lost", down))
         log_stats = self._read("log_stats", down)
+        latency = self._read("canary_latency", down)
         with self._lock:
             if isinstance(samples, Mapping):
                 for cpu, count in samples.items():
@@ -280,12 +305,15 @@ class AgentMetrics:
                         self._samples[label] = max(self._samples.get(label, 0), value)
             if kmsg_lost is not None:
                 self._kmsg_lost = max(self._kmsg_lost, kmsg_lost)
+            if isinstance(latency, Mapping):
+                self._take_latency(latency)
+            latency_now = dict(self._latency)
             state = _copy_state(self._state)
             samples_now = dict(self._samples)
             kmsg_now = self._kmsg_lost
         yield from self._stall_families(state, samples_now)
         yield from self._clock_families(state, offset, sync)
-        yield from self._warning_families(state, kmsg_now)
+        yield from self._warning_families(state, kmsg_now, latency_now)
         yield self._probe_up(health, down)
         yield from self._event_families(state, log_stats)
         yield from self._agent_families(clocksource)
@@ -372,7 +400,22 @@ class AgentMetrics:
         yield synced
         yield maxerror
 
-    def _warning_families(self, state: _State, kmsg_lost: int) -> Iterator[Metric]:
+    def _take_latency(self, latency: Mapping[str, Any]) -> None:
+        """Keep each canary's newest histogram (lock held); malformed ones are skipped."""
+        size = len(LATENCY_BUCKETS_NS) + 1
+        for canary, snapshot in latency.items():
+            counts = getattr(snapshot, "counts", None)
+            total = _int_or_none(getattr(snapshot, "sum_ns", None))
+            if not isinstance(counts, Sequence) or len(counts) != size or total is None:
+                continue
+            values = [_int_or_none(value) for value in counts]
+            if any(value is None or value < 0 for value in values):
+                continue
+            self._latency[str(canary)] = ([int(value or 0) for value in values], total)
+
+    def _warning_families(
+        self, state: _State, kmsg_lost: int, latency: Mapping[str, tuple[list[int], int]]
+    ) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "tsprobe_timeout_expirations_total",
             "Canary waits that outlived a timeout of the ladder (timeout in seconds).",
@@ -383,6 +426,29 @@ class AgentMetrics:
         ):
             family.add_metric([canary, timeout], count)
         yield family
+        hist = HistogramMetricFamily(
+            "tsprobe_canary_latency_seconds",
+            "Each canary measurement: timer: how late a timed wait woke; heartbeat: the"
+            " silence between two heartbeats of the peer; rpc: a request's round trip.",
+            labels=["canary"],
+        )
+        size = len(LATENCY_BUCKETS_NS) + 1
+        for canary in [*self._canaries, *sorted(set(latency) - set(self._canaries))]:
+            counts, total = latency.get(canary, ([0] * size, 0))
+            buckets: list[tuple[str, float]] = []
+            running = 0
+            for bound, count in zip(LATENCY_BUCKETS_NS, counts, strict=False):
+                running += count
+                buckets.append((seconds_label(bound), running))
+            buckets.append(("+Inf", running + counts[-1]))
+            hist.add_metric([canary], buckets, total / _S)
+        yield hist
+        yield _counter(
+            "tsprobe_app_timeouts_total",
+            "Application log lines matching a --watch-log pattern, by its name.",
+            "name",
+            state.app_timeouts,
+        )
         yield _counter(
             "tsprobe_kernel_warnings_total",
             "Kernel warnings read from /dev/kmsg, by kind.",
@@ -503,6 +569,13 @@ def _on_timeout(state: _State, event: Event) -> None:
     state.timeouts[key] = state.timeouts.get(key, 0) + 1
 
 
+def _on_app_timeout(state: _State, event: Event) -> None:
+    name = event.get("name")
+    count = _int_or_none(event.get("count"))
+    if isinstance(name, str) and count is not None and count > 0:
+        state.app_timeouts[name] = state.app_timeouts.get(name, 0) + count
+
+
 def _on_kernel_warning(state: _State, event: Event) -> None:
     kind = event.get("warning")
     if isinstance(kind, str) and kind:
@@ -515,6 +588,7 @@ _HANDLERS: dict[str, Callable[[_State, Event], None]] = {
     "clock_step": _on_clock_step,
     "clocksource_change": _on_clocksource_change,
     "timeout": _on_timeout,
+    "app_timeout": _on_app_timeout,
     "kernel_warning": _on_kernel_warning,
 }
 
@@ -534,6 +608,7 @@ def _copy_state(state: _State) -> _State:
         last_step_ns=dict(state.last_step_ns),
         clocksource_changes=state.clocksource_changes,
         timeouts=dict(state.timeouts),
+        app_timeouts=dict(state.app_timeouts),
         warnings=dict(state.warnings),
         kinds=dict(state.kinds),
     )

@@ -6,6 +6,7 @@ One root, so callers can catch everything the library raises on purpose::
      ├── DurationError      a duration string such as "1.5x" that does not parse
      ├── ParseError         a /proc, /sys or /dev record that does not have the expected shape
      ├── EventFormatError   an event-log line that is not a valid event
+     ├── LogSpecError       a --watch-log PATH:REGEX[:NAME] that does not parse
      └── ProbeUnavailable   a probe whose source is missing here (no /dev/kmsg, no ptp_kvm)
 
 Errors keep their cause (``raise ParseError(...) from err``) and their message is one line
@@ -29,6 +30,10 @@ class ParseError(ProbeError, ValueError):
 
 class EventFormatError(ProbeError, ValueError):
     """A line of an event log is not a valid event."""
+
+
+class LogSpecError(ProbeError, ValueError):
+    """A log-watch specification (``PATH:REGEX[:NAME]``) is malformed or its regex is bad."""
 
 
 class ProbeUnavailable(ProbeError):

@@ -41,6 +41,8 @@ KNOWN_KINDS = frozenset(
         "clocksource_change",
         "clock_sync",
         "timeout",
+        "canary_outage",
+        "app_timeout",
         "kernel_warning",
         "probe_status",
     }

@@ -77,6 +77,9 @@ import time
 
 from probe.errors import ParseError, ProbeError
 from probe.procfs import TICK_NS, parse_schedstat, parse_steal
+from probe.worker import json_int as _json_int
+from probe.worker import json_str
+from probe.worker import write_stdout as _write_stdout
 
 #: ``typing.TYPE_CHECKING`` without importing ``typing`` (see Footprint above).
 TYPE_CHECKING = False
@@ -204,22 +207,6 @@ def classify(
     if run_delay_ns is None or steal_ns is None:
         return UNKNOWN
     return VCPU_BLOCKED
-
-
-def json_str(text: str) -> str:
-    """Quote a string as JSON (the sampler writes its few lines without the json module).
-
-    :param text: any string.
-    :return: the JSON string literal, quotes included.
-    """
-    out = text.replace("\\", "\\\\").replace('"', '\\"')
-    if any(ord(ch) < 0x20 for ch in out):
-        out = "".join(ch if ord(ch) >= 0x20 else f"\\u{ord(ch):04x}" for ch in out)
-    return '"' + out + '"'
-
-
-def _json_int(value: int | None) -> str:
-    return "null" if value is None else str(value)
 
 
 class Counters:
@@ -433,12 +420,6 @@ class Sampler:
                     self.heartbeat(total, now)
                 now = mono()
             prev = now
-
-
-def _write_stdout(text: str) -> None:
-    data = text.encode()
-    while data:
-        data = data[os.write(1, data) :]
 
 
 def _setup(opts: Options) -> tuple[bool, list[str]]:

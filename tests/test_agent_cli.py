@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -95,9 +96,12 @@ def test_a_short_run_with_every_probe_disabled(tmp_path: Path) -> None:
     lines = result.output.splitlines()
     assert "tsprobe: probe stall: down: disabled (--no-stall)" in lines
     assert "tsprobe: probe ptp: down: disabled (--no-clock)" in lines
-    assert sum("canaries not yet available" in line for line in lines) == 1
-    events = list(iter_event_file(spool))
-    assert [e.kind for e in events] == ["agent_start", "agent_stop"]
+    # The default canaries run (on CPU 1 only: both heartbeat sides share it).
+    assert "tsprobe: probe timer: up" in lines and "tsprobe: probe heartbeat: up" in lines
+    assert any(line.startswith("tsprobe: heartbeat: cpu 1: one CPU only") for line in lines)
+    events = [e for e in iter_event_file(spool) if e.kind != "timeout"]
+    assert [e.kind for e in events] == ["agent_start", "probe_status", "probe_status", "agent_stop"]
+    assert [e.get("probe") for e in events[1:3]] == ["timer", "heartbeat"]
     start = events[0]
     assert start.get("cpus") == [1]
     assert start.get("config")["timeouts_ns"] == [10_000_000, 1_000_000_000]
@@ -195,7 +199,14 @@ def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
                 assert proc.poll() is None, proc.communicate()[0].decode()
                 assert time.monotonic() < deadline, "agent did not come up"
                 time.sleep(0.05)
-        assert status == 200 and json.loads(body)["status"] == "ok"
+        # The default canaries run; /healthz says "ok" once their processes reported in.
+        while json.loads(body)["status"] != "ok":
+            assert time.monotonic() < deadline, body.decode()
+            time.sleep(0.05)
+            status, _, body = http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+        assert status == 200
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("probe.canary_timer" in child.cmdline() for child in children)
         os.kill(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=10)
     finally:
@@ -204,5 +215,6 @@ def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, output.decode()
     assert b"Traceback" not in output
+    assert not any(child.is_running() for child in children)  # the canaries stopped too
     last = list(iter_event_file(spool))[-1]
     assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
