@@ -28,65 +28,40 @@ from agent.main import CANARY_NAMES, Agent, AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
 from probe.durations import parse_duration, parse_duration_list
-from probe.errors import DurationError, LogSpecError, ProbeUnavailable
+from probe.errors import LogSpecError, ProbeUnavailable
 from probe.procfs import parse_cpu_list
 from probe.roots import Roots
 
 if TYPE_CHECKING:
     # click >= 8.2 makes ParamType generic; older releases (Debian 12 ships 8.1) do not.
-    _DurationBase = click.ParamType[int, Any]
-    _NsTupleBase = click.ParamType[tuple[int, ...], Any]
+    _AnyBase = click.ParamType[Any, Any]
     _NamesBase = click.ParamType[tuple[str, ...], Any]
     _TextBase = click.ParamType[str, Any]
 else:
-    _DurationBase = _NsTupleBase = _NamesBase = _TextBase = click.ParamType
+    _AnyBase = _NamesBase = _TextBase = click.ParamType
 
 ROOT_SPOOL = "/var/lib/tsprobe/events.jsonl"
 USER_SPOOL = "tsprobe-events.jsonl"
 
 
-class DurationType(_DurationBase):
-    """A duration such as ``2ms``, converted to nanoseconds."""
+class ParsedType(_AnyBase):
+    """A value parsed from text by one of ``probe``'s parsers; a parse error is one line.
 
-    name = "DURATION"
+    :param name: the metavar shown in --help.
+    :param parse: text -> value; raises ValueError (DurationError, ParseError) when invalid.
+    :param parsed: the type of an already converted value (defaults), passed through.
+    """
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
+    def __init__(self, name: str, parse: Callable[[str], Any], parsed: type) -> None:
+        self.name = name
+        self._parse = parse
+        self._parsed = parsed
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, self._parsed):
             return value
         try:
-            return parse_duration(str(value))
-        except DurationError as err:
-            self.fail(str(err), param, ctx)
-
-
-class DurationListType(_NsTupleBase):
-    """A comma-separated list of durations (the timeout ladder), in nanoseconds."""
-
-    name = "DURATIONS"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(parse_duration_list(str(value)))
-        except DurationError as err:
-            self.fail(str(err), param, ctx)
-
-
-class CpuListType(_NsTupleBase):
-    """A CPU list such as ``0,1`` or ``0-3``."""
-
-    name = "CPUS"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[int, ...]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return tuple(parse_cpu_list(str(value)))
+            return self._parse(str(value))
         except ValueError as err:
             self.fail(str(err), param, ctx)
 
@@ -280,7 +255,7 @@ def run_agent(config: AgentConfig) -> str:
         agent.stop()
 
 
-DURATION = DurationType()
+DURATION = ParsedType("DURATION", parse_duration, int)
 EPILOG = """\b
 Examples:
   tsprobe agent --duration 10s --events none
@@ -297,7 +272,7 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--cpus",
-    type=CpuListType(),
+    type=ParsedType("CPUS", lambda text: tuple(parse_cpu_list(text)), tuple),
     default=None,
     help="CPUs to sample, e.g. 0,1 or 0-3.  [default: all online]",
 )
@@ -334,7 +309,7 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 )
 @click.option(
     "--timeouts",
-    type=DurationListType(),
+    type=ParsedType("DURATIONS", lambda text: tuple(parse_duration_list(text)), tuple),
     default="10ms,100ms,1s,5s,30s",
     show_default=True,
     help="The timeout ladder.",
