@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,8 @@ def test_against_this_machine() -> None:
     for cpu in online:
         assert read_steal_ns(DEFAULT_ROOTS, cpu) >= 0
     before = read_schedstat(DEFAULT_ROOTS, os.getpid())
-    sum(range(200_000))  # run a little
+    sum(range(200_000))  # run a little,
+    time.sleep(0.002)  # then block: the kernel folds run time in at a schedule, not a read
     after = read_schedstat(DEFAULT_ROOTS, os.getpid())
     assert after.run_ns > before.run_ns
     assert after.run_delay_ns >= before.run_delay_ns
