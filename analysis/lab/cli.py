@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from agent.cli import CanariesType
 from analysis.lab.errors import LabError
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import DurationError
@@ -78,10 +79,14 @@ Examples:
   tsprobe lab run --scenario paused --hold 3s --out runs/paused
   tsprobe lab run --scenario stall --stall 300ms,1.2s --out runs/stall
   tsprobe lab run --scenario stall-vcpu --cpu 1 --stall 700ms --out runs/vcpu
+  tsprobe lab run --scenario paused --out runs/p1 \\
+      --agent-listen 127.0.0.1:9466 --listen 127.0.0.1:9467   # for Prometheus
 \b
 The run directory holds the recorder's files (meta.json, qmp-src.jsonl, qmp-dst.jsonl,
 guest-events.jsonl, clock-samples.jsonl), lab-steps.jsonl, lab-health.json, the serial
-consoles and lab-summary.txt/.json.
+consoles and lab-summary.txt/.json. --agent-listen and --listen give Prometheus fixed
+targets: the guest's agent (followed from source to destination) and the host migration
+exporter.
 """
 
 
@@ -117,6 +122,45 @@ consoles and lab-summary.txt/.json.
     default=None,
     help="Step the guest's realtime by this much first (stall scenarios), e.g. 2s.",
 )
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the migration state on http://HOST:PORT/metrics (as record --listen).",
+)
+@click.option(
+    "--agent-listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Reach the guest's agent here for the whole run (source, then destination).  "
+    "[default: 127.0.0.1 and a free port]",
+)
+@click.option(
+    "--canaries",
+    type=CanariesType(),
+    default="timer,heartbeat",
+    show_default=True,
+    help="The guest agent's canaries (timer, heartbeat, rpc; none).",
+)
+@click.option(
+    "--kmsg",
+    default=None,
+    metavar="LINE",
+    help="Write LINE to the guest's /dev/kmsg before the disturbance (a known kernel "
+    "warning, e.g. 'watchdog: BUG: soft lockup - CPU#1 stuck for 23s! [app:42]').",
+)
+@click.option(
+    "--baseline",
+    default="2s",
+    show_default=True,
+    help="How long to record the undisturbed guest first.",
+)
+@click.option(
+    "--linger",
+    default="0s",
+    show_default=True,
+    help="How long to keep recording (and serving) after the guest settled.",
+)
 def run_cmd(
     scenario: str,
     out: Path,
@@ -130,6 +174,12 @@ def run_cmd(
     bandwidth: str,
     accel: str,
     clock_step: str | None,
+    listen: str | None,
+    agent_listen: str | None,
+    canaries: tuple[str, ...],
+    kmsg: str | None,
+    baseline: str,
+    linger: str,
 ) -> None:
     """Run one lab scenario end to end and print its summary."""
     from analysis.lab.scenarios import SCENARIOS, LabOptions, run_scenario
@@ -163,6 +213,12 @@ def run_cmd(
         bandwidth=_size(bandwidth, "--bandwidth"),
         accel=accel,
         clock_step_ns=step,
+        listen=listen,
+        agent_listen=agent_listen,
+        canaries=canaries,
+        kmsg=kmsg,
+        baseline_s=_duration(baseline, "--baseline") / 1e9,
+        linger_s=_duration(linger, "--linger") / 1e9,
     )
     try:
         summary = run_scenario(opts)

@@ -12,6 +12,11 @@ guest's init:
                   ``adjtimex(ADJ_SETOFFSET)`` (exact: the kernel adds NS), falling back to
                   ``time.clock_settime_ns``; busybox ``date`` only has 1 s resolution. Answers
                   ``{"ok": true, "step_ns": NS, "real_before_ns": ..., "mono_ns": ...}``.
+    ``procs``     CPU time (utime + stime, clock ticks) and command line of every process,
+                  and the guest's /proc/stat cpu lines: who uses the guest's CPUs.
+    ``kmsg TEXT`` write TEXT to /dev/kmsg at level 4 (warning), as a kernel warning would
+                  read; the kernel files it under facility 1 (user), never 0 (kernel).
+                  Answers ``{"ok": true, "text": TEXT, "mono_ns": ...}``.
 
     It also polls the agent's /healthz every 5 s and prints ``tsprobe-lab: health ...`` on
     the console when the status changes (and ``agent up`` the first time it answers).
@@ -83,6 +88,36 @@ def step_clock(step_ns: int) -> dict[str, int | bool | str]:
     return {"ok": True, "step_ns": step_ns, "real_before_ns": real0, "mono_ns": mono0, "how": how}
 
 
+def processes() -> list[dict[str, object]]:
+    """Every process's CPU ticks (user + system), state and command line (80 chars)."""
+    out: list[dict[str, object]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        out.append(
+            {
+                "pid": int(name),
+                "ticks": int(fields[11]) + int(fields[12]),
+                "policy": int(fields[38]),
+                "cmd": cmd[:80],
+            }
+        )
+    return out
+
+
+def stat_lines() -> list[str]:
+    """The ``cpu`` lines of /proc/stat."""
+    with open("/proc/stat") as fh:
+        return [line.strip() for line in fh if line.startswith("cpu")]
+
+
 def handle(line: str) -> dict[str, object]:
     """Answer one command line of the hooks protocol."""
     words = line.split()
@@ -99,6 +134,17 @@ def handle(line: str) -> dict[str, object]:
         result = step_clock(step_ns)
         say(f"clock stepped by {step_ns} ns")
         return dict(result)
+    if words[0] == "procs":
+        return {"ok": True, "procs": processes(), "stat": stat_lines()}
+    if words[0] == "kmsg" and len(words) > 1:
+        text = line.strip().partition(" ")[2].strip()
+        mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        try:
+            with open("/dev/kmsg", "w") as fh:
+                fh.write(f"<4>{text}\n")
+        except OSError as err:
+            return {"ok": False, "error": f"/dev/kmsg: {err.strerror or err}"}
+        return {"ok": True, "text": text, "mono_ns": mono}
     return {"ok": False, "error": f"unknown command {line.strip()!r}"}
 
 

@@ -11,6 +11,7 @@
 # Settings come from the kernel command line:
 #   tsprobe.wss=SIZE      working set of the memory workload (e.g. 64M; 0 or absent: none)
 #   tsprobe.wcpu=N        CPU the workload is pinned to (default 0)
+#   tsprobe.canaries=LIST the agent's --canaries (default timer,heartbeat; none: off)
 #   tsprobe.agent="ARGS"  extra agent arguments (commas stand for spaces)
 # Every line this script prints starts with "tsprobe-lab:" so the host can grep the
 # serial console (console=ttyS0) for it; kernel oopses and warnings reach the console
@@ -34,11 +35,13 @@ done </lib/modules/load-order
 
 WSS=0
 WCPU=0
+CANARIES=timer,heartbeat
 AGENT_EXTRA=""
 for word in $(cat /proc/cmdline); do
     case "$word" in
         tsprobe.wss=*) WSS="${word#*=}" ;;
         tsprobe.wcpu=*) WCPU="${word#*=}" ;;
+        tsprobe.canaries=*) CANARIES="${word#*=}" ;;
         tsprobe.agent=*) AGENT_EXTRA="$(echo "${word#*=}" | tr ',' ' ')" ;;
     esac
 done
@@ -68,11 +71,8 @@ PY="/usr/bin/python3.11 -S"
 export PYTHONPATH=/opt/tsprobe
 export PYTHONDONTWRITEBYTECODE=1
 # shellcheck disable=SC2086
-# The canaries stay off in the lab guest until their lab checks exist: under TCG their
-# 450 wake-ups a second are noise for the scenarios' stall measurements. tsprobe.agent=
-# on the kernel command line turns them on (--canaries,timer,heartbeat).
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
-    --events /run/tsprobe/events.jsonl --canaries none $AGENT_EXTRA &
+    --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
 $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
 if [ "$WSS" != "0" ]; then
     # Started once the agent answers, so it does not slow the agent's start under TCG.

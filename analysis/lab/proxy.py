@@ -9,7 +9,9 @@ records one agent at one URL, so the lab gives it this forwarder's URL and moves
 request that hangs on the stopped source times out in the recorder and is retried, so
 the agent's ``seq`` stays continuous.
 
-It runs inside the recorder's asyncio loop and only ever connects to 127.0.0.1.
+It runs inside the recorder's asyncio loop and only ever connects to 127.0.0.1. It
+listens on 127.0.0.1 and a free port unless told otherwise (``tsprobe lab run
+--agent-listen``: a fixed address Prometheus can scrape for the whole run).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import contextlib
 
 
 class Forwarder:
-    """Accept on 127.0.0.1:``port`` (0: pick one) and forward to 127.0.0.1:``target``."""
+    """Accept on ``host``:``port`` (0: pick one) and forward to 127.0.0.1:``target``."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, host: str = "127.0.0.1", port: int = 0) -> None:
         self.target = target
-        self.port = 0
+        self.host = host
+        self.port = port
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -32,14 +35,15 @@ class Forwarder:
 
         :return: the port it listens on.
         """
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._client, self.host, self.port)
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://HOST:PORT`` (``127.0.0.1`` when listening on every address)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

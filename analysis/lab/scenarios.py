@@ -62,19 +62,31 @@ word; owner thread id 8 bytes on):
 
 In all three, vCPU 0's thread went to sleep at most once in the first 25 ms of the
 freeze (6 of 6 measured), against 7 to 52 times in the 54 other freezes (the guest's 1 ms
-sampler makes an idle vCPU halt and wake about every ms). So ``_freeze_thread`` keeps a
-freeze only when every other vCPU thread slept at least ``FREEZE_MIN_SLEEPS`` times in its
-first ``FREEZE_CHECK_NS``; otherwise it thaws at once (the other vCPUs lose ~20 ms, under
-the 50 ms threshold), waits 0.1 to 0.3 s and freezes again, up to ``FREEZE_ATTEMPTS``
-times. Each attempt is a ``freeze_attempt`` record in lab-steps.jsonl (a blocked one
-with the threads' states as above); the ``inject`` record measures the kept freeze alone
-and counts the attempts.
+sampler makes an idle vCPU halt and wake about every ms). With the canaries running, the
+block can also come later (seen 47 to 461 ms into a 700 ms freeze, in about 1 of 3
+freezes): CPU 0 then waits for CPU 1 in the guest's kernel. So ``_freeze_thread``
+watches the whole freeze in windows of ``FREEZE_CHECK_NS`` and keeps it only when every
+other vCPU thread slept at least ``FREEZE_MIN_SLEEPS`` times in each; otherwise it thaws
+at once and freezes again (0.1 to 0.3 s later after a block in the first window, whose
+loss stays under the 50 ms threshold; ``FREEZE_LATE_RETRY_S`` after a later one), up to
+``FREEZE_ATTEMPTS`` times. A window can also fail when CPU 0 is merely busy for 20 ms
+(a false alarm costs an attempt, never a wrong result). Each attempt is a
+``freeze_attempt`` record in lab-steps.jsonl (a blocked one with the threads' states as
+above and ``blocked_at_ns``); the ``inject`` record measures the kept freeze alone and
+counts the attempts.
 
 Besides the recorder's files, the run directory gets ``lab-steps.jsonl`` (each command
 with its reply or timeout, each injected freeze with host times, and marks: baseline
 start, disturbance start, settled), ``lab-health.json``, the serial consoles
 (``serial-src.log``, ``serial-dst.log``), QEMU's own output (``qemu-*.log``) and meta.json
-gains ``scenario`` and ``lab`` (parameters, accelerator, boot time, wall time).
+gains ``scenario`` and ``lab`` (parameters, accelerator, boot time, wall time,
+``agent_url``: the forwarder the agent was recorded through, and with ``--listen``
+``exporter_url``).
+
+For Prometheus (docs/prometheus.md): ``--agent-listen HOST:PORT`` puts the forwarder on a
+fixed address, so one scrape target reaches the guest's agent for the whole run (on the
+source, then on the destination), and ``--listen HOST:PORT`` serves the host migration
+exporter of ``tsprobe record --listen``, fed by the same recorder.
 """
 
 from __future__ import annotations
@@ -101,11 +113,13 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from analysis import rundir
+from analysis.errors import RecorderError
+from analysis.exporter import ExporterServer, MigrationExporter, parse_listen
 from analysis.lab import qemu as lq
 from analysis.lab.errors import LabError, QemuError, ScenarioError
 from analysis.lab.guest import Guest, build_guest
 from analysis.lab.proxy import Forwarder
-from analysis.lab.summary import HEALTH, STEPS, render, write_summary
+from analysis.lab.summary import AGENT_METRICS, HEALTH, STEPS, render, write_summary
 from analysis.qmp_endpoint import StatusChange
 from analysis.recorder import Recorder
 from analysis.rundir import JsonlWriter, host_now
@@ -135,6 +149,10 @@ BOOT_TIMEOUT_S = 120.0
 FREEZE_CHECK_NS = 20_000_000
 FREEZE_MIN_SLEEPS = 3
 FREEZE_ATTEMPTS = 20
+#: Seconds the recorder goes on after the health check, for the canaries' last events.
+CANARY_DRAIN_S = 4.0
+#: Seconds before freezing again after a freeze that blocked another vCPU past its start.
+FREEZE_LATE_RETRY_S = 1.5
 MIGRATION_TIMEOUT_S = 120.0
 
 Say = Callable[[str], None]
@@ -156,7 +174,17 @@ class LabOptions:
     bandwidth: int = 50 * 1024 * 1024
     accel: str = "auto"
     clock_step_ns: int | None = None
+    #: ``HOST:PORT`` for the host migration exporter (``tsprobe record --listen``), or None.
+    listen: str | None = None
+    #: ``HOST:PORT`` for the agent's forwarder (default: 127.0.0.1 and a free port).
+    agent_listen: str | None = None
+    #: The guest agent's ``--canaries`` (empty: none).
+    canaries: tuple[str, ...] = ("timer", "heartbeat")
+    #: A line written to the guest's /dev/kmsg before the disturbance, or None.
+    kmsg: str | None = None
     baseline_s: float = 2.0
+    #: Seconds to keep recording (and serving) after the guest settled.
+    linger_s: float = 0.0
     postcopy_after_s: float = 1.0
     verbose: bool = True
 
@@ -181,8 +209,18 @@ class LabOptions:
             raise LabError(f"--workload-cpu {self.workload_cpu} is not a vCPU of the guest")
         if self.bandwidth <= 0:
             raise LabError("--bandwidth must be positive")
+        if self.baseline_s <= 0 or self.linger_s < 0:
+            raise LabError("--baseline must be positive and --linger not negative")
         if any(s <= 0 for s in self.stalls_ns) or self.hold_ns <= 0:
             raise LabError("--stall and --hold must be positive")
+        for flag, value in (("--listen", self.listen), ("--agent-listen", self.agent_listen)):
+            if value is not None:
+                try:
+                    parse_listen(value)
+                except RecorderError as err:
+                    raise LabError(str(err).replace("--listen", flag, 1)) from None
+        if self.kmsg is not None and (not self.kmsg.strip() or "\n" in self.kmsg):
+            raise LabError("--kmsg must be one non-empty line")
         if (self.out / rundir.META).exists():
             raise LabError(f"{self.out} already holds a recording: choose a new --out")
 
@@ -275,8 +313,10 @@ def _get(url: str, timeout_s: float = 2.0) -> bytes:
         return body
 
 
-def _samples(port: int) -> dict[str, float]:
+def _samples(port: int, keep: Path | None = None) -> dict[str, float]:
     text = _get(f"http://127.0.0.1:{port}/metrics", 10.0).decode()
+    if keep is not None:
+        keep.write_text(text)
     out = {}
     for match in re.finditer(r'^tsprobe_cpu_samples_total\{cpu="(\d+)"\} (\S+)$', text, re.M):
         out[match.group(1)] = float(match.group(2))
@@ -325,19 +365,29 @@ def hooks_command(port: int, line: str, timeout_s: float = 5.0) -> dict[str, Any
     return result
 
 
-def check_health(final: lq.Qemu, qemus: list[lq.Qemu], cpus: int) -> dict[str, Any]:
+def check_health(
+    final: lq.Qemu,
+    qemus: list[lq.Qemu],
+    cpus: int,
+    canaries: tuple[str, ...] = (),
+    metrics_out: Path | None = None,
+    injected: str | None = None,
+) -> dict[str, Any]:
     """Check the guest after the scenario: consoles, agent, every CPU sampling.
 
     :param final: the QEMU the guest runs in now.
     :param qemus: every QEMU of the scenario (their consoles are scanned).
     :param cpus: the number of vCPUs.
+    :param canaries: the canaries the agent runs (each must be up).
+    :param metrics_out: where to keep the agent's last /metrics (``agent-metrics.prom``).
+    :param injected: the line the lab wrote to /dev/kmsg itself (``--kmsg``), not an oops.
     :return: ``{"ok", "problems", ...}`` (also written as lab-health.json).
     """
     problems: list[str] = []
     oopses = []
     for q in qemus:
         for line in q.console().splitlines():
-            if OOPS.search(line):
+            if OOPS.search(line) and not (injected and injected.strip() in line):
                 oopses.append(f"{q.spec.name}: {line.strip()}")
     if oopses:
         problems.append(f"console: {oopses[0]}")
@@ -356,7 +406,9 @@ def check_health(final: lq.Qemu, qemus: list[lq.Qemu], cpus: int) -> dict[str, A
                 break
             time.sleep(0.5)
     down = [
-        p for p in ("stall", "clock", "kmsg") if not health.get("probes", {}).get(p, {}).get("up")
+        p
+        for p in ("stall", "clock", "kmsg", *canaries)
+        if not health.get("probes", {}).get(p, {}).get("up")
     ]
     if health and down:
         problems.append(f"probes down: {', '.join(down)}")
@@ -366,7 +418,7 @@ def check_health(final: lq.Qemu, qemus: list[lq.Qemu], cpus: int) -> dict[str, A
             first = _samples(port)
             t0 = time.monotonic()
             time.sleep(1.0)
-            second = _samples(port)
+            second = _samples(port, metrics_out)
             span = time.monotonic() - t0
             rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
         except (OSError, ValueError) as err:
@@ -426,6 +478,7 @@ class Scenario:
         self.controls: dict[str, Control] = {}
         self.status_events: dict[tuple[str, str], asyncio.Event] = {}
         self.forwarder: Forwarder | None = None
+        self.exporter_server: ExporterServer | None = None
         self.accel = "tcg"
         self.accel_note = ""
         self.boot_s: float | None = None
@@ -482,7 +535,7 @@ class Scenario:
             self.say(self.accel_note)
         if self.migrates and self.accel == "tcg-multi":
             self.say("note: multi-threaded TCG corrupted guests during precopy here")
-        cmdline = []
+        cmdline = [f"tsprobe.canaries={','.join(self.opts.canaries) or 'none'}"]
         if self.opts.scenario == "stall-vcpu":
             # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
             # emulated under QEMU's big lock, which a frozen vCPU thread can keep from
@@ -622,8 +675,8 @@ class Scenario:
             if attempt["outcome"] == "blocked":
                 self.say(
                     f"  attempt {attempt['attempt']} blocked another vCPU "
-                    f"(sleeps in {attempt['check_ns'] / 1e6:.0f} ms: {attempt['others_sleeps']}):"
-                    " thawed, freezing again"
+                    f"{attempt['blocked_at_ns'] / 1e6:.0f} ms into the freeze (too few sleeps "
+                    f"in {attempt['check_ns'] / 1e6:.0f} ms): thawed, freezing again"
                 )
 
         self.mark("disturb_start")
@@ -653,6 +706,15 @@ class Scenario:
         self.mark("baseline_start")
         await asyncio.sleep(self.opts.baseline_s)
 
+    async def _write_kmsg(self) -> None:
+        if self.opts.kmsg is None:
+            return
+        port = self.qemus[0].spec.hooks_port
+        self.say(f"writing to the guest's /dev/kmsg: {self.opts.kmsg}")
+        reply = await asyncio.to_thread(hooks_command, port, f"kmsg {self.opts.kmsg}")
+        assert self.steps is not None
+        self.steps.write_stamped({"type": "kmsg", **reply})
+
     # -- the whole run ---------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -668,8 +730,19 @@ class Scenario:
                 q.spec.name, q.spec.ctl_socket, self.steps, self.say
             )
             await self.controls[q.spec.name].connect()
-        self.forwarder = Forwarder(self.qemus[0].spec.agent_port)
-        await self.forwarder.start()
+        await self._start_forwarder()
+        assert self.forwarder is not None
+        exporter = None
+        if self.opts.listen is not None:
+            exporter = MigrationExporter(
+                [q.spec.name for q in self.qemus], {"guest": self.forwarder.url}, run=str(self.out)
+            )
+            try:
+                self.exporter_server = exporter.serve(self.opts.listen)
+            except RecorderError as err:
+                raise ScenarioError(str(err)) from err
+            self.info["exporter_url"] = f"http://{self.exporter_server.address}/metrics"
+            self.say(f"serving the migration state on {self.info['exporter_url']}")
         lab_meta = self.lab_meta(started)
         recorder = Recorder(
             self.out,
@@ -683,12 +756,14 @@ class Scenario:
             status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
             command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario],
             extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
+            on_record=None if exporter is None else exporter.observe,
         )
         task = asyncio.ensure_future(recorder.run())
         try:
             await _first(recorder.started.wait(), task, 30)
             if task.done():
                 task.result()
+            await self._write_kmsg()
             self.mark("baseline_start")
             await asyncio.sleep(self.opts.baseline_s)
             if self.migrates:
@@ -699,16 +774,46 @@ class Scenario:
                 await self.stall_vcpu()
             await asyncio.sleep(0.5)
             self.mark("settled")
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5 + self.opts.linger_s)
             final = self.qemus[-1]
             self.say(f"checking the guest's health on {final.spec.name}")
-            health = await asyncio.to_thread(check_health, final, self.qemus, self.opts.vcpus)
+            health = await asyncio.to_thread(
+                check_health,
+                final,
+                self.qemus,
+                self.opts.vcpus,
+                self.opts.canaries,
+                self.out / AGENT_METRICS,
+                self.opts.kmsg,
+            )
             rundir.write_json_atomic(self.out / HEALTH, health)
+            # The canaries' events reach the recorder late under TCG: each canary sends
+            # them with its once-a-second life line, and the busy guest's agent takes a
+            # while to file them (measured from /events in an idle TCG guest: p50 1.8 s,
+            # p90 2.9 s, max 4.7 s after the measurement ended).
+            if self.opts.canaries:
+                await asyncio.sleep(CANARY_DRAIN_S)
         finally:
             recorder.stop("lab scenario done")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
         return self.lab_meta(started)
+
+    async def _start_forwarder(self) -> None:
+        """Start the agent's forwarder (on ``--agent-listen`` when given)."""
+        host, port = "127.0.0.1", 0
+        if self.opts.agent_listen is not None:
+            host, port = parse_listen(self.opts.agent_listen)
+        self.forwarder = Forwarder(self.qemus[0].spec.agent_port, host, port)
+        try:
+            await self.forwarder.start()
+        except OSError as err:
+            raise ScenarioError(
+                f"--agent-listen {self.opts.agent_listen}: cannot listen: {err.strerror or err}"
+            ) from err
+        self.info["agent_url"] = self.forwarder.url
+        if self.opts.agent_listen is not None:
+            self.say(f"the guest's agent is at {self.forwarder.url}/metrics for the whole run")
 
     def lab_meta(self, started: float) -> dict[str, Any]:
         """The ``lab`` section of meta.json."""
@@ -740,6 +845,8 @@ class Scenario:
             await control.close()
         if self.forwarder is not None:
             await self.forwarder.close()
+        if self.exporter_server is not None:
+            self.exporter_server.close()
         for q in self.qemus:
             q.stop()
             for name in (q.spec.serial_log.name, f"qemu-{q.spec.name}.log"):
@@ -838,6 +945,35 @@ def _thread_states(pid: int, threads: dict[str, int]) -> dict[str, dict[str, Any
     return out
 
 
+def _watch_freeze(
+    pid: int, others: list[int], t_req: int, stall_ns: int
+) -> tuple[dict[int, int], int | None]:
+    """Hold a freeze for ``stall_ns`` from ``t_req``, checking the other vCPU threads.
+
+    Every ``FREEZE_CHECK_NS`` window (a last, shorter one is not judged) each other vCPU
+    thread must go to sleep at least ``FREEZE_MIN_SLEEPS`` times.
+
+    :return: the sleeps each thread took in the first window, and the offset (ns from
+        ``t_req``) of the first window in which one did not: None when none.
+    """
+    first: dict[int, int] = {}
+    sleeps0 = _sleeps(pid, others)
+    while True:
+        elapsed = time.monotonic_ns() - t_req
+        window_end = min(elapsed + FREEZE_CHECK_NS, stall_ns)
+        time.sleep(max(0.0, (window_end - elapsed) / 1e9))
+        sleeps1 = _sleeps(pid, others)
+        slept = {t: n - sleeps0[t] for t, n in sleeps1.items() if t in sleeps0}
+        if not first:
+            first = slept
+        judged = window_end - elapsed >= FREEZE_CHECK_NS
+        if judged and not all(slept.get(t, 0) >= FREEZE_MIN_SLEEPS for t in others):
+            return first, elapsed
+        if window_end >= stall_ns:
+            return first, None
+        sleeps0 = sleeps1
+
+
 def _freeze_thread(
     cpu: int,
     threads: dict[int, int],
@@ -847,10 +983,14 @@ def _freeze_thread(
 ) -> dict[str, Any]:
     """Freeze vCPU ``cpu``'s thread for ``stall_ns``, where it blocks no other vCPU.
 
-    Each attempt is checked for ``FREEZE_CHECK_NS``: every other vCPU thread must go to
-    sleep (a voluntary context switch) at least ``FREEZE_MIN_SLEEPS`` times meanwhile, or
-    the thread is thawed at once and frozen again a little later (see the module
-    docstring). ``note`` gets one ``freeze_attempt`` record per attempt.
+    The whole freeze is watched in windows of ``FREEZE_CHECK_NS``: in each, every other
+    vCPU thread must go to sleep (a voluntary context switch) at least
+    ``FREEZE_MIN_SLEEPS`` times, or the thread is thawed at once and frozen again later
+    (see the module docstring): 0.1 to 0.3 s later when the first window failed (the
+    other vCPUs lost less than the guest's 50 ms threshold), ``FREEZE_LATE_RETRY_S``
+    later otherwise, so that what the aborted freeze did to the guest ends more than a
+    second before the kept one starts. ``note`` gets one ``freeze_attempt`` record per
+    attempt.
 
     :raise ScenarioError: when ``FREEZE_ATTEMPTS`` attempts in a row were blocked.
     :return: the kept freeze, measured from its own FROZEN write.
@@ -863,32 +1003,38 @@ def _freeze_thread(
         for attempt in range(1, FREEZE_ATTEMPTS + 1):
             real0, _ = host_now()
             before = _oncpu_ns(pid, others)
-            sleeps0 = _sleeps(pid, others)
             t_req = time.monotonic_ns()
             freezer.set("FROZEN")
             t0 = time.monotonic_ns()
-            time.sleep(max(0.0, (FREEZE_CHECK_NS - (t0 - t_req)) / 1e9))
-            slept = {t: n - sleeps0[t] for t, n in _sleeps(pid, others).items() if t in sleeps0}
+            first, blocked_at = _watch_freeze(pid, others, t_req, stall_ns)
             record: dict[str, Any] = {
                 "type": "freeze_attempt",
                 "attempt": attempt,
                 "host_start_ns": real0,
-                "check_ns": time.monotonic_ns() - t_req,
-                "others_sleeps": {str(t): n for t, n in slept.items()},
+                "check_ns": FREEZE_CHECK_NS,
+                "others_sleeps": {str(t): n for t, n in first.items()},
             }
-            if all(slept.get(t, 0) >= FREEZE_MIN_SLEEPS for t in others):
+            if blocked_at is None:
                 note({**record, "outcome": "kept"})
                 break
             record["threads"] = _thread_states(pid, names)
             freezer.set("THAWED")
-            note({**record, "outcome": "blocked", "freeze_ns": time.monotonic_ns() - t_req})
-            time.sleep(random.uniform(0.1, 0.3))
+            note(
+                {
+                    **record,
+                    "outcome": "blocked",
+                    "blocked_at_ns": blocked_at,
+                    "freeze_ns": time.monotonic_ns() - t_req,
+                }
+            )
+            time.sleep(
+                random.uniform(0.1, 0.3) if blocked_at < FREEZE_CHECK_NS else FREEZE_LATE_RETRY_S
+            )
         else:
             raise ScenarioError(
                 f"each of {FREEZE_ATTEMPTS} freezes of vCPU {cpu} blocked another vCPU "
                 f"(lab-steps.jsonl has the threads' states)"
             )
-        time.sleep(max(0.0, (stall_ns - (time.monotonic_ns() - t_req)) / 1e9))
         t1 = time.monotonic_ns()
         freezer.set("THAWED")
         t2 = time.monotonic_ns()

@@ -16,6 +16,12 @@
   HPET hide from the guest;
 - the stalls injected by the host (``lab-steps.jsonl`` ``inject`` records) and the guest's
   matching stall per CPU;
+- the canaries' ``timeout`` events (each placed in the phase where its deadline fell
+  due, on the host's clock like a stall's start), counted per canary, ``T`` and phase,
+  and for each injected freeze the expirations whose deadline fell inside it;
+- kernel warnings, the line the lab wrote to /dev/kmsg (``--kmsg``) and the agent's own
+  counters from its last /metrics (``agent-metrics.prom``, kept by the health check):
+  ``tsprobe_timeout_expirations_total`` and ``tsprobe_kernel_warnings_total``;
 - clock steps the guest reported; whether the agent's ``seq`` is continuous (no event
   lost) from one agent; the health checks (``lab-health.json``).
 
@@ -30,11 +36,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from analysis import rundir
 from analysis.timeline import Timeline, build_timeline
+from probe.durations import format_duration
 
 STEPS = "lab-steps.jsonl"
 HEALTH = "lab-health.json"
+AGENT_METRICS = "agent-metrics.prom"
 SUMMARY_JSON = "lab-summary.json"
 SUMMARY_TXT = "lab-summary.txt"
 
@@ -180,6 +190,62 @@ def _overlapped(timeline: Timeline | None, start: int | None, end: int | None) -
     ]
 
 
+def _timeouts(
+    events: list[dict[str, Any]], clock: ClockMap, timeline: Timeline | None
+) -> list[dict[str, Any]]:
+    """The canaries' ``timeout`` events, each on the host's clock and in its phase."""
+    out = []
+    for event in events:
+        if event.get("kind") != "timeout" or "real_ns" not in event:
+            continue
+        host = clock.to_host(int(event["real_ns"]))
+        out.append(
+            {
+                "seq": event.get("seq"),
+                "canary": event.get("canary"),
+                "timeout": format_duration(int(event.get("timeout_ns") or 0)),
+                "timeout_ns": event.get("timeout_ns"),
+                "cpu": event.get("cpu"),
+                "peer_cpu": event.get("peer_cpu"),
+                "late_ns": event.get("duration_ns"),
+                "gone_ns": event.get("gone_ns"),
+                "host_ns": host,
+                "phase": _phase_name(timeline, host),
+            }
+        )
+    return out
+
+
+def _per_phase(timeouts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{canary: {T: {phase: count}}}``, T in ladder order."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for t in sorted(timeouts, key=lambda t: (str(t["canary"]), int(t["timeout_ns"] or 0))):
+        slot = out.setdefault(str(t["canary"]), {}).setdefault(t["timeout"], {})
+        slot[t["phase"]] = slot.get(t["phase"], 0) + 1
+    return out
+
+
+def agent_counters(path: Path) -> dict[str, dict[str, float]]:
+    """The agent's timeout and kernel-warning counters from a saved /metrics page.
+
+    :return: ``{"timeout_expirations": {"CANARY T": n}, "kernel_warnings": {kind: n}}``;
+        empty dicts when the page is missing or unreadable.
+    """
+    out: dict[str, dict[str, float]] = {"timeout_expirations": {}, "kernel_warnings": {}}
+    try:
+        families = list(text_string_to_metric_families(path.read_text()))
+    except (OSError, ValueError):
+        return out
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "tsprobe_timeout_expirations_total":
+                key = f"{sample.labels.get('canary')} {sample.labels.get('timeout')}"
+                out["timeout_expirations"][key] = sample.value
+            elif sample.name == "tsprobe_kernel_warnings_total":
+                out["kernel_warnings"][str(sample.labels.get("kind"))] = sample.value
+    return out
+
+
 def summarize(run: Path) -> dict[str, Any]:
     """Summarize a lab run directory.
 
@@ -265,6 +331,7 @@ def summarize(run: Path) -> dict[str, Any]:
         ),
     }
 
+    timeouts = _timeouts(events, clock, timeline)
     injected = []
     for step in steps:
         if step.get("type") != "inject":
@@ -279,7 +346,14 @@ def summarize(run: Path) -> dict[str, Any]:
             # The guest's gap begins at its last sample before the freeze.
             if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
                 match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
-        injected.append({**step, "guest_stalls_ns": match})
+        expired: dict[str, dict[str, dict[str, int]]] = {}
+        for t in timeouts:
+            # A deadline that fell due inside the freeze (with 20 ms for the clock map's
+            # error and the freeze taking hold: a heartbeat's is its peer's last beat + T).
+            if t["host_ns"] is not None and t0 - 20_000_000 <= t["host_ns"] <= t1 + 20_000_000:
+                by_cpu = expired.setdefault(t["canary"], {}).setdefault(str(t["cpu"]), {})
+                by_cpu[t["timeout"]] = by_cpu.get(t["timeout"], 0) + 1
+        injected.append({**step, "guest_stalls_ns": match, "guest_timeouts": expired})
 
     summary: dict[str, Any] = {
         "run": str(run),
@@ -292,6 +366,21 @@ def summarize(run: Path) -> dict[str, Any]:
         "timeline_summary": timeline.summary().to_dict() if timeline else None,
         "stalls": stalls,
         "stalls_per_cpu_phase": per_cpu,
+        "timeouts": timeouts,
+        "timeouts_per_phase": _per_phase(timeouts),
+        "kernel_warnings": [
+            {
+                "warning": e.get("warning"),
+                "cpu": e.get("cpu"),
+                "facility": e.get("facility"),
+                "text": e.get("text"),
+                "phase": _phase_name(timeline, clock.to_host(int(e["real_ns"]))),
+            }
+            for e in events
+            if e.get("kind") == "kernel_warning" and "real_ns" in e
+        ],
+        "kmsg_written": [s.get("text") for s in steps if s.get("type") == "kmsg"],
+        "agent_counters": agent_counters(run / AGENT_METRICS),
         "clock_steps": steps_seen,
         "clock_lag": lag,
         "injected": injected,
@@ -347,6 +436,23 @@ def render(summary: dict[str, Any]) -> str:
         lines.append(
             f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
             f"{got or 'nothing'}"
+        )
+        for canary, cpus in sorted(inj.get("guest_timeouts", {}).items()):
+            got = "; ".join(
+                f"CPU {cpu} " + ", ".join(f"{t} {n}x" for t, n in per_t.items())
+                for cpu, per_t in sorted(cpus.items())
+            )
+            lines.append(f"    {canary} deadlines expired inside it: {got}")
+    for canary, per_t in summary.get("timeouts_per_phase", {}).items():
+        parts = [
+            f"{t}: " + ", ".join(f"{phase} {n}" for phase, n in phases.items())
+            for t, phases in per_t.items()
+        ]
+        lines.append(f"  {canary} expirations per phase: " + "; ".join(parts))
+    for warning in summary.get("kernel_warnings", []):
+        lines.append(
+            f"  kernel warning {warning['warning']} (facility {warning['facility']}, "
+            f"{warning['phase']}): {warning['text']}"
         )
     for step in summary["clock_steps"]:
         lines.append(f"  clock step: {step['clock']} {_ms(step['step_ns'])}")
