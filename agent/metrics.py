@@ -11,8 +11,12 @@ Two kinds of input, as in client_python's custom collectors:
   good value) and the probe it belongs to is reported ``tsprobe_probe_up{probe} 0``.
 
 ``collect()`` builds fresh metric families on each scrape from a snapshot taken under a
-lock. The collector lives in a private ``CollectorRegistry`` (``AgentMetrics.registry``),
-never the global one, so tests and several agents in one process do not collide.
+lock. ``render()`` coalesces concurrent scrapes: one rendering at a time, and a request
+that waited for another's rendering which began after it arrived takes that body (as
+fresh as its own would be). In a slow guest (TCG: 0.5 to 5 s per rendering seen) a
+scraper's retries then cost one rendering, not one each, and cannot pile up. The
+collector lives in a private ``CollectorRegistry`` (``AgentMetrics.registry``), never the
+global one, so tests and several agents in one process do not collide.
 
 Label universes are given to the constructor (CPUs, clocks, warning kinds, probes,
 canaries, the timeout ladder) and every series over them is exported from the first
@@ -63,6 +67,7 @@ hands the sums over. Its buckets are the stall histogram's.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +234,9 @@ class AgentMetrics:
         self._start_time_s = start_time_s
         self.hooks = hooks or ScrapeHooks()
         self._lock = threading.Lock()
+        self._render_lock = threading.Lock()
+        self._rendered: tuple[int, bytes] | None = None  # (start, body) of the last one
+        self.renders = 0  # renderings done (coalesced requests do not count)
         self._samples: dict[str, int] = {}
         self._kmsg_lost = 0
         self._canaries = list(dict.fromkeys(canaries))
@@ -512,9 +520,20 @@ class AgentMetrics:
     def render(self) -> bytes:
         """The whole exposition in the Prometheus text format (``CONTENT_TYPE``).
 
+        Concurrent calls are coalesced (see the module docstring).
+
         :return: the body of a /metrics response.
         """
-        return bytes(generate_latest(self.registry))
+        arrived = time.monotonic_ns()
+        with self._render_lock:
+            last = self._rendered
+            if last is not None and last[0] >= arrived:
+                return last[1]
+            started = time.monotonic_ns()
+            body = bytes(generate_latest(self.registry))
+            self._rendered = (started, body)
+            self.renders += 1
+            return body
 
 
 # -- event handlers -----------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,3 +247,37 @@ def test_collectors_do_not_share_state() -> None:
     a.observe(event(1, "stall", 3 * MS, cpu=0))
     assert value(a, "tsprobe_cpu_stall_seconds_count", cpu="0") == 1
     assert value(b, "tsprobe_cpu_stall_seconds_count", cpu="0") == 0
+
+
+def test_concurrent_scrapes_share_one_rendering() -> None:
+    # A slow guest: every rendering takes 0.2 s (the samples hook). Five scrapes that
+    # arrive while one renders wait for one more rendering, which they all take.
+    started = threading.Event()
+
+    def slow_samples() -> dict[int, int]:
+        started.set()
+        time.sleep(0.2)
+        return {0: 5}
+
+    m = make(ScrapeHooks(samples=slow_samples))
+    bodies: list[bytes] = []
+    first = threading.Thread(target=lambda: bodies.append(m.render()))
+    first.start()
+    assert started.wait(5)
+    late = [threading.Thread(target=lambda: bodies.append(m.render())) for _ in range(5)]
+    for thread in late:
+        thread.start()
+    for thread in [first, *late]:
+        thread.join(10)
+    assert len(bodies) == 6 and m.renders == 2
+    assert len(set(bodies[1:])) == 1
+    assert b'tsprobe_cpu_samples_total{cpu="0"} 5.0' in bodies[-1]
+
+
+def test_a_scrape_never_gets_a_rendering_older_than_itself() -> None:
+    m = make()
+    before = m.render()
+    m.observe(event(1, "stall", 3 * MS, cpu=0))
+    after = m.render()
+    assert m.renders == 2 and before != after
+    assert b'tsprobe_cpu_stall_seconds_count{cpu="0"} 1.0' in after
