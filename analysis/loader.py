@@ -27,15 +27,16 @@ later). Clock samples carry the boot id of the clock they read, so each segment 
 with its own samples (``analysis.alignment``).
 
 What is passed over is an ``Issue`` with file and line: ``skip`` (a line that is not
-JSON, a truncated last line, an event missing a required field, a measurement event from
-before the recording started) or ``note`` (an unknown kind, kept in ``Run.other``; a
-reboot; a segment without clock samples). ``load_run(..., strict=True)`` raises
+JSON, a truncated last line, an event missing a required field) or ``note`` (an unknown
+kind, kept in ``Run.other``; a reboot; a segment without clock samples; the count of the
+agent's history events from before the recording). ``load_run(..., strict=True)`` raises
 ``RecordFormatError`` naming the first skip and the count, after reading everything.
 
 "Before the recording started": when meta.json gives the recording's start and a clock
 sample of the same boot exists, a ``stall`` that ended, or a point event that happened,
-before the start (converted with that boot's first sample) is skipped; the agent serves
-everything it buffered since it started, and that history belongs to no phase.
+before the start (converted with that boot's first sample) is left out, with one note per
+kind giving the count: the agent serves everything it buffered since it started, and that
+history belongs to no phase.
 """
 
 from __future__ import annotations
@@ -729,7 +730,11 @@ def _first_sample(run: Run, seg: Segment) -> ClockSample | None:
 
 
 def _drop_before_start(run: Run) -> None:
-    """Skip measurement events that ended before the recording started."""
+    """Leave out measurement events that ended before the recording started.
+
+    They are the agent's history (it serves everything since it started), not bad lines:
+    one note per kind and segment gives their count and first line.
+    """
     start, _ = run.recording_span()
     if start is None:
         return
@@ -738,39 +743,21 @@ def _drop_before_start(run: Run) -> None:
         s = _first_sample(run, seg)
         if s is not None:
             limits[seg.index] = s.guest_mono_ns - (s.host_ns - start) - s.half_rtt_ns
+    early_lines: dict[tuple[int, str], list[int]] = {}
     st = run.stalls
     if len(st):
         early = (st.mono + st.dur) < limits[st.seg]
-        if early.any():
-            for i in np.flatnonzero(early)[:1000]:
-                seg = run.segments[int(st.seg[i])]
-                run.issues.append(
-                    Issue(seg.path, int(st.line[i]), "stall ended before the recording started")
-                )
-            extra = int(early.sum()) - 1000
-            if extra > 0:
-                seg0 = run.segments[0]
-                run.issues.extend(
-                    Issue(seg0.path, 0, "stall ended before the recording started")
-                    for _ in range(extra)
-                )
-            keep = ~early
-            run.stalls = StallTable(
-                st.lane[keep],
-                st.mono[keep],
-                st.dur[keep],
-                st.cause[keep],
-                st.seg[keep],
-                st.line[keep],
-            )
+        for i in np.flatnonzero(early):
+            early_lines.setdefault((int(st.seg[i]), "stall"), []).append(int(st.line[i]))
+        keep = ~early
+        run.stalls = StallTable(
+            st.lane[keep], st.mono[keep], st.dur[keep], st.cause[keep], st.seg[keep], st.line[keep]
+        )
     to = run.timeouts
     if len(to):
         early = to.mono < limits[to.seg]
         for i in np.flatnonzero(early):
-            seg = run.segments[int(to.seg[i])]
-            run.issues.append(
-                Issue(seg.path, int(to.line[i]), "timeout before the recording started")
-            )
+            early_lines.setdefault((int(to.seg[i]), "timeout"), []).append(int(to.line[i]))
         keep = ~early
         run.timeouts = TimeoutTable(
             to.lane[keep],
@@ -784,13 +771,21 @@ def _drop_before_start(run: Run) -> None:
         kept = []
         for ev in getattr(run, attr):
             if ev.mono_ns < limits[ev.seg]:
-                seg = run.segments[ev.seg]
-                run.issues.append(
-                    Issue(seg.path, ev.line, f"{ev.kind} before the recording started")
-                )
+                early_lines.setdefault((ev.seg, ev.kind), []).append(ev.line)
             else:
                 kept.append(ev)
         setattr(run, attr, kept)
+    for (seg_index, kind), lines in sorted(early_lines.items()):
+        n = len(lines)
+        run.issues.append(
+            Issue(
+                run.segments[seg_index].path,
+                min(lines),
+                f"{n} {kind} event{'s' if n != 1 else ''} from before the recording started "
+                "(the agent's history) left out",
+                "note",
+            )
+        )
 
 
 def _note_unaligned(run: Run) -> None:

@@ -37,17 +37,19 @@ def test_skips_are_counted_with_file_and_line(tmp_path: Path) -> None:
     assert reasons[(name, 4, "skip")].startswith("not JSON")
     assert reasons[(name, 5, "skip")] == "stall without an integer 'cpu' and 'duration_ns'"
     assert reasons[(name, 6, "note")] == "unknown event kind 'new_kind': kept, not analysed"
-    assert reasons[(name, 7, "skip")] == "stall ended before the recording started"
+    assert reasons[(name, 7, "note")] == (
+        "1 stall event from before the recording started (the agent's history) left out"
+    )
     assert any("guest rebooted" in i.reason and i.line == 13 for i in run.notes)
     assert reasons[(name, 14, "skip")] == "truncated last line"
-    assert len(run.skips) == 4
+    assert len(run.skips) == 3
     assert run.unknown_kinds == {"new_kind": 1}
     assert len(run.stalls) == 5  # the good ones
     assert [s.boot_id for s in run.segments][1].startswith("9999")
 
 
 def test_strict_raises(tmp_path: Path) -> None:
-    with pytest.raises(RecordFormatError, match=r"guest-events.jsonl:4: not JSON.*4 lines"):
+    with pytest.raises(RecordFormatError, match=r"guest-events.jsonl:4: not JSON.*3 lines"):
         load_run(_bad_run(tmp_path), strict=True)
 
 
@@ -57,10 +59,10 @@ def test_report_cli_reports_and_strict_fails(tmp_path: Path) -> None:
     res = runner.invoke(main, ["report", str(run), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "guest-events.jsonl:4: not JSON" in res.stderr
-    assert "4 lines skipped" in res.stderr
+    assert "3 lines skipped" in res.stderr
     assert "Traceback" not in res.output
     doc = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert doc["input"]["skipped"] == 4
+    assert doc["input"]["skipped"] == 3
     res = runner.invoke(main, ["report", "--strict", str(run), "--out", str(tmp_path / "o2")])
     assert res.exit_code == 1
     assert "failing because of --strict" in res.stderr
