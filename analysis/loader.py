@@ -45,9 +45,9 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -729,6 +729,14 @@ def _first_sample(run: Run, seg: Segment) -> ClockSample | None:
     return None
 
 
+_Table = TypeVar("_Table", StallTable, TimeoutTable)
+
+
+def _rows(table: _Table, keep: npt.NDArray[np.bool_]) -> _Table:
+    """The rows of a column table where ``keep`` is true (every column filtered alike)."""
+    return type(table)(**{f.name: getattr(table, f.name)[keep] for f in fields(table)})
+
+
 def _drop_before_start(run: Run) -> None:
     """Leave out measurement events that ended before the recording started.
 
@@ -749,24 +757,13 @@ def _drop_before_start(run: Run) -> None:
         early = (st.mono + st.dur) < limits[st.seg]
         for i in np.flatnonzero(early):
             early_lines.setdefault((int(st.seg[i]), "stall"), []).append(int(st.line[i]))
-        keep = ~early
-        run.stalls = StallTable(
-            st.lane[keep], st.mono[keep], st.dur[keep], st.cause[keep], st.seg[keep], st.line[keep]
-        )
+        run.stalls = _rows(st, ~early)
     to = run.timeouts
     if len(to):
         early = to.mono < limits[to.seg]
         for i in np.flatnonzero(early):
             early_lines.setdefault((int(to.seg[i]), "timeout"), []).append(int(to.line[i]))
-        keep = ~early
-        run.timeouts = TimeoutTable(
-            to.lane[keep],
-            to.mono[keep],
-            to.timeout_ns[keep],
-            to.canary[keep],
-            to.seg[keep],
-            to.line[keep],
-        )
+        run.timeouts = _rows(to, ~early)
     for attr in ("warnings", "clock_steps"):
         kept = []
         for ev in getattr(run, attr):

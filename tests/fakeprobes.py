@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,22 @@ FIXTURE_ROOTS = Roots(
     str(FIXTURE_ROOTS_DIR / "proc"), str(FIXTURE_ROOTS_DIR / "sys"), str(FIXTURE_ROOTS_DIR / "dev")
 )
 FIXTURE_BOOT_ID = "6c1f0d3e-4b2a-4e8f-9a71-2d5c8b0e9f14"
+
+
+class EventSink:
+    """Collects what a real probe emits from its threads (the probe's ``emit``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[RawEvent] = []
+
+    def emit(self, event: RawEvent) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def events(self, kind: str | None = None) -> list[RawEvent]:
+        with self._lock:
+            return [e for e in self._events if kind is None or e.kind == kind]
 
 
 class FakeProbe:

@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from probe.canary import (
 from probe.canary_heartbeat import Watcher
 from probe.events import Event, RawEvent
 from probe.worker import WorkerUsageError, int_list_option, int_option, parse_options
+from tests.fakeprobes import EventSink
 from tests.liveagent import live_agent
 
 MS = 1_000_000
@@ -323,20 +323,6 @@ def test_metrics_count_each_expired_timeout_and_show_the_latency() -> None:
 # -- real canaries, frozen ---------------------------------------------------------------
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[RawEvent] = []
-
-    def emit(self, event: RawEvent) -> None:
-        with self._lock:
-            self._events.append(event)
-
-    def events(self, kind: str | None = None) -> list[RawEvent]:
-        with self._lock:
-            return [e for e in self._events if kind is None or e.kind == kind]
-
-
 def overlapping(
     events: list[RawEvent], canary: str, cpu: int, t0: int, held: int
 ) -> list[RawEvent]:
@@ -399,7 +385,7 @@ def frozen() -> Iterator[FrozenRun]:
     if len(CPUS) < 2:
         pytest.skip("needs two CPUs: the frozen side and its observer")
     observer, victim = CPUS[0], CPUS[1]  # the heartbeat pair of the first two CPUs
-    recorder = Recorder()
+    recorder = EventSink()
     probes = [TimerCanary(CPUS), HeartbeatCanary(CPUS[:2]), RpcCanary([observer, victim])]
     for probe in probes:
         probe.start(recorder.emit)
@@ -504,7 +490,7 @@ def test_frozen_canaries_stay_healthy(frozen: FrozenRun) -> None:
 
 @pytest.mark.slow
 def test_a_killed_heartbeat_side_restarts_the_pair_with_an_outage_event() -> None:
-    recorder = Recorder()
+    recorder = EventSink()
     probe = HeartbeatCanary(CPUS[:2])
     probe.start(recorder.emit)
     try:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +39,7 @@ from probe.stall import (
     parse_args,
 )
 from probe.timerfd import periodic_timer, read_expirations, timerfd_settime
+from tests.fakeprobes import EventSink
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPUS = sorted(os.sched_getaffinity(0))
@@ -226,28 +226,12 @@ def test_sampler_exits_when_its_reader_goes_away() -> None:
 # -- real samplers through StallProbe ------------------------------------------------
 
 
-class Recorder:
-    """Collects events from the probe's threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[RawEvent] = []
-
-    def emit(self, event: RawEvent) -> None:
-        with self._lock:
-            self._events.append(event)
-
-    def events(self, kind: str | None = None) -> list[RawEvent]:
-        with self._lock:
-            return [e for e in self._events if kind is None or e.kind == kind]
-
-
 @contextmanager
-def running_probe(min_samples: int = 100, **kwargs: Any) -> Iterator[tuple[StallProbe, Recorder]]:
+def running_probe(min_samples: int = 100, **kwargs: Any) -> Iterator[tuple[StallProbe, EventSink]]:
     kwargs.setdefault("interval_ns", INTERVAL_NS)
     kwargs.setdefault("threshold_ns", THRESHOLD_NS)
     probe = StallProbe(**kwargs)
-    recorder = Recorder()
+    recorder = EventSink()
     probe.start(recorder.emit)
     try:
         deadline = time.monotonic() + 20.0  # generous: CI may be loaded
@@ -279,7 +263,7 @@ def overlapping(events: list[RawEvent], cpu: int, start: int, end: int) -> list[
     ]
 
 
-def wait_for_stall(recorder: Recorder, cpu: int, start: int, end: int) -> None:
+def wait_for_stall(recorder: EventSink, cpu: int, start: int, end: int) -> None:
     deadline = time.monotonic() + 5.0
     while not overlapping(recorder.events("stall"), cpu, start, end):
         assert time.monotonic() < deadline, "no stall event for the freeze"
@@ -401,7 +385,7 @@ def test_missing_schedstat_degrades_the_cause_hint(tmp_path: Path) -> None:
 
 def test_sampler_that_cannot_start_is_reported_down_not_silent() -> None:
     probe = StallProbe(cpus=[100_000])
-    recorder = Recorder()
+    recorder = EventSink()
     probe.start(recorder.emit)
     try:
         deadline = time.monotonic() + 10.0

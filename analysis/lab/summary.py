@@ -284,6 +284,7 @@ def summarize(run: Path) -> dict[str, Any]:
         if event.get("kind") != "stall":
             continue
         start_host = clock.to_host(int(event["real_ns"]))
+        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
         stalls.append(
             {
                 "seq": event.get("seq"),
@@ -291,15 +292,9 @@ def summarize(run: Path) -> dict[str, Any]:
                 "duration_ns": event.get("duration_ns"),
                 "cause": event.get("cause"),
                 "host_start_ns": start_host,
-                "host_end_ns": clock.to_host(
-                    int(event["real_ns"]) + int(event.get("duration_ns") or 0)
-                ),
+                "host_end_ns": end_host,
                 "phase": _phase_name(timeline, start_host),
-                "phases_overlapped": _overlapped(
-                    timeline,
-                    start_host,
-                    clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0)),
-                ),
+                "phases_overlapped": _overlapped(timeline, start_host, end_host),
             }
         )
     per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
