@@ -149,6 +149,8 @@ BOOT_TIMEOUT_S = 120.0
 FREEZE_CHECK_NS = 20_000_000
 FREEZE_MIN_SLEEPS = 3
 FREEZE_ATTEMPTS = 20
+#: Seconds between the health check's two reads of the samplers' counts.
+SAMPLING_WINDOW_S = 2.5
 #: Seconds the recorder goes on after the health check, for the canaries' last events.
 CANARY_DRAIN_S = 4.0
 #: Seconds before freezing again after a freeze that blocked another vCPU past its start.
@@ -417,7 +419,9 @@ def check_health(
         try:
             first = _samples(port)
             t0 = time.monotonic()
-            time.sleep(1.0)
+            # Samplers report their counts about once a second, so a 1 s window could
+            # fall between two reports (CI saw "CPU 0 not sampling" twice): wait for two.
+            time.sleep(SAMPLING_WINDOW_S)
             second = _samples(port, metrics_out)
             span = time.monotonic() - t0
             rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
