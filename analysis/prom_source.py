@@ -15,6 +15,7 @@ The queries (``SEL`` is ``{instance="INSTANCE"}``), all ``/api/v1/query_range``:
 ``bucket``                ``tsprobe_cpu_stall_seconds_bucket SEL``
 ``longest``               ``max_over_time(tsprobe_cpu_stall_longest_seconds SEL[STEP])``
 ``timeouts``              ``tsprobe_timeout_expirations_total SEL``
+``started``               ``tsprobe_agent_start_time_seconds SEL``: counters are 0 then
 phases (no run dir)       ``tsprobe_migration_status_started_timestamp_seconds``,
                           ``..._stop_timestamp_seconds``, ``..._resume_timestamp_seconds``
                           of the host exporter (``recorder`` picks its ``instance``)
@@ -292,6 +293,7 @@ def fetch_tables(
         "bucket": f"{_STALLS}_bucket{sel}",
         "longest": f"max_over_time(tsprobe_cpu_stall_longest_seconds{sel}[{format_step(step)}])",
         "timeouts": f"tsprobe_timeout_expirations_total{sel}",
+        "started": f"tsprobe_agent_start_time_seconds{sel}",
     }
     results: Mapping[str, dict[str, Any]] = {
         name: client.query_range(expr, start_q, end_s, step) for name, expr in queries.items()

@@ -11,6 +11,13 @@ the data, and it is coarser. What a range query gives, and what follows from it:
   phase ``(a, b]`` is the sum of the increases between successive points in it, from the
   point at or before ``a``; a drop is a counter reset (the agent restarted) and counts the
   new value, as PromQL's ``increase`` does (without its extrapolation).
+* Every agent counter counts from 0 at the agent's start (the ladder's rungs and each
+  CPU's stalls are exported at 0 from the first scrape on). When the agent started inside
+  the range (``tsprobe_agent_start_time_seconds``, query ``started``), a series' first
+  point is therefore an increase since that start, not a baseline: a slow guest whose first
+  successful scrape came after its first stalls or timeouts still has them counted (in the
+  window of that scrape). PromQL's ``increase`` would drop them; an agent that started
+  before the range gives no such zero, and its first point stays the baseline.
 * A stall therefore lands in the phase of the first scrape that showed it. The agent
   counts a stall when it ends and its samplers report within a second, so a long stall
   lands in the phase in which it *ended*, up to one scrape interval (plus the step) later.
@@ -346,6 +353,36 @@ def _top_bucket(buckets: Sequence[tuple[float, float]]) -> tuple[float, float] |
 # -- the tables ------------------------------------------------------------------------------
 
 
+def agent_start(started: Iterable[Series], range_start_s: float) -> float | None:
+    """The agent's first start inside the range, from ``tsprobe_agent_start_time_seconds``.
+
+    :param started: the gauge's series (values are Unix seconds).
+    :param range_start_s: the first instant the queries saw.
+    :return: the earliest start time seen, or None when none is known or it lies before
+        ``range_start_s`` (then what the counters held at the range's start is unknown).
+    """
+    values = [value for s in started for _, value in s.points]
+    if not values or min(values) < range_start_s:
+        return None
+    return min(values)
+
+
+def from_zero(series: Iterable[Series], born_s: float | None) -> list[Series]:
+    """Give each counter series a point of 0 at the agent's start, before its first point.
+
+    :param series: counter series of one agent.
+    :param born_s: ``agent_start``'s answer; None leaves the series as they are.
+    :return: the series, each starting from 0 at ``born_s`` when it began after it.
+    """
+    out = list(series)
+    if born_s is None:
+        return out
+    return [
+        Series(s.labels, ((born_s, 0.0), *s.points)) if s.points and s.points[0][0] > born_s else s
+        for s in out
+    ]
+
+
 def _by(series: Iterable[Series], *keys: str) -> dict[tuple[str, ...], Series]:
     out: dict[tuple[str, ...], Series] = {}
     for s in series:
@@ -380,7 +417,8 @@ def build_tables(
         ``count``: ``tsprobe_cpu_stall_seconds_count``, ``sum``: ``..._sum``,
         ``bucket``: ``..._bucket``, ``longest``:
         ``max_over_time(tsprobe_cpu_stall_longest_seconds[STEP])``, ``timeouts``:
-        ``tsprobe_timeout_expirations_total`` (all for one instance). A missing name is
+        ``tsprobe_timeout_expirations_total``, ``started``:
+        ``tsprobe_agent_start_time_seconds`` (all for one instance). A missing name is
         an empty answer.
     :param instance: the agent's ``instance`` label.
     :param start_ns: start of the range (Unix ns); ``end_ns`` its end.
@@ -396,11 +434,12 @@ def build_tables(
         answer = results.get(name)
         return [] if answer is None else parse_matrix(answer, name)
 
-    counts = _by(matrix("count"), "cpu")
-    sums = _by(matrix("sum"), "cpu")
+    born = agent_start(matrix("started"), start_ns / 1e9 - step_s)
+    counts = _by(from_zero(matrix("count"), born), "cpu")
+    sums = _by(from_zero(matrix("sum"), born), "cpu")
     longest = _by(matrix("longest"), "cpu")
-    buckets = _by(matrix("bucket"), "cpu", "le")
-    expirations = _by(matrix("timeouts"), "canary", "timeout")
+    buckets = _by(from_zero(matrix("bucket"), born), "cpu", "le")
+    expirations = _by(from_zero(matrix("timeouts"), born), "canary", "timeout")
     cpus = sorted({k[0] for k in [*counts, *buckets]}, key=lambda c: (len(c), c))
     stall_rows: list[StallRow] = []
     timeout_rows: list[TimeoutRow] = []

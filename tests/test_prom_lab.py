@@ -228,5 +228,29 @@ def test_the_pause_timeouts_reach_prometheus(lab_prom: LabProm) -> None:
         for r in summary["timeouts"]
         if r["canary"] == "timer" and r["timeout_ns"] == 1_000_000_000
     ]
-    assert all(r["count"] == 0 for r in rows if r["phase"] <= paused), rows
-    assert sum(r["count"] for r in rows if r["phase"] > paused) == len(logged), rows
+    seen = _scraped(lab_prom, 'tsprobe_timeout_expirations_total{canary="timer",timeout="1.0"}')
+    assert all(r["count"] == 0 for r in rows if r["phase"] <= paused), (rows, seen)
+    assert sum(r["count"] for r in rows if r["phase"] > paused) == len(logged), (rows, seen)
+
+
+def _scraped(lab_prom: LabProm, expr: str) -> dict[str, Any]:
+    """What Prometheus holds for ``expr`` and the agent's ``up`` (for failure messages):
+    the raw samples relative to the run's phases, in seconds from the range's start."""
+    found: dict[str, Any] = {}
+    for name, query in (("series", expr), ("up", f'up{{instance="{lab_prom.instance}"}}')):
+        _, body = lab_prom.prom.api(
+            "query_range",
+            query=query,
+            start=f"{lab_prom.start_s:.3f}",
+            end=f"{lab_prom.end_s:.3f}",
+            step="1",
+        )
+        result = (body or {}).get("data", {}).get("result", [])
+        found[name] = [
+            [(round(float(t) - lab_prom.start_s), v) for t, v in r["values"]][::2] for r in result
+        ]
+    found["phases"] = [
+        (p["name"], round(p["start_ns"] / 1e9 - lab_prom.start_s, 1))
+        for p in lab_prom.summary["phases"]
+    ]
+    return found

@@ -234,6 +234,30 @@ def test_tables_from_literal_answers() -> None:
     assert stall_rows[2] == ["precopy", "0", 3, 12.0, "(2, 5]", 3.5, 4.97]
 
 
+def test_counters_start_from_zero_at_an_agent_start_inside_the_range() -> None:
+    """A slow guest's first successful scrape came at T0+7, after two 1 s expirations."""
+    late = {
+        "timeouts": matrix(({"canary": "timer", "timeout": "1.0"}, steps([2, 2, 3], T0 + 7))),
+        "count": matrix(({"cpu": "0"}, steps([1, 1, 1], T0 + 7))),
+    }
+
+    def counted(started_at: float | None) -> tuple[list[int], list[int]]:
+        answers = dict(late)
+        if started_at is not None:
+            answers["started"] = matrix(({}, steps([started_at] * 3, T0 + 7)))
+        tables = build_tables(
+            WINDOWS, answers, instance="g", start_ns=ns(T0), end_ns=ns(T0 + 9), step_s=1.0
+        )
+        return [r.count for r in tables.timeouts], [r.count for r in tables.stalls]
+
+    # Started at T0+1 (inside the range): every counter was 0 then, so the first points
+    # are increases, in the window of the scrape that showed them.
+    assert counted(T0 + 1) == ([0, 0, 3], [0, 0, 1])
+    # Started before the range, or not known: the first point is only a baseline.
+    assert counted(T0 - 30) == ([0, 0, 1], [0, 0, 0])
+    assert counted(None) == ([0, 0, 1], [0, 0, 0])
+
+
 def test_tables_without_any_data() -> None:
     window = Window(0, WHOLE_RANGE, ns(T0), ns(T0 + 9))
     tables = build_tables([window], {}, instance="g", start_ns=0, end_ns=1, step_s=1.0)
