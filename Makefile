@@ -23,11 +23,13 @@ test: lint typecheck pytest
 
 # The main job: a real QEMU guest running the agent, migrated with postcopy and paused for
 # 3 s twice: vCPUs kept running (QEMU's behaviour) and vCPUs stopped (the proposed policy).
+# A 5 s baseline: with the canaries a TCG guest answers /clock slowly, and the clock-lag
+# figures need samples from before the migration.
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: setup
 	$(VENV)/bin/tsprobe lab build-guest
-	$(VENV)/bin/tsprobe lab run --scenario paused --out $(DEMO_DIR)/paused
-	$(VENV)/bin/tsprobe lab run --scenario paused-stop --out $(DEMO_DIR)/paused-stop
+	$(VENV)/bin/tsprobe lab run --scenario paused --baseline 5s --out $(DEMO_DIR)/paused
+	$(VENV)/bin/tsprobe lab run --scenario paused-stop --baseline 5s --out $(DEMO_DIR)/paused-stop
 	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused
 	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused-stop
 	$(VENV)/bin/tsprobe compare $(DEMO_DIR)/paused $(DEMO_DIR)/paused-stop --out $(DEMO_DIR)/comparison
