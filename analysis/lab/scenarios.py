@@ -778,9 +778,9 @@ class Scenario:
                 await self.stall_vcpu()
             await asyncio.sleep(0.5)
             self.mark("settled")
-            # The health check reads the samplers' counts SAMPLING_WINDOW_S apart, so the
-            # settled guest is recorded that long (plus --linger) without a sleep of its own.
-            await asyncio.sleep(self.opts.linger_s)
+            # 1.5 s before the health check: right after a long stall (paused) the agent's
+            # /healthz can still call the stall probe down (CI saw it without this wait).
+            await asyncio.sleep(1.5 + self.opts.linger_s)
             final = self.qemus[-1]
             self.say(f"checking the guest's health on {final.spec.name}")
             health = await asyncio.to_thread(
