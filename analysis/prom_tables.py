@@ -374,12 +374,11 @@ def from_zero(series: Iterable[Series], born_s: float | None) -> list[Series]:
     :param born_s: ``agent_start``'s answer; None leaves the series as they are.
     :return: the series, each starting from 0 at ``born_s`` when it began after it.
     """
-    out = list(series)
     if born_s is None:
-        return out
+        return list(series)
     return [
         Series(s.labels, ((born_s, 0.0), *s.points)) if s.points and s.points[0][0] > born_s else s
-        for s in out
+        for s in series
     ]
 
 

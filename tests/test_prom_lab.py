@@ -38,6 +38,8 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 
+from analysis.prom_source import PromClient
+from analysis.prom_tables import parse_matrix
 from tests.liveagent import free_port
 from tests.liveprom import PROMETHEUS, LiveProm, live_prometheus
 
@@ -228,26 +230,27 @@ def test_the_pause_timeouts_reach_prometheus(lab_prom: LabProm) -> None:
         for r in summary["timeouts"]
         if r["canary"] == "timer" and r["timeout_ns"] == 1_000_000_000
     ]
-    seen = _scraped(lab_prom, 'tsprobe_timeout_expirations_total{canary="timer",timeout="1.0"}')
-    assert all(r["count"] == 0 for r in rows if r["phase"] <= paused), (rows, seen)
-    assert sum(r["count"] for r in rows if r["phase"] > paused) == len(logged), (rows, seen)
+    expr = 'tsprobe_timeout_expirations_total{canary="timer",timeout="1.0"}'
+    assert all(r["count"] == 0 for r in rows if r["phase"] <= paused), (
+        rows,
+        _scraped(lab_prom, expr),
+    )
+    assert sum(r["count"] for r in rows if r["phase"] > paused) == len(logged), (
+        rows,
+        _scraped(lab_prom, expr),
+    )
 
 
 def _scraped(lab_prom: LabProm, expr: str) -> dict[str, Any]:
     """What Prometheus holds for ``expr`` and the agent's ``up`` (for failure messages):
-    the raw samples relative to the run's phases, in seconds from the range's start."""
+    every other 1 s sample, and the phases' starts, in seconds from the range's start."""
+    client = PromClient(lab_prom.prom.url)
     found: dict[str, Any] = {}
     for name, query in (("series", expr), ("up", f'up{{instance="{lab_prom.instance}"}}')):
-        _, body = lab_prom.prom.api(
-            "query_range",
-            query=query,
-            start=f"{lab_prom.start_s:.3f}",
-            end=f"{lab_prom.end_s:.3f}",
-            step="1",
-        )
-        result = (body or {}).get("data", {}).get("result", [])
+        answer = client.query_range(query, lab_prom.start_s, lab_prom.end_s, 1.0)
         found[name] = [
-            [(round(float(t) - lab_prom.start_s), v) for t, v in r["values"]][::2] for r in result
+            [(round(t - lab_prom.start_s), v) for t, v in s.points][::2]
+            for s in parse_matrix(answer, query)
         ]
     found["phases"] = [
         (p["name"], round(p["start_ns"] / 1e9 - lab_prom.start_s, 1))
