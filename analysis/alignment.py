@@ -80,11 +80,19 @@ class StopWindow:
     end_ns: int
     stopped_by: str
     resumed_by: str
+    #: When the ``stop`` command that this STOP answered was sent, where known (the lab's
+    #: commands): the guest's clocks may have stopped as early as that (``stop_request``).
+    requested_ns: int | None = None
 
     @property
     def length_ns(self) -> int:
         """The window's length."""
         return self.end_ns - self.start_ns
+
+    @property
+    def length_max_ns(self) -> int:
+        """The window's length counted from the ``stop`` command's sending, where known."""
+        return self.end_ns - (self.start_ns if self.requested_ns is None else self.requested_ns)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,12 @@ class OffsetStep:
     def stopped_ns(self) -> int:
         """Total length of the matched stop windows."""
         return sum(w.length_ns for w in self.windows)
+
+    @property
+    def stopped_max_ns(self) -> int:
+        """Total length of the matched stop windows, counted from their ``stop`` commands
+        where known (``StopWindow.length_max_ns``)."""
+        return sum(w.length_max_ns for w in self.windows)
 
     @property
     def at_ns(self) -> int:
@@ -266,7 +280,35 @@ class Alignment:
         return self.boots.get((agent, boot_id))
 
 
-def stop_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[StopWindow]:
+def stop_request(endpoint: str, stop_ns: int, requests: Sequence[dict[str, Any]]) -> int | None:
+    """When the ``stop`` command that a STOP event answered was sent, or None.
+
+    QEMU's ``do_vm_stop()`` stops the guest's clocks first (``cpu_disable_ticks``), then
+    waits until every vCPU has left the guest (``pause_all_vcpus``) and only then emits
+    STOP. A vCPU blocked on a missing postcopy page leaves only when the page arrives, so
+    STOP can come long after the clocks stopped: 80 to 295 ms after the lab's ``stop`` on
+    a postcopy destination. The command's sending bounds the freeze's start from the
+    other side.
+
+    :param endpoint: the endpoint that sent STOP; ``stop_ns`` its QEMU timestamp.
+    :param requests: ``command`` records of ``stop`` (``lab-steps.jsonl``): ``endpoint``,
+        ``host_real_ns`` (sent) and ``elapsed_ns`` (until the reply).
+    """
+    for req in requests:
+        sent, elapsed = req.get("host_real_ns"), req.get("elapsed_ns")
+        if (
+            req.get("endpoint") == endpoint
+            and isinstance(sent, int)
+            and isinstance(elapsed, int)
+            and sent <= stop_ns <= sent + elapsed + 1_000_000  # QEMU stamps whole us
+        ):
+            return sent
+    return None
+
+
+def stop_windows(
+    qmp: dict[str, list[dict[str, Any]]], requests: Sequence[dict[str, Any]] = ()
+) -> list[StopWindow]:
     """Every window in which QEMU had the vCPUs stopped: each STOP to the next RESUME.
 
     STOP and RESUME of every endpoint are merged in time (QEMU's own timestamps, else the
@@ -274,6 +316,7 @@ def stop_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[StopWindow]:
     STOP gives no window.
 
     :param qmp: records per endpoint.
+    :param requests: ``stop`` commands, to date the freezes they caused (``stop_request``).
     :return: the windows in time order.
     """
     marks: list[tuple[int, int, str]] = []
@@ -296,7 +339,8 @@ def stop_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[StopWindow]:
         if what == 0 and open_stop is None:
             open_stop = (t, name)
         elif what == 1 and open_stop is not None:
-            out.append(StopWindow(open_stop[0], t, open_stop[1], name))
+            requested = stop_request(open_stop[1], open_stop[0], requests)
+            out.append(StopWindow(open_stop[0], t, open_stop[1], name, requested))
             open_stop = None
     return out
 
@@ -418,7 +462,7 @@ def align(run: Run) -> Alignment:
     :param run: what ``load_run`` returned.
     :return: the alignment (see the module docstring for the method).
     """
-    windows = stop_windows(run.qmp)
+    windows = stop_windows(run.qmp, run.stop_requests)
     boots: dict[tuple[str, str], BootAlignment] = {}
     steps: list[OffsetStep] = []
     rsteps: list[OffsetStep] = []

@@ -224,6 +224,8 @@ class Run:
         sync changes) and ``other`` (unknown kinds): point events.
     :param samples: the clock samples, in file order.
     :param injects: the lab's ``inject`` records (host-measured freezes).
+    :param stop_requests: the lab's ``stop`` commands (``command`` records), which date
+        the freezes they caused (``analysis.alignment.stop_request``).
     :param issues: every skip and note.
     """
 
@@ -244,6 +246,7 @@ class Run:
     injects: list[dict[str, Any]]
     issues: list[Issue]
     unknown_kinds: Counter[str]
+    stop_requests: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def skips(self) -> list[Issue]:
@@ -668,10 +671,14 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
         samples = _read_samples(cpath, issues.append)
 
     injects: list[dict[str, Any]] = []
+    stop_requests: list[dict[str, Any]] = []
     lpath = run / LAB_STEPS
     if lpath.exists():
         for line_no, obj in iter_objects(lpath, issues.append):
-            if isinstance(obj, dict) and obj.get("type") == "inject":
+            if isinstance(obj, dict) and obj.get("type") == "command":
+                if obj.get("command") == "stop" and obj.get("outcome") == "reply":
+                    stop_requests.append(obj)
+            elif isinstance(obj, dict) and obj.get("type") == "inject":
                 if _is_int(obj.get("host_start_ns")) and _is_int(obj.get("host_end_ns")):
                     injects.append(obj)
                 else:
@@ -712,6 +719,7 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
         injects=injects,
         issues=issues,
         unknown_kinds=reader.unknown,
+        stop_requests=stop_requests,
     )
     _drop_before_start(result)
     _note_unaligned(result)

@@ -348,9 +348,28 @@ class Sampler:
         """Sample on a periodic timerfd until the process is killed. Never returns."""
         from probe.timerfd import periodic_timer
 
+        fd, first = periodic_timer(self.opts.interval_ns)
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        self.tick_loop(fd, first, os.readv, time.monotonic_ns)
+
+    def tick_loop(
+        self,
+        fd: int,
+        first: int,
+        readv: Callable[[int, list[bytearray]], int],
+        mono: Callable[[], int],
+    ) -> None:
+        """The tick mode's loop on timerfd ``fd`` whose grid starts at ``first``.
+
+        Housekeeping and the heartbeat are counted in expirations (grid points), not in
+        wakes: a CPU that wakes less often than the grid (each wake then reads a count
+        above 1, as under TCG, where 400 to 900 wakes a second were seen) still reports
+        about once a second. Returns only when ``readv`` raises (tests script it).
+        """
         interval = self.opts.interval_ns
         threshold = self.opts.threshold_ns
-        fd, first = periodic_timer(interval)
         per_house = max(1, min(200, HOUSEKEEPING_NS // interval))
         house_per_beat = max(1, HEARTBEAT_NS // (per_house * interval))
         buf = bytearray(8)
@@ -359,19 +378,14 @@ class Sampler:
         # An on-time wake reads as ONE. Below 2 intervals an on-time wake can hide a gap,
         # so then no wake takes the fast path (b"" never equals the 8-byte buffer).
         one = (1).to_bytes(8, order) if threshold >= 2 * interval else b""
-        readv = os.readv
-        mono = time.monotonic_ns
         done = 0  # expirations consumed up to the last wake that read the clock
-        left = since = per_house  # countdown of wakes to the next housekeeping
+        left = since = per_house  # countdown of expirations to the next housekeeping
         beats = house_per_beat
         last_now = first - interval  # a virtual previous wake, on the grid
-        gc.collect()
-        gc.freeze()
-        gc.disable()
         while True:
             readv(fd, bufs)
             left -= 1
-            if left and buf == one:
+            if left > 0 and buf == one:
                 continue
             # Slow path: late, or time for housekeeping. Every wake since the last slow one
             # consumed exactly one expiration.
@@ -384,7 +398,8 @@ class Sampler:
                 prev = last_now  # the previous wake read the clock: its time is exact
             if now - prev > threshold:
                 self.stall(prev, now, n)
-            if not left:
+            left -= n - 1  # this wake consumed n expirations, one already counted
+            if left <= 0:
                 left = per_house
                 self.refresh()
                 beats -= 1

@@ -3,14 +3,16 @@ is known exactly (see that module's docstring)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from analysis.alignment import stop_request
 from analysis.attribution import Analysis, analyse
 from analysis.findings import findings
 from analysis.loader import load_run
-from tests.analysis_runs import BASE, MS, S, build_run
+from tests.analysis_runs import BASE, MS, RESUME, STOP, S, build_run, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,52 @@ def test_spool_only_run_has_no_phases(tmp_path: Path) -> None:
     assert [s.name for s in a.spans] == ["whole run (phases unknown)"]
     assert sum(s.count for s in a.stats) == 5
     assert any("phases are unknown" in f.text for f in findings(a))
+
+
+def _lost_more_than_stopped(run: Path, extra_ns: int, stop_sent_before_ns: int | None) -> Path:
+    """The hand-built run, but the guest lost ``extra_ns`` more than STOP -> RESUME (its
+    clocks stopped before STOP, as when `stop` waits for a vCPU blocked on a page); with
+    the lab's `stop` command sent ``stop_sent_before_ns`` before STOP when given."""
+    build_run(run)
+    path = run / "clock-samples.jsonl"
+    samples = [json.loads(line) for line in path.read_text().splitlines()]
+    for sample in samples:
+        if sample["host_send_real_ns"] >= BASE + RESUME:
+            sample["clock"]["monotonic_ns"] -= extra_ns
+            sample["clock"]["realtime_ns"] -= extra_ns
+    write_jsonl(path, samples)
+    if stop_sent_before_ns is not None:
+        sent = BASE + STOP - stop_sent_before_ns
+        steps = [{"type": "command", "endpoint": "src", "command": "stop", "arguments": {},
+                  "oob": False, "host_real_ns": sent, "host_mono_ns": 0, "outcome": "reply",
+                  "return": {}, "elapsed_ns": stop_sent_before_ns + MS}]  # fmt: skip
+        write_jsonl(run / "lab-steps.jsonl", steps)
+    return run
+
+
+def test_a_stop_command_dates_the_freeze_before_its_stop_event(tmp_path: Path) -> None:
+    # The guest fell 160 ms behind over a STOP -> RESUME of 100 ms.
+    alone = analyse(load_run(_lost_more_than_stopped(tmp_path / "a", 60 * MS, None)))
+    (check,) = alone.checks
+    assert (check.host_ns, check.guest_ns, check.ok) == (100 * MS, 160 * MS, False)
+    # The `stop` was sent 70 ms before STOP: the freeze began between the two, so the
+    # guest's 160 ms lies in [100 ms - 15 ms, 170 ms + 15 ms].
+    lab = analyse(load_run(_lost_more_than_stopped(tmp_path / "b", 60 * MS, 70 * MS)))
+    (window,) = lab.alignment.windows
+    assert (window.requested_ns, window.length_ns, window.length_max_ns) == (
+        BASE + STOP - 70 * MS, 100 * MS, 170 * MS,
+    )  # fmt: skip
+    (check,) = lab.checks
+    assert (check.host_ns, check.guest_ns, check.ok) == (100 * MS, 160 * MS, True)
+    assert "stopped up to 70.0 ms before STOP" in check.note
+    # Beyond the range it still fails: 200 ms lost.
+    far = analyse(load_run(_lost_more_than_stopped(tmp_path / "c", 100 * MS, 70 * MS)))
+    assert far.checks[0].ok is False
+
+
+def test_stop_request_matches_its_own_endpoint_and_time() -> None:
+    req = {"endpoint": "dst", "host_real_ns": 1000, "elapsed_ns": 300}
+    assert stop_request("dst", 1200, [req]) == 1000
+    assert stop_request("src", 1200, [req]) is None
+    assert stop_request("dst", 999, [req]) is None
+    assert stop_request("dst", 1300 + 1_000_001, [req]) is None

@@ -179,7 +179,14 @@ def test_paused_stop_is_a_clock_lag_not_a_stall(paused_stop: dict[str, Any]) -> 
     growth, stopped = _lag_growth(paused_stop)
     hold = _phase(paused_stop, "postcopy-paused")["duration_ns"]
     assert stopped >= hold  # stop before the pause, cont after the recovery
-    assert abs(growth - stopped) <= 0.10 * stopped + 5 * MS, (growth, stopped)
+    # QEMU stops the guest's clocks when `stop` begins but sends STOP only once every vCPU
+    # has left the guest, and a vCPU blocked on a missing page leaves when the page comes
+    # (the destination's `stop` took 80 to 295 ms here, and the lag grew by up to that
+    # much more than STOP -> RESUME). So the freeze lies between STOP -> RESUME and
+    # `stop` sent -> RESUME; the tolerance applies on both sides of that range.
+    stopped_max = paused_stop["clock_lag"]["vcpus_stopped_max_ns"]
+    tol = 0.10 * stopped + 5 * MS
+    assert stopped - tol <= growth <= stopped_max + tol, (growth, stopped, stopped_max)
     near_hold = [s for s in paused_stop["stalls"] if s["duration_ns"] >= hold // 2]
     assert not near_hold, near_hold
 

@@ -162,6 +162,61 @@ def test_sampler_sends_stall_lines_with_the_heartbeat() -> None:
     assert (beat["t"], beat["n"], beat["mono_ns"]) == ("samples", 1234, 20 * MS)
 
 
+class _ScriptedTimer:
+    """A timerfd read by ``Sampler.tick_loop``: each read returns the next scripted count
+    of expirations, and the clock then stands at the last of those grid points plus
+    ``late`` ns. Raises EOFError when the script ends."""
+
+    def __init__(self, first: int, counts: list[int], late: int = 0) -> None:
+        self.counts = iter(counts)
+        self.grid = first - INTERVAL_NS
+        self.late = late
+        self.now = first
+
+    def readv(self, fd: int, bufs: list[bytearray]) -> int:
+        n = next(self.counts, None)
+        if n is None:
+            raise EOFError
+        self.grid += n * INTERVAL_NS
+        self.now = self.grid + self.late
+        bufs[0][:] = n.to_bytes(8, sys.byteorder)
+        return 8
+
+    def mono(self) -> int:
+        return self.now
+
+
+def _tick_lines(counts: list[int], threshold_ns: int) -> list[dict[str, Any]]:
+    lines: list[str] = []
+    counters = Counters(str(FIXTURES / "proc-basic"), cpu=0, tid=1234)
+    sampler = Sampler(Options(cpu=0, threshold_ns=threshold_ns), counters, lines.append)
+    timer = _ScriptedTimer(1000 * MS, counts)
+    with pytest.raises(EOFError):
+        sampler.tick_loop(-1, 1000 * MS, timer.readv, timer.mono)
+    return [json.loads(line) for text in lines for line in text.splitlines()]
+
+
+def test_tick_loop_reports_once_a_second_of_grid_time_however_often_it_wakes() -> None:
+    # A CPU that wakes every 4th grid point (counts of 4, as a slow TCG vCPU reads them):
+    # the heartbeat still comes every 1000 expirations, 1 s, not every 1000 wakes (4 s).
+    beats = [e for e in _tick_lines([4] * 1250, threshold_ns=50 * MS) if e["t"] == "samples"]
+    assert [b["n"] for b in beats] == [1000, 2000, 3000, 4000, 5000]
+    assert [b["mono_ns"] - 1000 * MS for b in beats] == [999 * MS + i * 1000 * MS for i in range(5)]
+
+
+def test_tick_loop_one_stall_per_gap_and_on_time_wakes_count_once() -> None:
+    # 500 on-time wakes, one wake 300 grid points late, 700 on-time wakes.
+    events = _tick_lines([1] * 500 + [300] + [1] * 700, threshold_ns=50 * MS)
+    stalls = [e for e in events if e["t"] == "stall"]
+    assert [(s["mono_ns"], s["duration_ns"], s["expirations"]) for s in stalls] == [
+        (1000 * MS + 499 * MS, 300 * MS, 300)
+    ]
+    # The late wake does one housekeeping for its 300 expirations: the 10th, and the
+    # heartbeat that sends the stall, comes at 1200 expirations.
+    assert [e["n"] for e in events if e["t"] == "samples"] == [1200]
+    assert events.index(stalls[0]) == 0
+
+
 def test_exit_reason() -> None:
     assert exit_reason(-signal.SIGKILL) == "killed by SIGKILL"
     assert exit_reason(1) == "exit 1"

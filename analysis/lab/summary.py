@@ -9,11 +9,14 @@
   taken before it (in guest time), so a stall that began in ``postcopy-paused`` lands
   there even though the guest's clock fell behind the host's during the switchover;
 - the guest clock's lag behind the host (host realtime minus guest realtime, from
-  ``clock-samples.jsonl``) before and after the disturbance: each is the median of the
-  three samples with the shortest round trip in its window (``lab-steps.jsonl`` marks the
-  windows), and its growth; against it, the time QEMU had the guest's vCPUs stopped (every
-  ``STOP`` to the next ``RESUME``, QEMU's own timestamps), which is what kvm-clock and the
-  HPET hide from the guest;
+  ``clock-samples.jsonl``) before and after the disturbance, and its growth; against it,
+  the time QEMU had the guest's vCPUs stopped (every ``STOP`` to the next ``RESUME``,
+  QEMU's own timestamps), which is what kvm-clock and the HPET hide from the guest. The
+  lag changes only while the vCPUs are stopped, so "before" is read from every sample
+  whose round trip ended before the first stop (from the baseline's start) and "after"
+  from every sample sent after the last resume; without stops (the stall scenarios),
+  the windows are the baseline and the time after the guest settled (``lab-steps.jsonl``
+  marks). Each is the smallest upper bound of its window (``ClockMap.lag``);
 - the stalls injected by the host (``lab-steps.jsonl`` ``inject`` records) and the guest's
   matching stall per CPU;
 - the canaries' ``timeout`` events (each placed in the phase where its deadline fell
@@ -39,6 +42,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
+from analysis.alignment import stop_request
 from analysis.timeline import Timeline, build_timeline
 from probe.durations import format_duration
 
@@ -62,13 +66,18 @@ def _qemu_time(record: dict[str, Any]) -> int:
     return int(record.get("host_real_ns", 0))
 
 
-def stopped_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def stopped_windows(
+    qmp: dict[str, list[dict[str, Any]]], steps: Iterable[dict[str, Any]] = ()
+) -> list[dict[str, Any]]:
     """Every window in which QEMU had the guest's vCPUs stopped: a STOP to the next RESUME.
 
     :param qmp: records per endpoint.
-    :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by"}`` in time order (an
-        unterminated STOP has ``end_ns`` None).
+    :param steps: ``lab-steps.jsonl``: its ``stop`` commands date the freezes they caused
+        (``requested_ns``; see ``analysis.alignment.stop_request``).
+    :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
+        order (an unterminated STOP has ``end_ns`` None).
     """
+    requests = [s for s in steps if s.get("type") == "command" and s.get("command") == "stop"]
     marks = []
     for name, records in qmp.items():
         for rec in records:
@@ -79,7 +88,13 @@ def stopped_windows(qmp: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]
     current: dict[str, Any] | None = None
     for t, event, name in marks:
         if event == "STOP" and current is None:
-            current = {"start_ns": t, "end_ns": None, "stopped_by": name, "resumed_by": None}
+            current = {
+                "start_ns": t,
+                "end_ns": None,
+                "stopped_by": name,
+                "resumed_by": None,
+                "requested_ns": stop_request(name, t, requests),
+            }
         elif event == "RESUME" and current is not None:
             current.update(end_ns=t, resumed_by=name)
             windows.append(current)
@@ -139,7 +154,8 @@ class ClockMap:
         return host
 
     def lag(self, start_ns: int | None, end_ns: int | None) -> dict[str, Any] | None:
-        """Host minus guest realtime in a host time window.
+        """Host minus guest realtime from the samples whose round trip lies in a host time
+        window (sent at or after ``start_ns``, received before ``end_ns``).
 
         The guest read its clocks at some host time between the request's send and the
         reply's receipt, so each sample bounds the lag: ``send - guest <= lag <= recv -
@@ -155,8 +171,8 @@ class ClockMap:
         window = [
             s
             for s in self.samples
-            if (start_ns is None or int(s["host_real_ns"]) >= start_ns)
-            and (end_ns is None or int(s["host_real_ns"]) < end_ns)
+            if (start_ns is None or int(s["host_send_real_ns"]) >= start_ns)
+            and (end_ns is None or int(s["host_recv_real_ns"]) < end_ns)
         ]
         if not window:
             return None
@@ -259,9 +275,9 @@ def summarize(run: Path) -> dict[str, Any]:
     qmp = {name: _records(path) for name, path in rundir.qmp_endpoints(run).items()}
     timeline = build_timeline(qmp) if any(qmp.values()) and lab.get("migrates") else None
     events = _records(run / rundir.GUEST_EVENTS)
-    windows = stopped_windows(qmp)
-    clock = ClockMap(_records(run / rundir.CLOCK_SAMPLES), windows)
     steps = _records(run / STEPS)
+    windows = stopped_windows(qmp, steps)
+    clock = ClockMap(_records(run / rundir.CLOCK_SAMPLES), windows)
     health = json.loads((run / HEALTH).read_text()) if (run / HEALTH).exists() else {}
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
 
@@ -311,14 +327,21 @@ def summarize(run: Path) -> dict[str, Any]:
         for e in events
         if e.get("kind") == "clock_step"
     ]
-    before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
-    after = clock.lag(marks.get("settled"), None)
-    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in windows if w["end_ns"] is not None)
+    if windows and windows[-1]["end_ns"] is not None:
+        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
+        after = clock.lag(windows[-1]["end_ns"], None)
+    else:
+        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
+        after = clock.lag(marks.get("settled"), None)
+    ended = [w for w in windows if w["end_ns"] is not None]
+    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
+    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
     lag = {
         "before": before,
         "after": after,
         "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
         "vcpus_stopped_ns": stopped_ns,
+        "vcpus_stopped_max_ns": stopped_max_ns,
         "stopped_windows": windows,
         "clocksource": next(
             (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
@@ -457,6 +480,12 @@ def render(summary: dict[str, Any]) -> str:
         f"{_ms((lag['before'] or {}).get('lag_ns'))}, "
         f"after {_ms((lag['after'] or {}).get('lag_ns'))}"
         f", growth {_ms(lag['growth_ns'])}; vCPUs stopped by QEMU {_ms(lag['vcpus_stopped_ns'])}"
+        + (
+            f" (up to {_ms(lag['vcpus_stopped_max_ns'])} from the `stop` command: the clocks"
+            " stop before every vCPU has left the guest)"
+            if lag.get("vcpus_stopped_max_ns", 0) > lag["vcpus_stopped_ns"]
+            else ""
+        )
     )
     cont = summary["continuity"]
     state = "continuous" if cont["continuous"] else f"{cont['missing_count']} missing"
