@@ -363,15 +363,16 @@ class Sampler:
     ) -> None:
         """The tick mode's loop on timerfd ``fd`` whose grid starts at ``first``.
 
-        Housekeeping and the heartbeat are counted in expirations (grid points), not in
-        wakes: a CPU that wakes less often than the grid (each wake then reads a count
-        above 1, as under TCG, where 400 to 900 wakes a second were seen) still reports
-        about once a second. Returns only when ``readv`` raises (tests script it).
+        Housekeeping (re-reading the cause-hint baselines) comes every ``per_house`` wakes;
+        the heartbeat by time: at the first wake that reads the clock a second after the
+        last one. A CPU that wakes less often than the grid (each wake then reads a count
+        above 1 and takes the slow path, as under TCG, where 400 to 900 wakes a second
+        were seen) still reports once a second, not once per 1000 wakes. Returns only when
+        ``readv`` raises (tests script it).
         """
         interval = self.opts.interval_ns
         threshold = self.opts.threshold_ns
         per_house = max(1, min(200, HOUSEKEEPING_NS // interval))
-        house_per_beat = max(1, HEARTBEAT_NS // (per_house * interval))
         buf = bytearray(8)
         bufs = [buf]
         order = sys.byteorder
@@ -379,13 +380,13 @@ class Sampler:
         # so then no wake takes the fast path (b"" never equals the 8-byte buffer).
         one = (1).to_bytes(8, order) if threshold >= 2 * interval else b""
         done = 0  # expirations consumed up to the last wake that read the clock
-        left = since = per_house  # countdown of expirations to the next housekeeping
-        beats = house_per_beat
+        left = since = per_house  # countdown of wakes to the next housekeeping
+        beat_due = first - interval + HEARTBEAT_NS
         last_now = first - interval  # a virtual previous wake, on the grid
         while True:
             readv(fd, bufs)
             left -= 1
-            if left > 0 and buf == one:
+            if left and buf == one:
                 continue
             # Slow path: late, or time for housekeeping. Every wake since the last slow one
             # consumed exactly one expiration.
@@ -398,14 +399,12 @@ class Sampler:
                 prev = last_now  # the previous wake read the clock: its time is exact
             if now - prev > threshold:
                 self.stall(prev, now, n)
-            left -= n - 1  # this wake consumed n expirations, one already counted
-            if left <= 0:
+            if not left:
                 left = per_house
                 self.refresh()
-                beats -= 1
-                if not beats:
-                    beats = house_per_beat
-                    self.heartbeat(done, now)
+            if now >= beat_due:
+                beat_due = now + HEARTBEAT_NS
+                self.heartbeat(done, now)
             since = left
             last_now = now
 
