@@ -58,11 +58,21 @@ INIT_MARK = "tsprobe-lab: init at"
 AGENT_UP_MARK = "tsprobe-lab: agent up at"
 
 
+#: The ports ``free_port`` handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago and that this process has not
+    handed out before: the kernel can give the same port to two binds in a row once the
+    first socket is closed (a QEMU was once given one port for both of its forwards)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def qemu_binary() -> str:
