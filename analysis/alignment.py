@@ -291,8 +291,9 @@ def stop_request(endpoint: str, stop_ns: int, requests: Sequence[dict[str, Any]]
     other side.
 
     :param endpoint: the endpoint that sent STOP; ``stop_ns`` its QEMU timestamp.
-    :param requests: ``command`` records of ``stop`` (``lab-steps.jsonl``): ``endpoint``,
-        ``host_real_ns`` (sent) and ``elapsed_ns`` (until the reply).
+    :param requests: ``stop`` commands of ``lab-steps.jsonl``
+        (``analysis.loader.is_stop_command``): ``endpoint``, ``host_real_ns`` (sent) and
+        ``elapsed_ns`` (until the reply).
     """
     for req in requests:
         sent, elapsed = req.get("host_real_ns"), req.get("elapsed_ns")

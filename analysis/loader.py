@@ -211,6 +211,16 @@ class ClockSample:
     line: int
 
 
+def is_stop_command(record: dict[str, Any]) -> bool:
+    """Whether a ``lab-steps.jsonl`` record is a ``stop`` command that may have stopped
+    the vCPUs (answered, or timed out; not refused)."""
+    return (
+        record.get("type") == "command"
+        and record.get("command") == "stop"
+        and record.get("outcome") != "error"
+    )
+
+
 @dataclass
 class Run:
     """Everything read from one run directory.
@@ -675,9 +685,8 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
     lpath = run / LAB_STEPS
     if lpath.exists():
         for line_no, obj in iter_objects(lpath, issues.append):
-            if isinstance(obj, dict) and obj.get("type") == "command":
-                if obj.get("command") == "stop" and obj.get("outcome") == "reply":
-                    stop_requests.append(obj)
+            if isinstance(obj, dict) and is_stop_command(obj):
+                stop_requests.append(obj)
             elif isinstance(obj, dict) and obj.get("type") == "inject":
                 if _is_int(obj.get("host_start_ns")) and _is_int(obj.get("host_end_ns")):
                     injects.append(obj)

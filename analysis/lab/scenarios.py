@@ -367,8 +367,39 @@ def hooks_command(port: int, line: str, timeout_s: float = 5.0) -> dict[str, Any
     return result
 
 
+#: How long the agent may take to answer /healthz after the scenario.
+AGENT_ANSWER_S = 15.0
 #: How long a probe may stay down after the scenario before the health check reports it.
 PROBE_RECOVERY_S = 10.0
+
+
+def _poll_health(
+    port: int, probes: tuple[str, ...]
+) -> tuple[dict[str, Any], list[str], Exception | None]:
+    """Read the agent's /healthz every 0.5 s until it answers (for ``AGENT_ANSWER_S``),
+    then until none of ``probes`` is down (for ``PROBE_RECOVERY_S`` more): right after a
+    long stall (paused: 4 s) a worker's sign of life is late and /healthz calls its probe
+    down for a moment (CI saw "stall" and "timer").
+
+    :return: the last answer (empty without one), the probes down in it, and the last
+        error when there was no answer.
+    """
+    health: dict[str, Any] = {}
+    err: Exception | None = None
+    deadline = time.monotonic() + AGENT_ANSWER_S
+    answered = False
+    while True:
+        try:
+            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
+        except (OSError, ValueError) as error:
+            err = error
+        if health and not answered:
+            answered, deadline = True, time.monotonic() + PROBE_RECOVERY_S
+        states = health.get("probes", {})
+        down = [p for p in probes if not states.get(p, {}).get("up")] if health else []
+        if (answered and not down) or time.monotonic() > deadline:
+            return health, down, None if answered else err
+        time.sleep(0.5)
 
 
 def check_health(
@@ -400,32 +431,9 @@ def check_health(
     if not final.alive():
         problems.append(f"{final.spec.name} QEMU exited")
     port = final.spec.agent_port
-    health: dict[str, Any] = {}
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
-            break
-        except (OSError, ValueError) as err:
-            if time.monotonic() > deadline:
-                problems.append(f"agent on {final.spec.name} does not answer: {err}")
-                break
-            time.sleep(0.5)
-
-    def _down(health: dict[str, Any]) -> list[str]:
-        probes = health.get("probes", {})
-        return [p for p in ("stall", "clock", "kmsg", *canaries) if not probes.get(p, {}).get("up")]
-
-    down = _down(health)
-    # Right after a long stall (paused: 4 s) a worker's sign of life is late and /healthz
-    # calls its probe down for a moment (CI saw "stall" and "timer"): a probe is down only
-    # when it stays down for PROBE_RECOVERY_S.
-    deadline = time.monotonic() + PROBE_RECOVERY_S
-    while health and down and time.monotonic() < deadline:
-        time.sleep(0.5)
-        with contextlib.suppress(OSError, ValueError):
-            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
-        down = _down(health)
+    health, down, err = _poll_health(port, ("stall", "clock", "kmsg", *canaries))
+    if not health:
+        problems.append(f"agent on {final.spec.name} does not answer: {err}")
     if health and down:
         problems.append(f"probes down: {', '.join(down)}")
     rates: dict[str, float] = {}

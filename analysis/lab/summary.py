@@ -43,6 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
 from analysis.alignment import stop_request
+from analysis.loader import is_stop_command
 from analysis.timeline import Timeline, build_timeline
 from probe.durations import format_duration
 
@@ -77,7 +78,7 @@ def stopped_windows(
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
         order (an unterminated STOP has ``end_ns`` None).
     """
-    requests = [s for s in steps if s.get("type") == "command" and s.get("command") == "stop"]
+    requests = [s for s in steps if is_stop_command(s)]
     marks = []
     for name, records in qmp.items():
         for rec in records:
