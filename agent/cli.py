@@ -24,7 +24,7 @@ import click
 
 from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
-from agent.main import CANARY_NAMES, Agent, AgentConfig, resolve_cpus
+from agent.main import CANARY_NAMES, DEFAULT_CANARIES, Agent, AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
 from probe.durations import parse_duration, parse_duration_list
@@ -317,7 +317,7 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 @click.option(
     "--canaries",
     type=CanariesType(),
-    default="timer,heartbeat",
+    default=",".join(DEFAULT_CANARIES),
     show_default=True,
     help="Canaries: timer, heartbeat, rpc, or none.",
 )

@@ -78,6 +78,8 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
 }
 #: Canary names the command line accepts.
 CANARY_NAMES = ("timer", "heartbeat", "rpc")
+#: The canaries that run unless told otherwise (the agent's and the lab guest's).
+DEFAULT_CANARIES = ("timer", "heartbeat")
 #: The probe name of the log watcher (``--watch-log``).
 LOGWATCH = "logwatch"
 
@@ -122,7 +124,7 @@ class AgentConfig:
     listen: str = DEFAULT_LISTEN
     events_path: str | None = None
     timeouts_ns: tuple[int, ...] = DEFAULT_TIMEOUTS_NS
-    canaries: tuple[str, ...] = ("timer", "heartbeat")
+    canaries: tuple[str, ...] = DEFAULT_CANARIES
     heartbeat_interval_ns: int = 5_000_000
     rpc_interval_ns: int = 10_000_000
     watch_logs: tuple[str, ...] = ()

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from agent.cli import CanariesType
+from agent.main import DEFAULT_CANARIES
 from analysis.lab.errors import LabError
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import DurationError
@@ -138,7 +139,7 @@ exporter.
 @click.option(
     "--canaries",
     type=CanariesType(),
-    default="timer,heartbeat",
+    default=",".join(DEFAULT_CANARIES),
     show_default=True,
     help="The guest agent's canaries (timer, heartbeat, rpc; none).",
 )

@@ -112,6 +112,7 @@ from typing import Any, TextIO, cast
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
+from agent.main import DEFAULT_CANARIES
 from analysis import rundir
 from analysis.errors import RecorderError
 from analysis.exporter import ExporterServer, MigrationExporter, parse_listen
@@ -181,7 +182,7 @@ class LabOptions:
     #: ``HOST:PORT`` for the agent's forwarder (default: 127.0.0.1 and a free port).
     agent_listen: str | None = None
     #: The guest agent's ``--canaries`` (empty: none).
-    canaries: tuple[str, ...] = ("timer", "heartbeat")
+    canaries: tuple[str, ...] = DEFAULT_CANARIES
     #: A line written to the guest's /dev/kmsg before the disturbance, or None.
     kmsg: str | None = None
     baseline_s: float = 2.0
