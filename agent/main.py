@@ -698,6 +698,7 @@ class Agent:
                 for label, entry in health.items()
             },
             "down": down,
+            "samples": {str(cpu): n for cpu, n in sorted((self._samples() or {}).items())},
             "events": {
                 "last_seq": stats.last_seq,
                 "oldest_seq": stats.oldest_seq,

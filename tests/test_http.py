@@ -166,6 +166,7 @@ def test_healthz_ok_and_degraded(running: Agent) -> None:
     # The default canaries are configured, but this agent was given no canary probe.
     assert data["probes"]["timer"] == {"up": False, "detail": "not running", "off": True}
     assert data["events"]["last_seq"] >= 4 and data["events"]["spool"]["errors"] == 0
+    assert data["samples"] == {"0": 100, "1": 99}
 
 
 def test_metrics_endpoint(running: Agent, stall: FakeStall) -> None:

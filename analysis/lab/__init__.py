@@ -21,8 +21,8 @@ The guest side: ``init.sh`` is PID 1 (busybox sh): it mounts /proc, /sys, /dev, 
 virtio modules, sets up eth0 (10.0.2.15/24 via 10.0.2.2), turns RT throttling off (see the
 script for why), and starts ``tsprobe agent --interval 1ms --threshold 50ms`` and
 ``guest_hooks.py`` (the host's clock-step trigger on port 9467, the health line on the
-console, and the optional memory workload from ``tsprobe.wss=``/``tsprobe.wcpu=`` on the
-kernel command line).
+console), and ``guest_workload.py``, the optional memory workload from
+``tsprobe.wss=``/``tsprobe.wcpu=`` on the kernel command line.
 
 What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
 
@@ -43,5 +43,6 @@ What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1
 
 Modules: ``guest`` (build), ``elf`` and ``cpio`` (its binary formats), ``qemu`` (command
 lines, processes, accelerator), ``proxy``, ``scenarios``, ``summary``, ``cli``,
-``errors``; ``guest_hooks.py`` and ``init.sh`` run inside the guest only.
+``errors``; ``guest_hooks.py``, ``guest_workload.py`` and ``init.sh`` run inside the
+guest only.
 """

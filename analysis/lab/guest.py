@@ -20,7 +20,9 @@ What goes in, and where it comes from:
 - the agent's dependencies from this interpreter's site-packages (psutil,
   prometheus_client, click) and tsprobe's guest packages (probe, agent, tsprobe; never
   analysis), under ``/opt/tsprobe``; the lab hooks as ``/opt/tsprobe/lab/hooks.py``
-  (``analysis/lab/guest_hooks.py``) and ``/init`` (``analysis/lab/init.sh``).
+  (``analysis/lab/guest_hooks.py``), the memory workload as ``/opt/tsprobe/lab/workload.py``
+  (``analysis/lab/guest_workload.py``, builtins only) and ``/init``
+  (``analysis/lab/init.sh``).
 
 The result lives under the cache directory (``$TSPROBE_CACHE`` or
 ``~/.cache/tsprobe/guest``) in ``guests/KEY/`` where KEY hashes every input: package
@@ -94,6 +96,7 @@ KEEP_BUILDS = 3
 HERE = Path(__file__).resolve().parent
 INIT_SCRIPT = HERE / "init.sh"
 HOOKS_SCRIPT = HERE / "guest_hooks.py"
+WORKLOAD_SCRIPT = HERE / "guest_workload.py"
 #: The kernel command line every lab guest gets (scenarios append their own words).
 BASE_CMDLINE = "console=ttyS0 loglevel=5 panic=-1 rdinit=/init"
 
@@ -208,7 +211,14 @@ class Inputs:
             digest.update(item.encode() + b"\n")
         digest.update(json.dumps(self.versions, sort_keys=True).encode())
         digest.update(_file_hash(Path(PYTHON)).encode())
-        for path in (Path(__file__), INIT_SCRIPT, HOOKS_SCRIPT, HERE / "elf.py", HERE / "cpio.py"):
+        for path in (
+            Path(__file__),
+            INIT_SCRIPT,
+            HOOKS_SCRIPT,
+            WORKLOAD_SCRIPT,
+            HERE / "elf.py",
+            HERE / "cpio.py",
+        ):
             digest.update(_file_hash(path).encode())
         for name in GUEST_PACKAGES:
             for path in _package_files(self.packages[name]):
@@ -560,6 +570,7 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
     _stage_python(root, modules, log)
     _bytecode_only(opt, "/" + GUEST_OPT)
     _copy_real(HOOKS_SCRIPT, opt / "lab" / "hooks.py")
+    _copy_real(WORKLOAD_SCRIPT, opt / "lab" / "workload.py")
     _copy_real(INIT_SCRIPT, root / "init")
     os.chmod(root / "init", 0o755)
 

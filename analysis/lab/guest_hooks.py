@@ -1,7 +1,7 @@
 """Lab hooks inside the guest (stdlib only; installed as /opt/tsprobe/lab/hooks.py).
 
-This file runs in the lab guest, never on the host. Two subcommands, started by the
-guest's init:
+This file runs in the lab guest, never on the host. Started by the guest's init (the
+memory workload is ``guest_workload.py``):
 
 ``serve --port 9467 --agent URL``
     A line protocol on TCP (the host reaches it through QEMU's ``hostfwd``): the host sends
@@ -21,10 +21,8 @@ guest's init:
     It also polls the agent's /healthz every 5 s and prints ``tsprobe-lab: health ...`` on
     the console when the status changes (and ``agent up`` the first time it answers).
 
-``dirty --size SIZE --cpu N``
-    The memory workload: keeps SIZE bytes (``64M``, ``1G``) dirty by writing one byte into
-    every 4 KiB page in a loop (an extended-slice assignment, so the loop runs at C speed),
-    pinned to CPU N. This is what makes precopy iterate and postcopy fault.
+``selftest``
+    Runs what ``serve`` runs once, so that the guest builder sees every module it imports.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ import struct
 import sys
 import time
 
-PAGE = 4096
 HEALTH_PERIOD_S = 5.0
 
 
@@ -45,14 +42,6 @@ def say(text: str) -> None:
     """Print one ``tsprobe-lab:`` line on the console (stdout is /dev/console)."""
     sys.stdout.write(f"tsprobe-lab: {text}\n")
     sys.stdout.flush()
-
-
-def parse_size(text: str) -> int:
-    """``64M`` -> 67108864; suffixes K, M, G (powers of 1024); a plain number is bytes."""
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
-    number = text[:-1] if scale != 1 else text
-    return int(float(number) * scale)
 
 
 #: struct timex (x86-64): modes at 0, time.tv_sec at 72, time.tv_usec at 80; 208 bytes.
@@ -210,35 +199,17 @@ def serve(port: int, agent: str) -> int:
                 say(f"hooks: {err}")
 
 
-def dirty(size: int, cpu: int) -> int:
-    """Keep ``size`` bytes dirty forever, pinned to ``cpu``."""
-    os.sched_setaffinity(0, {cpu})
-    buf = bytearray(size)
-    pages = len(range(0, size, PAGE))
-    patterns = [bytes([value]) * pages for value in (0x55, 0xAA)]
-    say(f"workload: {size} bytes dirty on CPU {cpu}")
-    passes = 0
-    while True:
-        buf[::PAGE] = patterns[passes & 1]
-        passes += 1
-
-
 def main(argv: list[str]) -> int:
-    """Entry point: ``serve`` or ``dirty``."""
+    """Entry point: ``serve`` or ``selftest``."""
     parser = argparse.ArgumentParser(prog="hooks.py")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_serve = sub.add_parser("serve")
     p_serve.add_argument("--port", type=int, default=9467)
     p_serve.add_argument("--agent", default="http://127.0.0.1:9466")
-    p_dirty = sub.add_parser("dirty")
-    p_dirty.add_argument("--size", type=parse_size, required=True)
-    p_dirty.add_argument("--cpu", type=int, default=0)
     sub.add_parser("selftest")
     args = parser.parse_args(argv)
     if args.cmd == "serve":
         return serve(args.port, args.agent)
-    if args.cmd == "dirty":
-        return dirty(args.size, args.cpu)
     handle("ping")
     health_line("127.0.0.1", 1)
     import ctypes  # noqa: F401 - imported lazily by step_clock; the builder must see it

@@ -70,15 +70,21 @@ echo -1 >/proc/sys/kernel/sched_rt_runtime_us
 PY="/usr/bin/python3.11 -S"
 export PYTHONPATH=/opt/tsprobe
 export PYTHONDONTWRITEBYTECODE=1
+GO=/run/tsprobe/workload-go
+if [ "$WSS" != "0" ]; then
+    # Started first, while the guest is idle: it allocates and touches its pages now and
+    # starts dirtying them once the agent answers (it waits for $GO), so that it neither
+    # slows the agent's start under TCG nor pays for its own start under the samplers.
+    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" &
+fi
 # shellcheck disable=SC2086
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
 $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
 if [ "$WSS" != "0" ]; then
-    # Started once the agent answers, so it does not slow the agent's start under TCG.
     (
-        until wget -q -O /dev/null http://127.0.0.1:9466/healthz 2>/dev/null; do sleep 0.5; done
-        exec $PY /opt/tsprobe/lab/hooks.py dirty --size "$WSS" --cpu "$WCPU"
+        until wget -q -O /dev/null http://127.0.0.1:9466/healthz 2>/dev/null; do sleep 0.2; done
+        touch "$GO"
     ) &
 fi
 

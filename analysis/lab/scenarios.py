@@ -151,9 +151,9 @@ FREEZE_CHECK_NS = 20_000_000
 FREEZE_MIN_SLEEPS = 3
 FREEZE_ATTEMPTS = 20
 #: Seconds between the health check's two reads of the samplers' counts.
-SAMPLING_WINDOW_S = 2.5
-#: Seconds the recorder goes on after the health check, for the canaries' last events.
-CANARY_DRAIN_S = 4.0
+SAMPLING_WINDOW_S = 2.0
+#: Seconds the recorder goes on after the guest settled, for the canaries' last events.
+CANARY_DRAIN_S = 5.0
 #: Seconds before freezing again after a freeze that blocked another vCPU past its start.
 FREEZE_LATE_RETRY_S = 1.5
 MIGRATION_TIMEOUT_S = 120.0
@@ -316,14 +316,10 @@ def _get(url: str, timeout_s: float = 2.0) -> bytes:
         return body
 
 
-def _samples(port: int, keep: Path | None = None) -> dict[str, float]:
-    text = _get(f"http://127.0.0.1:{port}/metrics", 10.0).decode()
-    if keep is not None:
-        keep.write_text(text)
-    out = {}
-    for match in re.finditer(r'^tsprobe_cpu_samples_total\{cpu="(\d+)"\} (\S+)$', text, re.M):
-        out[match.group(1)] = float(match.group(2))
-    return out
+def _samples(port: int) -> dict[str, float]:
+    """Each CPU's sampler iterations from /healthz (cheaper for a loaded guest than /metrics)."""
+    health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
+    return {str(cpu): float(n) for cpu, n in (health.get("samples") or {}).items()}
 
 
 def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float) -> float:
@@ -376,30 +372,35 @@ PROBE_RECOVERY_S = 10.0
 
 def _poll_health(
     port: int, probes: tuple[str, ...]
-) -> tuple[dict[str, Any], list[str], Exception | None]:
+) -> tuple[dict[str, Any], list[str], Exception | None, dict[str, float | None]]:
     """Read the agent's /healthz every 0.5 s until it answers (for ``AGENT_ANSWER_S``),
     then until none of ``probes`` is down (for ``PROBE_RECOVERY_S`` more): right after a
     long stall (paused: 4 s) a worker's sign of life is late and /healthz calls its probe
     down for a moment (CI saw "stall" and "timer").
 
-    :return: the last answer (empty without one), the probes down in it, and the last
-        error when there was no answer.
+    :return: the last answer (empty without one), the probes down in it, the last error
+        when there was no answer, and the seconds until the first answer and until every
+        probe was up (``answer_s``, ``probes_up_s``; None when it did not happen).
     """
     health: dict[str, Any] = {}
     err: Exception | None = None
-    deadline = time.monotonic() + AGENT_ANSWER_S
-    answered = False
+    start = time.monotonic()
+    deadline = start + AGENT_ANSWER_S
+    times: dict[str, float | None] = {"answer_s": None, "probes_up_s": None}
     while True:
         try:
             health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
         except (OSError, ValueError) as error:
             err = error
-        if health and not answered:
-            answered, deadline = True, time.monotonic() + PROBE_RECOVERY_S
+        if health and times["answer_s"] is None:
+            times["answer_s"] = round(time.monotonic() - start, 2)
+            deadline = time.monotonic() + PROBE_RECOVERY_S
         states = health.get("probes", {})
         down = [p for p in probes if not states.get(p, {}).get("up")] if health else []
-        if (answered and not down) or time.monotonic() > deadline:
-            return health, down, None if answered else err
+        if health and not down:
+            times["probes_up_s"] = round(time.monotonic() - start, 2)
+        if times["probes_up_s"] is not None or time.monotonic() > deadline:
+            return health, down, None if health else err, times
         time.sleep(0.5)
 
 
@@ -432,7 +433,7 @@ def check_health(
     if not final.alive():
         problems.append(f"{final.spec.name} QEMU exited")
     port = final.spec.agent_port
-    health, down, err = _poll_health(port, ("stall", "clock", "kmsg", *canaries))
+    health, down, err, times = _poll_health(port, ("stall", "clock", "kmsg", *canaries))
     if not health:
         problems.append(f"agent on {final.spec.name} does not answer: {err}")
     if health and down:
@@ -442,14 +443,21 @@ def check_health(
         try:
             first = _samples(port)
             t0 = time.monotonic()
-            # Samplers report their counts about once a second, so a 1 s window could
-            # fall between two reports (CI saw "CPU 0 not sampling" twice): wait for two.
-            time.sleep(SAMPLING_WINDOW_S)
-            second = _samples(port, metrics_out)
+            # Kept for the summary's counters; under load it takes 1 to 4 s, so it is read
+            # inside the sampling window.
+            try:
+                metrics = _get(f"http://127.0.0.1:{port}/metrics", 10.0).decode()
+                if metrics_out is not None:
+                    metrics_out.write_text(metrics)
+            except (OSError, ValueError) as err:
+                problems.append(f"/metrics failed: {err}")
+            # Samplers report their counts about once a second: wait for two reports.
+            time.sleep(max(0.0, SAMPLING_WINDOW_S - (time.monotonic() - t0)))
+            second = _samples(port)
             span = time.monotonic() - t0
             rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
         except (OSError, ValueError) as err:
-            problems.append(f"/metrics failed: {err}")
+            problems.append(f"/healthz failed: {err}")
         idle = [c for c in map(str, range(cpus)) if rates.get(c, 0) <= 0]
         if idle:
             problems.append(f"CPU {','.join(idle)} not sampling")
@@ -461,6 +469,7 @@ def check_health(
         "agent_status": health.get("status"),
         "probes_down": health.get("down"),
         "samples_per_s": {c: round(v, 1) for c, v in rates.items()},
+        **times,
     }
 
 
@@ -801,9 +810,13 @@ class Scenario:
                 await self.stall_vcpu()
             await asyncio.sleep(0.5)
             self.mark("settled")
-            # 1.5 s before the health check: right after a long stall (paused) the agent's
-            # /healthz can still call the stall probe down (CI saw it without this wait).
-            await asyncio.sleep(1.5 + self.opts.linger_s)
+            # The canaries' events reach the recorder late under TCG: each canary sends
+            # them with its once-a-second life line, and the busy guest's agent takes a
+            # while to file them (measured from /events in an idle TCG guest: p50 1.8 s,
+            # p90 2.9 s, max 4.7 s after the measurement ended). The recorder keeps
+            # fetching during the health check, so the wait counts from here.
+            drain_end = time.monotonic() + CANARY_DRAIN_S
+            await asyncio.sleep(self.opts.linger_s)
             final = self.qemus[-1]
             self.say(f"checking the guest's health on {final.spec.name}")
             health = await asyncio.to_thread(
@@ -816,12 +829,13 @@ class Scenario:
                 self.opts.kmsg,
             )
             rundir.write_json_atomic(self.out / HEALTH, health)
-            # The canaries' events reach the recorder late under TCG: each canary sends
-            # them with its once-a-second life line, and the busy guest's agent takes a
-            # while to file them (measured from /events in an idle TCG guest: p50 1.8 s,
-            # p90 2.9 s, max 4.7 s after the measurement ended).
+            self.say(
+                f"health: {'ok' if health['ok'] else '; '.join(health['problems'])} "
+                f"(agent answered after {health['answer_s']} s, probes up after "
+                f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
+            )
             if self.opts.canaries:
-                await asyncio.sleep(CANARY_DRAIN_S)
+                await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
         finally:
             recorder.stop("lab scenario done")
             with contextlib.suppress(Exception):

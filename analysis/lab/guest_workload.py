@@ -1,0 +1,80 @@
+"""The lab guest's memory workload (installed as /opt/tsprobe/lab/workload.py).
+
+This file runs in the lab guest, never on the host::
+
+    workload.py SIZE CPU GO_FILE
+
+It pins itself to CPU, allocates SIZE bytes (``64M``, ``1G``: powers of 1024; a plain
+number is bytes) and touches every page once, then waits until GO_FILE exists (the
+guest's init creates it when the agent answers) and from then on keeps every 4 KiB page
+dirty by writing one byte into each in a loop: an extended-slice assignment, so the loop
+runs at C speed. This is what makes precopy iterate and postcopy fault. It prints
+``tsprobe-lab: workload: SIZE bytes dirty on CPU N`` on the console when the loop starts.
+
+Why it is its own file and imports nothing beyond ``os``, ``sys`` and ``time`` (built into
+the interpreter): under TCG every import is paid at emulation speed, and once the agent's
+1 ms samplers run at SCHED_FIFO on every vCPU the guest has little time left. When the
+workload was a subcommand of the hooks, their argparse, json and socket took 11.7 s to
+import there (``-X importtime``) and the loop began 15.5 s after the process started.
+This script starts, allocates and touches its pages while the agent starts, before its
+samplers run, and then waits in a cheap poll, so that starting to dirty memory
+costs nothing once the agent runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+PAGE = 4096
+POLL_S = 0.1
+USAGE = "usage: workload.py SIZE CPU GO_FILE"
+
+
+def parse_size(text: str) -> int:
+    """``64M`` -> 67108864; suffixes K, M, G (powers of 1024); a plain number is bytes.
+
+    :raise ValueError: on a malformed or negative size.
+    """
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    size = int(float(number) * scale)
+    if size < 0:
+        raise ValueError(f"negative size {text!r}")
+    return size
+
+
+def say(text: str) -> None:
+    """Print one ``tsprobe-lab:`` line on the console (stdout is /dev/console)."""
+    sys.stdout.write(f"tsprobe-lab: {text}\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Prepare, wait for GO_FILE, then dirty memory forever."""
+    if len(argv) != 3:
+        say(f"workload: {USAGE}")
+        return 2
+    try:
+        size, cpu = parse_size(argv[0]), int(argv[1])
+    except ValueError as err:
+        say(f"workload: {err}; {USAGE}")
+        return 2
+    go_file = argv[2]
+    os.sched_setaffinity(0, {cpu})
+    buf = bytearray(size)  # zero-filled: every page is touched once here
+    pages = len(range(0, size, PAGE))
+    patterns = [bytes([value]) * pages for value in (0x55, 0xAA)]
+    while not os.path.exists(go_file):
+        time.sleep(POLL_S)
+    say(f"workload: {size} bytes dirty on CPU {cpu}")
+    passes = 0
+    while True:
+        buf[::PAGE] = patterns[passes & 1]
+        passes += 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
