@@ -64,9 +64,13 @@ In all three, vCPU 0's thread went to sleep at most once in the first 25 ms of t
 freeze (6 of 6 measured), against 7 to 52 times in the 54 other freezes (the guest's 1 ms
 sampler makes an idle vCPU halt and wake about every ms). With the canaries running, the
 block can also come later (seen 47 to 461 ms into a 700 ms freeze, in about 1 of 3
-freezes): CPU 0 then waits for CPU 1 in the guest's kernel. So ``_freeze_thread``
-watches the whole freeze in windows of ``FREEZE_CHECK_NS`` and keeps it only when every
-other vCPU thread slept at least ``FREEZE_MIN_SLEEPS`` times in each; otherwise it thaws
+freezes): CPU 0 then waits for CPU 1 in the guest's kernel, and its thread can still
+sleep a few times a window while it spins (seen twice in 16 runs: on CPU 687 of 701 ms
+and 631 of 703 ms, CPU 0 stalled 705 and 518 ms; 382 to 474 ms in the kept freezes that
+left CPU 0 alone). So ``_freeze_thread`` watches the whole freeze in windows of
+``FREEZE_CHECK_NS`` and keeps it only when every other vCPU thread slept at least
+``FREEZE_MIN_SLEEPS`` times in each and none was on CPU for ``FREEZE_SPIN_SHARE`` of
+``FREEZE_SPIN_WINDOWS`` windows in a row; otherwise it thaws
 at once and freezes again (0.1 to 0.3 s later after a block in the first window, whose
 loss stays under the 50 ms threshold; ``FREEZE_LATE_RETRY_S`` after a later one), up to
 ``FREEZE_ATTEMPTS`` times. A window can also fail when CPU 0 is merely busy for 20 ms
@@ -150,6 +154,9 @@ BOOT_TIMEOUT_S = 120.0
 FREEZE_CHECK_NS = 20_000_000
 FREEZE_MIN_SLEEPS = 3
 FREEZE_ATTEMPTS = 20
+#: ... and is not on CPU for FREEZE_SPIN_SHARE of FREEZE_SPIN_WINDOWS windows in a row.
+FREEZE_SPIN_SHARE = 0.95
+FREEZE_SPIN_WINDOWS = 2
 #: Seconds between the health check's two reads of the samplers' counts.
 SAMPLING_WINDOW_S = 2.0
 #: Seconds the recorder goes on after the guest settled, for the canaries' last events.
@@ -709,10 +716,15 @@ class Scenario:
         def note(attempt: dict[str, Any]) -> None:  # from the freezing thread
             steps.write(attempt)
             if attempt["outcome"] == "blocked":
+                why = (
+                    f"on CPU {FREEZE_SPIN_WINDOWS} windows of {attempt['check_ns'] / 1e6:.0f} ms"
+                    if attempt["blocked_by"] == "spin"
+                    else f"too few sleeps in {attempt['check_ns'] / 1e6:.0f} ms"
+                )
                 self.say(
                     f"  attempt {attempt['attempt']} blocked another vCPU "
-                    f"{attempt['blocked_at_ns'] / 1e6:.0f} ms into the freeze (too few sleeps "
-                    f"in {attempt['check_ns'] / 1e6:.0f} ms): thawed, freezing again"
+                    f"{attempt['blocked_at_ns'] / 1e6:.0f} ms into the freeze ({why}): "
+                    "thawed, freezing again"
                 )
 
         self.mark("disturb_start")
@@ -988,33 +1000,58 @@ def _thread_states(pid: int, threads: dict[str, int]) -> dict[str, dict[str, Any
     return out
 
 
-def _watch_freeze(
-    pid: int, others: list[int], t_req: int, stall_ns: int
-) -> tuple[dict[int, int], int | None]:
+@dataclass
+class _Watch:
+    """What ``_watch_freeze`` saw of the other vCPU threads."""
+
+    #: Sleeps each thread took in the first window.
+    first_sleeps: dict[int, int]
+    #: Offset (ns from the freeze request) of the window that failed; None: none did.
+    blocked_at: int | None = None
+    #: Why it failed: ``sleeps`` (too few) or ``spin`` (on CPU all along).
+    why: str | None = None
+    #: The highest share of a judged window any other thread spent on CPU.
+    oncpu_max: float = 0.0
+
+
+def _watch_freeze(pid: int, others: list[int], t_req: int, stall_ns: int) -> _Watch:
     """Hold a freeze for ``stall_ns`` from ``t_req``, checking the other vCPU threads.
 
     Every ``FREEZE_CHECK_NS`` window (a last, shorter one is not judged) each other vCPU
-    thread must go to sleep at least ``FREEZE_MIN_SLEEPS`` times.
-
-    :return: the sleeps each thread took in the first window, and the offset (ns from
-        ``t_req``) of the first window in which one did not: None when none.
+    thread must go to sleep at least ``FREEZE_MIN_SLEEPS`` times, and none may be on CPU
+    for ``FREEZE_SPIN_SHARE`` of ``FREEZE_SPIN_WINDOWS`` windows in a row: a guest CPU
+    that waits in its kernel for the frozen one spins (its thread on CPU 98 % of a
+    700 ms freeze, against 55 to 68 % in freezes that left CPU 0 alone) and can still
+    sleep briefly several times a window.
     """
-    first: dict[int, int] = {}
-    sleeps0 = _sleeps(pid, others)
+    sleeps0, oncpu0, t0 = _sleeps(pid, others), _oncpu_ns(pid, others), time.monotonic_ns()
+    watch = _Watch(first_sleeps={})
+    spinning = 0
     while True:
         elapsed = time.monotonic_ns() - t_req
         window_end = min(elapsed + FREEZE_CHECK_NS, stall_ns)
         time.sleep(max(0.0, (window_end - elapsed) / 1e9))
-        sleeps1 = _sleeps(pid, others)
+        sleeps1, oncpu1, t1 = _sleeps(pid, others), _oncpu_ns(pid, others), time.monotonic_ns()
         slept = {t: n - sleeps0[t] for t, n in sleeps1.items() if t in sleeps0}
-        if not first:
-            first = slept
+        if not watch.first_sleeps:
+            watch.first_sleeps = slept
         judged = window_end - elapsed >= FREEZE_CHECK_NS
-        if judged and not all(slept.get(t, 0) >= FREEZE_MIN_SLEEPS for t in others):
-            return first, elapsed
+        if judged:
+            share = max(
+                ((n - oncpu0[t]) / max(1, t1 - t0) for t, n in oncpu1.items() if t in oncpu0),
+                default=0.0,
+            )
+            watch.oncpu_max = max(watch.oncpu_max, share)
+            spinning = spinning + 1 if share >= FREEZE_SPIN_SHARE else 0
+            if not all(slept.get(t, 0) >= FREEZE_MIN_SLEEPS for t in others):
+                watch.blocked_at, watch.why = elapsed, "sleeps"
+                return watch
+            if spinning >= FREEZE_SPIN_WINDOWS:
+                watch.blocked_at, watch.why = elapsed, "spin"
+                return watch
         if window_end >= stall_ns:
-            return first, None
-        sleeps0 = sleeps1
+            return watch
+        sleeps0, oncpu0, t0 = sleeps1, oncpu1, t1
 
 
 def _freeze_thread(
@@ -1028,7 +1065,8 @@ def _freeze_thread(
 
     The whole freeze is watched in windows of ``FREEZE_CHECK_NS``: in each, every other
     vCPU thread must go to sleep (a voluntary context switch) at least
-    ``FREEZE_MIN_SLEEPS`` times, or the thread is thawed at once and frozen again later
+    ``FREEZE_MIN_SLEEPS`` times and must not spin (``_watch_freeze``), or the thread is
+    thawed at once and frozen again later
     (see the module docstring): 0.1 to 0.3 s later when the first window failed (the
     other vCPUs lost less than the guest's 50 ms threshold), ``FREEZE_LATE_RETRY_S``
     later otherwise, so that what the aborted freeze did to the guest ends more than a
@@ -1049,14 +1087,16 @@ def _freeze_thread(
             t_req = time.monotonic_ns()
             freezer.set("FROZEN")
             t0 = time.monotonic_ns()
-            first, blocked_at = _watch_freeze(pid, others, t_req, stall_ns)
+            watch = _watch_freeze(pid, others, t_req, stall_ns)
             record: dict[str, Any] = {
                 "type": "freeze_attempt",
                 "attempt": attempt,
                 "host_start_ns": real0,
                 "check_ns": FREEZE_CHECK_NS,
-                "others_sleeps": {str(t): n for t, n in first.items()},
+                "others_sleeps": {str(t): n for t, n in watch.first_sleeps.items()},
+                "others_oncpu_max": round(watch.oncpu_max, 3),
             }
+            blocked_at = watch.blocked_at
             if blocked_at is None:
                 note({**record, "outcome": "kept"})
                 break
@@ -1066,6 +1106,7 @@ def _freeze_thread(
                 {
                     **record,
                     "outcome": "blocked",
+                    "blocked_by": watch.why,
                     "blocked_at_ns": blocked_at,
                     "freeze_ns": time.monotonic_ns() - t_req,
                 }
