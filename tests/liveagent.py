@@ -28,6 +28,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process(pid: int, timeout_s: float = 2.0) -> int:
+    """SIGSTOP ``pid`` and return the CLOCK_MONOTONIC ns at which it was first seen stopped.
+
+    The freeze a sampler must report at least starts when the process actually stops, not
+    when ``kill()`` is called: the caller can be preempted around the syscall, and a
+    sampler running at that moment takes one more wake before it stops (CI once read
+    0.28 ms short of a hold timed from before ``kill()``). Polling /proc/PID/stat until
+    its state is ``T`` gives a start no earlier than the real one.
+
+    :raise TimeoutError: when the process is not seen stopped within ``timeout_s``.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic_ns() + int(timeout_s * 1e9)
+    while True:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+        now = time.monotonic_ns()
+        if state in ("T", "t"):
+            return now
+        if now > deadline:
+            raise TimeoutError(f"process {pid} not stopped after {timeout_s} s (state {state})")
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from probe.events import Event
-from tests.liveagent import free_port, http_get, live_agent
+from tests.liveagent import free_port, http_get, live_agent, stop_process
 
 INTERVAL_NS = 1_000_000
 CPUS = sorted(os.sched_getaffinity(0))
@@ -72,8 +72,7 @@ def test_frozen_sampler_is_reported_once_with_its_length(tmp_path: Path, hold_s:
         exact = 0
         for attempt in range(1, ATTEMPTS + 1):
             since = agent.events()[-1].seq
-            t0 = time.monotonic_ns()
-            os.kill(pid, signal.SIGSTOP)
+            t0 = stop_process(pid)
             time.sleep(hold_s)
             held = time.monotonic_ns() - t0
             os.kill(pid, signal.SIGCONT)
