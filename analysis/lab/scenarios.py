@@ -323,9 +323,20 @@ def _get(url: str, timeout_s: float = 2.0) -> bytes:
         return body
 
 
-def _samples(port: int) -> dict[str, float]:
-    """Each CPU's sampler iterations from /healthz (cheaper for a loaded guest than /metrics)."""
-    health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
+def _healthz(port: int, timeout_s: float) -> dict[str, Any]:
+    """The agent's /healthz on ``port``, parsed.
+
+    :raise OSError: when it does not answer; ValueError: when the answer is not JSON.
+    """
+    health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", timeout_s))
+    if not isinstance(health, dict):
+        raise ValueError("/healthz did not answer a JSON object")
+    return health
+
+
+def _sample_counts(health: dict[str, Any]) -> dict[str, float]:
+    """Each CPU's sampler iterations from a /healthz answer (cheaper for a loaded guest
+    than /metrics)."""
     return {str(cpu): float(n) for cpu, n in (health.get("samples") or {}).items()}
 
 
@@ -338,7 +349,7 @@ def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(OSError, ValueError):
-            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 1.0))
+            health = _healthz(port, 1.0)
             if health.get("probes", {}).get("stall", {}).get("up"):
                 return time.monotonic() - qemu.started_mono
         if not qemu.alive():
@@ -396,7 +407,7 @@ def _poll_health(
     times: dict[str, float | None] = {"answer_s": None, "probes_up_s": None}
     while True:
         try:
-            health = json.loads(_get(f"http://127.0.0.1:{port}/healthz", 10.0))
+            health = _healthz(port, 10.0)
         except (OSError, ValueError) as error:
             err = error
         if health and times["answer_s"] is None:
@@ -448,7 +459,8 @@ def check_health(
     rates: dict[str, float] = {}
     if health:
         try:
-            first = _samples(port)
+            # The poll's last answer is the first read: _poll_health returns right after it.
+            first = _sample_counts(health)
             t0 = time.monotonic()
             # Kept for the summary's counters; under load it takes 1 to 4 s, so it is read
             # inside the sampling window.
@@ -460,7 +472,7 @@ def check_health(
                 problems.append(f"/metrics failed: {err}")
             # Samplers report their counts about once a second: wait for two reports.
             time.sleep(max(0.0, SAMPLING_WINDOW_S - (time.monotonic() - t0)))
-            second = _samples(port)
+            second = _sample_counts(_healthz(port, 10.0))
             span = time.monotonic() - t0
             rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
         except (OSError, ValueError) as err:
