@@ -54,16 +54,23 @@ def live_prometheus(
     targets: dict[str, list[str]] | None = None,
     rule_files: list[Path] | None = None,
     scrape_interval: str = "1s",
+    job_intervals: dict[str, str] | None = None,
 ) -> Iterator[LiveProm]:
     """Run Prometheus with an empty TSDB under ``tmp``, scraping ``targets`` (job -> host:port).
 
-    The config is JSON (which is YAML too).
+    ``job_intervals`` gives a job its own scrape interval (its scrape timeout the same) in
+    place of ``scrape_interval``. The config is JSON (which is YAML too).
     """
     assert PROMETHEUS is not None, "prometheus (Debian package) is not installed"
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": hosts}]}
+            | (
+                {"scrape_interval": job_intervals[job], "scrape_timeout": job_intervals[job]}
+                if job in (job_intervals or {})
+                else {}
+            )
             for job, hosts in (targets or {}).items()
         ],
         "rule_files": [str(p) for p in rule_files or []],
