@@ -365,15 +365,21 @@ class AgentRecorder:
         self._burst_reasons.append(reason)
         self._burst_wanted.set()
 
-    async def clock_burst(self, reason: str) -> dict[str, Any] | None:
+    async def clock_burst(
+        self, reason: str, stop: asyncio.Event | None = None
+    ) -> dict[str, Any] | None:
         """Read /clock ``burst_reads`` times; record and return the best sample.
 
         :param reason: why the burst was taken (recorded).
+        :param stop: when set, the burst ends after the read in flight (a periodic burst
+            need not delay the recording's end: the final burst follows).
         :return: the record written, or None when no read succeeded.
         """
         best: tuple[HttpReply, dict[str, Any]] | None = None
         ok = 0
         for _ in range(self._burst_reads):
+            if stop is not None and stop.is_set():
+                break
             try:
                 reply = await self._get("/clock")
                 body = json.loads(reply.body)
@@ -425,12 +431,12 @@ class AgentRecorder:
             if self._burst_reasons:
                 reasons, self._burst_reasons = self._burst_reasons, []
                 self._burst_wanted.clear()
-                await self.clock_burst(",".join(dict.fromkeys(reasons)))
+                await self.clock_burst(",".join(dict.fromkeys(reasons)), stop)
                 continue
             self._burst_wanted.clear()
             next_at = time.monotonic() + self._clock_period_s
             if self.reachable:
-                await self.clock_burst("periodic")
+                await self.clock_burst("periodic", stop)
 
     # -- the recording --------------------------------------------------------------------
 

@@ -786,6 +786,62 @@ def test_agent_pages_and_gaps_are_recorded(tmp_path: Path) -> None:
     assert result.stop_reason == "duration 1.5s"
 
 
+class _GatedClockHandler(_FakeAgentHandler):
+    """Holds the first /clock request until the test releases it."""
+
+    def do_GET(self) -> None:
+        agent = self.server
+        assert isinstance(agent, GatedClockAgent)
+        if self.path.startswith("/clock"):
+            with agent.lock:
+                agent.clock_requests += 1
+                first = agent.clock_requests == 1
+            if first:
+                agent.arrived.set()
+                agent.release.wait(10)
+        super().do_GET()
+
+
+class GatedClockAgent(FakeAgent):
+    def __init__(self) -> None:
+        super().__init__(last_seq=3, oldest=1, hole=set())
+        self.RequestHandlerClass = _GatedClockHandler
+        self.lock = threading.Lock()
+        self.clock_requests = 0
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+
+def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> None:
+    """Stopped while the first read of a periodic 5-read burst is in flight: that burst
+    ends with the read (recorded with ok_reads 1), then the final burst takes its 5."""
+    fake = GatedClockAgent()
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    out = tmp_path / "run"
+
+    async def main() -> RecorderResult:
+        stop = asyncio.Event()
+        recorder = Recorder(out, agents={"guest": fake.url}, clock_period_ns=100_000_000)
+        task = asyncio.ensure_future(recorder.run(stop))
+        assert await asyncio.to_thread(fake.arrived.wait, 10)
+        stop.set()
+        fake.release.set()
+        return await asyncio.wait_for(task, 20)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    samples = [json.loads(x) for x in (out / "clock-samples.jsonl").read_text().splitlines()]
+    assert [(s["reason"], s["ok_reads"], s["reads"]) for s in samples] == [
+        ("periodic", 1, 5),
+        ("final", 5, 5),
+    ]
+    assert fake.clock_requests == 6
+    assert result.stop_reason == "stop requested"
+
+
 @needs_qemu
 def test_cli_stops_on_duration_and_on_sigint(tmp_path: Path) -> None:
     qemu = start_qemu(tmp_path, "vm", None, incoming=False)

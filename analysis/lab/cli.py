@@ -152,7 +152,7 @@ exporter.
 )
 @click.option(
     "--baseline",
-    default="2s",
+    default="1s",
     show_default=True,
     help="How long to record the undisturbed guest first.",
 )

@@ -1,7 +1,7 @@
 """The lab's scenarios: boot the guest, disturb it in a known way, record, check, summarize.
 
 Every scenario boots the cached guest in a source QEMU (and, when it migrates, starts a
-destination with ``-incoming defer``), waits until the agent samples every CPU, then
+destination with ``-incoming defer``), waits until the agent's probes are up, then
 records with ``analysis.recorder.Recorder`` (QMP of both QEMUs on their own monitors, the
 agent through ``analysis.lab.proxy.Forwarder``, which follows the guest to the
 destination) while it drives QEMU over a second monitor per QEMU (``Control``: every
@@ -106,6 +106,7 @@ import shutil
 import signal
 import struct
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -157,8 +158,9 @@ FREEZE_ATTEMPTS = 20
 #: ... and is not on CPU for FREEZE_SPIN_SHARE of FREEZE_SPIN_WINDOWS windows in a row.
 FREEZE_SPIN_SHARE = 0.95
 FREEZE_SPIN_WINDOWS = 2
-#: Seconds between the health check's two reads of the samplers' counts.
-SAMPLING_WINDOW_S = 2.0
+#: The health check waits up to this long for every CPU's sample count to advance (the
+#: samplers report it about once a second).
+SAMPLING_WAIT_S = 4.0
 #: Seconds the recorder goes on after the guest settled, for the canaries' last events.
 CANARY_DRAIN_S = 5.0
 #: Seconds before freezing again after a freeze that blocked another vCPU past its start.
@@ -192,7 +194,10 @@ class LabOptions:
     canaries: tuple[str, ...] = DEFAULT_CANARIES
     #: A line written to the guest's /dev/kmsg before the disturbance, or None.
     kmsg: str | None = None
-    baseline_s: float = 2.0
+    #: Seconds of the undisturbed guest recorded first. The recorder's first /clock burst
+    #: falls in them; the lag "before" also takes the samples up to the first stop (the
+    #: precopy phase of a migration).
+    baseline_s: float = 1.0
     #: Seconds to keep recording (and serving) after the guest settled.
     linger_s: float = 0.0
     postcopy_after_s: float = 1.0
@@ -340,8 +345,16 @@ def _sample_counts(health: dict[str, Any]) -> dict[str, float]:
     return {str(cpu): float(n) for cpu, n in (health.get("samples") or {}).items()}
 
 
-def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float) -> float:
-    """Wait until the agent answers on ``port`` and its stall probe samples every CPU.
+def required_probes(canaries: tuple[str, ...]) -> tuple[str, ...]:
+    """The probes the lab waits for before the disturbance and checks after it."""
+    return ("stall", "clock", "kmsg", *canaries)
+
+
+def wait_agent(
+    port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ...] = ("stall",)
+) -> float:
+    """Wait until the agent answers on ``port`` and each of ``probes`` is up (the stall
+    probe is up once its sampler on every CPU reported).
 
     :raise QemuError: when QEMU dies or the agent is not ready in time.
     :return: seconds since QEMU was started.
@@ -349,8 +362,8 @@ def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float) -> float:
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(OSError, ValueError):
-            health = _healthz(port, 1.0)
-            if health.get("probes", {}).get("stall", {}).get("up"):
+            states = _healthz(port, 1.0).get("probes", {})
+            if all(states.get(p, {}).get("up") for p in probes):
                 return time.monotonic() - qemu.started_mono
         if not qemu.alive():
             raise QemuError(f"{qemu.spec.name} QEMU exited: {qemu.stderr_tail() or '?'}")
@@ -422,12 +435,53 @@ def _poll_health(
         time.sleep(0.5)
 
 
+class _Fetch:
+    """One HTTP GET in a thread of its own; ``result()`` waits for it."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self._body = b""
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, args=(url, timeout_s), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, timeout_s: float) -> None:
+        try:
+            self._body = _get(url, timeout_s)
+        except (OSError, ValueError) as err:
+            self._error = err
+
+    def result(self) -> tuple[bytes, Exception | None]:
+        """The body, or the error that ended the request."""
+        self._thread.join()
+        return self._body, self._error
+
+
+def _sampling_rates(port: int, first: dict[str, float], cpus: int) -> dict[str, float]:
+    """Read /healthz every 0.5 s until every CPU's sample count moved past ``first`` (or
+    for ``SAMPLING_WAIT_S``); return each CPU's samples per second since ``first``.
+
+    A count that has not moved reads 0. The rates are rough: a sampler reports its count
+    about once a second, so a count sent before a stall and filed after it lands inside
+    the window (above 1000/s at a 1 ms interval).
+
+    :raise OSError: when /healthz does not answer; ValueError: when it answers no JSON.
+    """
+    t0 = time.monotonic()
+    wanted = [str(c) for c in range(cpus)]
+    while True:
+        time.sleep(0.5)
+        counts = _sample_counts(_healthz(port, 10.0))
+        span = time.monotonic() - t0
+        rates = {c: (n - first.get(c, 0)) / span for c, n in counts.items()}
+        if all(rates.get(c, 0) > 0 for c in wanted) or span > SAMPLING_WAIT_S:
+            return rates
+
+
 def check_health(
     final: lq.Qemu,
     qemus: list[lq.Qemu],
     cpus: int,
     canaries: tuple[str, ...] = (),
-    metrics_out: Path | None = None,
     injected: str | None = None,
 ) -> dict[str, Any]:
     """Check the guest after the scenario: consoles, agent, every CPU sampling.
@@ -436,7 +490,6 @@ def check_health(
     :param qemus: every QEMU of the scenario (their consoles are scanned).
     :param cpus: the number of vCPUs.
     :param canaries: the canaries the agent runs (each must be up).
-    :param metrics_out: where to keep the agent's last /metrics (``agent-metrics.prom``).
     :param injected: the line the lab wrote to /dev/kmsg itself (``--kmsg``), not an oops.
     :return: ``{"ok", "problems", ...}`` (also written as lab-health.json).
     """
@@ -451,30 +504,16 @@ def check_health(
     if not final.alive():
         problems.append(f"{final.spec.name} QEMU exited")
     port = final.spec.agent_port
-    health, down, err, times = _poll_health(port, ("stall", "clock", "kmsg", *canaries))
+    health, down, err, times = _poll_health(port, required_probes(canaries))
     if not health:
         problems.append(f"agent on {final.spec.name} does not answer: {err}")
     if health and down:
         problems.append(f"probes down: {', '.join(down)}")
     rates: dict[str, float] = {}
     if health:
+        # The poll's last answer is the first read: _poll_health returns right after it.
         try:
-            # The poll's last answer is the first read: _poll_health returns right after it.
-            first = _sample_counts(health)
-            t0 = time.monotonic()
-            # Kept for the summary's counters; under load it takes 1 to 4 s, so it is read
-            # inside the sampling window.
-            try:
-                metrics = _get(f"http://127.0.0.1:{port}/metrics", 10.0).decode()
-                if metrics_out is not None:
-                    metrics_out.write_text(metrics)
-            except (OSError, ValueError) as err:
-                problems.append(f"/metrics failed: {err}")
-            # Samplers report their counts about once a second: wait for two reports.
-            time.sleep(max(0.0, SAMPLING_WINDOW_S - (time.monotonic() - t0)))
-            second = _sample_counts(_healthz(port, 10.0))
-            span = time.monotonic() - t0
-            rates = {c: (second.get(c, 0) - first.get(c, 0)) / span for c in second}
+            rates = _sampling_rates(port, _sample_counts(health), cpus)
         except (OSError, ValueError) as err:
             problems.append(f"/healthz failed: {err}")
         idle = [c for c in map(str, range(cpus)) if rates.get(c, 0) <= 0]
@@ -620,10 +659,21 @@ class Scenario:
         if self.migrates:
             dst_spec = lq.QemuSpec(name="dst", incoming=True, **common)  # type: ignore[arg-type]
             self.qemus.append(lq.start(dst_spec))
-        self.boot_s = round(wait_agent(src_spec.agent_port, self.qemus[0], BOOT_TIMEOUT_S), 2)
+        # Every probe the health check wants, not the samplers alone: a canary or the
+        # clock probe that comes up during the disturbance misses it (seen on a 18 s boot:
+        # the canaries came up after the pause, and no /clock burst fell in the baseline).
+        self.boot_s = round(
+            wait_agent(
+                src_spec.agent_port,
+                self.qemus[0],
+                BOOT_TIMEOUT_S,
+                required_probes(self.opts.canaries),
+            ),
+            2,
+        )
         if self.opts.workload_size not in ("0", ""):
             self.qemus[0].wait_console("tsprobe-lab: workload:", 30)
-        self.say(f"guest agent sampling every CPU {self.boot_s} s after QEMU started")
+        self.say(f"guest agent up, sampling every CPU {self.boot_s} s after QEMU started")
 
     # -- the drivers -------------------------------------------------------------------------
 
@@ -832,7 +882,6 @@ class Scenario:
                 await self.stall()
             else:
                 await self.stall_vcpu()
-            await asyncio.sleep(0.5)
             self.mark("settled")
             # The canaries' events reach the recorder late under TCG: each canary sends
             # them with its once-a-second life line, and the busy guest's agent takes a
@@ -849,21 +898,32 @@ class Scenario:
                 self.qemus,
                 self.opts.vcpus,
                 self.opts.canaries,
-                self.out / AGENT_METRICS,
                 self.opts.kmsg,
             )
-            rundir.write_json_atomic(self.out / HEALTH, health)
             self.say(
                 f"health: {'ok' if health['ok'] else '; '.join(health['problems'])} "
                 f"(agent answered after {health['answer_s']} s, probes up after "
                 f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
             )
+            # The agent's last /metrics, kept for the summary's counters. It takes 1 to
+            # 5 s on the loaded TCG guest, so it is read while the canaries drain and the
+            # recorder ends, and after the health check (its counters then include what
+            # was filed late).
+            metrics = _Fetch(f"http://127.0.0.1:{final.spec.agent_port}/metrics", 10.0)
             if self.opts.canaries:
                 await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
         finally:
             recorder.stop("lab scenario done")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
+        body, error = await asyncio.to_thread(metrics.result)
+        if error is not None:
+            health["problems"].append(f"/metrics failed: {error}")
+            health["ok"] = False
+            self.say(f"health: /metrics failed: {error}")
+        else:
+            (self.out / AGENT_METRICS).write_bytes(body)
+        rundir.write_json_atomic(self.out / HEALTH, health)
         return self.lab_meta(started)
 
     async def _start_forwarder(self) -> None:

@@ -1,0 +1,110 @@
+"""The lab health check's sampling test against a stand-in agent.
+
+The real agent in a real guest is checked by every scenario of tests/test_lab.py. The
+stand-in here produces what a healthy guest does not: a sampler whose count stops moving.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from analysis.lab import scenarios
+
+
+class _Agent(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, step: dict[str, int]) -> None:
+        self.step = step
+        self.counts = {cpu: 1000 for cpu in step}
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Agent
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        agent = self.server
+        if self.path == "/healthz":
+            with agent.lock:
+                for cpu, step in agent.step.items():
+                    agent.counts[cpu] += step
+                body = json.dumps({"status": "ok", "samples": agent.counts}).encode()
+        elif self.path == "/metrics":
+            body = b"tsprobe_up 1\n"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def _agent(step: dict[str, int]) -> Iterator[int]:
+    agent = _Agent(step)
+    threading.Thread(target=agent.serve_forever, daemon=True).start()
+    try:
+        yield int(agent.server_address[1])
+    finally:
+        agent.shutdown()
+        agent.server_close()
+
+
+def test_every_cpu_moving_ends_the_wait_at_the_first_read_that_shows_it() -> None:
+    with _agent({"0": 500, "1": 480}) as port:
+        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        t0 = time.monotonic()
+        rates = scenarios._sampling_rates(port, first, cpus=2)
+        took = time.monotonic() - t0
+    assert set(rates) == {"0", "1"}
+    # one read 0.5 s after the first: 500 and 480 samples in about 0.5 s
+    assert 500 / took <= rates["0"] <= 500 / 0.5
+    assert 480 / took <= rates["1"] <= 480 / 0.5
+
+
+def test_a_cpu_that_never_moves_reads_zero_after_the_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(scenarios, "SAMPLING_WAIT_S", 1.2)
+    with _agent({"0": 500, "1": 0}) as port:
+        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        t0 = time.monotonic()
+        rates = scenarios._sampling_rates(port, first, cpus=2)
+        took = time.monotonic() - t0
+    assert rates["1"] == 0 and rates["0"] > 0
+    assert took >= 1.2  # it waited for CPU 1 the whole time
+
+
+def test_a_cpu_missing_from_the_answer_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A two-CPU guest whose agent reports one CPU: the other is not sampling.
+    monkeypatch.setattr(scenarios, "SAMPLING_WAIT_S", 1.2)
+    with _agent({"0": 500}) as port:
+        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        t0 = time.monotonic()
+        rates = scenarios._sampling_rates(port, first, cpus=2)
+        took = time.monotonic() - t0
+    assert "1" not in rates and rates["0"] > 0
+    assert took >= 1.2
+
+
+def test_fetch_returns_the_body_or_the_error() -> None:
+    with _agent({"0": 1}) as port:
+        ok = scenarios._Fetch(f"http://127.0.0.1:{port}/metrics", 5.0)
+        missing = scenarios._Fetch(f"http://127.0.0.1:{port}/nothing", 5.0)
+        assert ok.result() == (b"tsprobe_up 1\n", None)
+        body, error = missing.result()
+    assert body == b"" and isinstance(error, OSError)
