@@ -17,6 +17,9 @@ or ``X-Tsprobe-Missed``), the agent becoming unreachable and reachable again, an
 restarts become records in ``agent-NAME.jsonl``. While the agent is unreachable (a paused
 migration freezes the guest, so requests time out) it retries with exponential backoff
 capped at ``MAX_BACKOFF_S``; ``since`` is kept, so everything missed is fetched afterwards.
+When the recording ends it fetches once more, whatever happened before, with a timeout of
+at least ``FINAL_TIMEOUT_S``: a loaded guest may answer too slowly for the request timeout
+for a while after a stall, and its last events must still reach the run directory.
 
 Clock samples: every ``clock_period_ns`` and on request (each migration phase change) a
 burst of ``burst_reads`` ``/clock`` reads; the read with the shortest round trip is kept,
@@ -50,6 +53,8 @@ PAGE_LIMIT = 1000
 #: Backoff while unreachable: first pause and cap.
 MIN_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 1.0
+#: The timeout of the last fetch when the recording ends (at least the client's own).
+FINAL_TIMEOUT_S = 5.0
 
 
 def check_agent_url(url: str) -> str:
@@ -199,11 +204,11 @@ class AgentRecorder:
         if self._on_note is not None:
             self._on_note(self.name, message)
 
-    async def _get(self, path: str) -> HttpReply:
+    async def _get(self, path: str, timeout_s: float | None = None) -> HttpReply:
         loop = asyncio.get_running_loop()
         try:
             reply = await loop.run_in_executor(
-                self._pool, http_get, self.url + path, self._timeout_s
+                self._pool, http_get, self.url + path, timeout_s or self._timeout_s
             )
         except FetchError as err:
             self._mark_unreachable(str(err))
@@ -316,14 +321,17 @@ class AgentRecorder:
             self.summary.missed_events += missed
         return written
 
-    async def fetch_events(self) -> bool:
+    async def fetch_events(self, timeout_s: float | None = None) -> bool:
         """Fetch every event after the last one written, following pages.
 
+        :param timeout_s: each request's timeout (default: the client's).
         :return: False when the agent could not be reached.
         """
         for _ in range(10_000):
             try:
-                reply = await self._get(f"/events?since={self._since}&limit={PAGE_LIMIT}")
+                reply = await self._get(
+                    f"/events?since={self._since}&limit={PAGE_LIMIT}", timeout_s
+                )
             except FetchError:
                 return False
             if not self._check_identity(reply.headers):
@@ -447,8 +455,10 @@ class AgentRecorder:
         """
         try:
             await asyncio.gather(self._events_loop(stop), self._clock_loop(stop))
-            if self.reachable:
-                await self.fetch_events()
+            # Also after failures: an agent that answered too slowly for the request
+            # timeout (a loaded guest right after a stall) still holds the events, and
+            # the end of the recording must not lose them.
+            if await self.fetch_events(max(self._timeout_s, FINAL_TIMEOUT_S)):
                 await self.clock_burst("final")
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)

@@ -842,6 +842,53 @@ def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> 
     assert result.stop_reason == "stop requested"
 
 
+class _SlowEventsHandler(_FakeAgentHandler):
+    """Answers /events after ``delay_s`` (a loaded guest right after a stall)."""
+
+    def do_GET(self) -> None:
+        agent = self.server
+        assert isinstance(agent, SlowEventsAgent)
+        if self.path.startswith("/events"):
+            time.sleep(agent.delay_s)
+        super().do_GET()
+
+
+class SlowEventsAgent(FakeAgent):
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(last_seq=40, oldest=1, hole=set())
+        self.RequestHandlerClass = _SlowEventsHandler
+        self.delay_s = delay_s
+
+
+def test_the_last_fetch_gets_the_events_of_an_agent_too_slow_for_the_timeout(
+    tmp_path: Path,
+) -> None:
+    """Every /events answer takes 1.5 s, the request timeout is 0.5 s: the agent reads as
+    unreachable for the whole recording, and the fetch at the end (timeout 5 s) still
+    writes all 40 events."""
+    fake = SlowEventsAgent(delay_s=1.5)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    out = tmp_path / "run"
+
+    async def main() -> RecorderResult:
+        recorder = Recorder(
+            out, agents={"guest": fake.url}, agent_timeout_ns=500_000_000,
+            duration_ns=2_000_000_000,
+        )  # fmt: skip
+        return await asyncio.wait_for(recorder.run(), 30)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    kinds = [n["type"] for n in agent_notes(out)]
+    assert kinds[0] == "unreachable" and "connected" in kinds, kinds
+    lines = [json.loads(x) for x in (out / "guest-events.jsonl").read_text().splitlines()]
+    assert [e["seq"] for e in lines] == list(range(1, 41))
+    assert result.meta["agents"]["guest"]["events"] == 40
+
+
 @needs_qemu
 def test_cli_stops_on_duration_and_on_sigint(tmp_path: Path) -> None:
     qemu = start_qemu(tmp_path, "vm", None, incoming=False)

@@ -861,6 +861,10 @@ class Scenario:
             grace_ns=600_000_000_000,
             on_status=self._on_status,
             command_timeout_ns=1_000_000_000,
+            # The TCG guest's agent answers in 1 to 6 s right after a long stall: with a
+            # 1 s timeout every request failed until the run ended, and each one the
+            # recorder gave up on still cost the busy agent its answer.
+            agent_timeout_ns=5_000_000_000,
             clock_period_ns=250_000_000,
             events_poll_ns=250_000_000,
             status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
