@@ -724,6 +724,17 @@ class FakeAgent(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
 
+@contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[None]:
+    """Serve from a daemon thread for the block; shut down and close after it."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _FakeAgentHandler(BaseHTTPRequestHandler):
     server: FakeAgent
 
@@ -759,18 +770,14 @@ class _FakeAgentHandler(BaseHTTPRequestHandler):
 def test_agent_pages_and_gaps_are_recorded(tmp_path: Path) -> None:
     """2500 events, the oldest 300 gone from the ring, seq 1500 missing: pages of 1000."""
     fake = FakeAgent(last_seq=2500, oldest=301, hole={1500})
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
     out = tmp_path / "run"
 
     async def main() -> RecorderResult:
         recorder = Recorder(out, agents={"guest": fake.url}, duration_ns=1_500_000_000)
         return await asyncio.wait_for(recorder.run(), 20)
 
-    try:
+    with serving(fake):
         result = asyncio.run(main())
-    finally:
-        fake.shutdown()
-        fake.server_close()
     lines = [json.loads(x) for x in (out / "guest-events.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in lines] == [q for q in range(301, 2501) if q != 1500]
     gaps = [n for n in agent_notes(out) if n["type"] == "gap"]
@@ -816,7 +823,6 @@ def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> 
     """Stopped while the first read of a periodic 5-read burst is in flight: that burst
     ends with the read (recorded with ok_reads 1), then the final burst takes its 5."""
     fake = GatedClockAgent()
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
     out = tmp_path / "run"
 
     async def main() -> RecorderResult:
@@ -828,11 +834,8 @@ def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> 
         fake.release.set()
         return await asyncio.wait_for(task, 20)
 
-    try:
+    with serving(fake):
         result = asyncio.run(main())
-    finally:
-        fake.shutdown()
-        fake.server_close()
     samples = [json.loads(x) for x in (out / "clock-samples.jsonl").read_text().splitlines()]
     assert [(s["reason"], s["ok_reads"], s["reads"]) for s in samples] == [
         ("periodic", 1, 5),
@@ -867,7 +870,6 @@ def test_the_last_fetch_gets_the_events_of_an_agent_too_slow_for_the_timeout(
     unreachable for the whole recording, and the fetch at the end (timeout 5 s) still
     writes all 40 events."""
     fake = SlowEventsAgent(delay_s=1.5)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
     out = tmp_path / "run"
 
     async def main() -> RecorderResult:
@@ -877,11 +879,8 @@ def test_the_last_fetch_gets_the_events_of_an_agent_too_slow_for_the_timeout(
         )  # fmt: skip
         return await asyncio.wait_for(recorder.run(), 30)
 
-    try:
+    with serving(fake):
         result = asyncio.run(main())
-    finally:
-        fake.shutdown()
-        fake.server_close()
     kinds = [n["type"] for n in agent_notes(out)]
     assert kinds[0] == "unreachable" and "connected" in kinds, kinds
     lines = [json.loads(x) for x in (out / "guest-events.jsonl").read_text().splitlines()]

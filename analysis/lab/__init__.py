@@ -26,8 +26,17 @@ console), and ``guest_workload.py``, the optional memory workload from
 
 What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
 
-- Boot to an agent sampling every CPU: 10 to 17 s (kernel to init ~4.5 s; the agent's
-  Python start is most of the rest, ~30x slower than native under TCG).
+- Boot to an agent with every probe up: 9 to 19 s, and as varied between runs of the same
+  scenario (kernel to init 3 to 5 s; the agent's Python start is most of the rest, ~30x
+  slower than native under TCG). In an otherwise idle guest: a warm ``python3 -S -c pass``
+  0.2 s (the first one 1.65 s), ``import prometheus_client`` 1.8 s, ``import click``
+  1.1 s, ``import http.server`` 1.2 s, ``tsprobe agent --help`` 2.6 s, a worker's
+  imports 0.24 s; the agent answered /healthz 5.4 s after its start and had every probe
+  up after 8.9 s. The host's second core stays mostly idle all the while (single-threaded
+  TCG: one host thread for every vCPU).
+- Right after a 4 s pause the agent takes 1 to 6 s to answer a request (a /clock or
+  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s); the lab's recorder
+  waits 5 s per request.
 - The guest's clocksource under TCG is ``hpet``: it counts QEMU's virtual clock, so it
   stands still while QEMU has the vCPUs stopped (precopy downtime, the postcopy
   switchover, ``stop``) and the guest's realtime falls behind the host's by that much; it
