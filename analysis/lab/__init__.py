@@ -34,9 +34,13 @@ What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1
   imports 0.24 s; the agent answered /healthz 5.4 s after its start and had every probe
   up after 8.9 s. The host's second core stays mostly idle all the while (single-threaded
   TCG: one host thread for every vCPU).
-- Right after a 4 s pause the agent takes 1 to 6 s to answer a request (a /clock or
-  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s); the lab's recorder
-  waits 5 s per request.
+- Right after a 4 s pause the agent takes 1 to 7 s to answer a request (a /clock or
+  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s). The recorder's 1 s
+  requests time out meanwhile (13 of them after one pause), and the agent still answers
+  each one it gave up on. With 5 s requests only 2 failed and the agent answered the
+  health check after 1.4 to 2.9 s instead of 1.7 to 6.8 s, but a request in flight to
+  the source at a precopy's switchover then hung 5 s, and a precopy run kept no /clock
+  sample after the switchover but the last one: the lab keeps 1 s.
 - The guest's clocksource under TCG is ``hpet``: it counts QEMU's virtual clock, so it
   stands still while QEMU has the vCPUs stopped (precopy downtime, the postcopy
   switchover, ``stop``) and the guest's realtime falls behind the host's by that much; it
