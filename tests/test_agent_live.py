@@ -83,10 +83,13 @@ def test_frozen_sampler_is_reported_once_with_its_length(tmp_path: Path, hold_s:
             event = mine[0]
             length = event.duration_ns or 0
             assert length >= held - 1_000, (length, held)
+            # A gap the probe itself charges to the host (steal covering it: CI once had a
+            # 107 ms one on CPU 0 with 110 ms of steal) is this VM's host, not the freeze.
             others = [
                 e.to_dict()
                 for e in stalls
                 if e.get("cpu") != victim
+                and e.get("cause") != "host-preempt"
                 and (e.duration_ns or 0) >= 100_000_000
                 and e.mono_ns < t0 + held + 50_000_000
                 and e.mono_ns + (e.duration_ns or 0) > t0 - 50_000_000

@@ -161,6 +161,8 @@ FREEZE_SPIN_WINDOWS = 2
 #: The health check waits up to this long for every CPU's sample count to advance (the
 #: samplers report it about once a second).
 SAMPLING_WAIT_S = 4.0
+#: The baseline goes on for up to this long past --baseline until a /clock sample came.
+BASELINE_WAIT_S = 5.0
 #: Seconds the recorder goes on after the guest settled, for the canaries' last events.
 CANARY_DRAIN_S = 5.0
 #: Seconds before freezing again after a freeze that blocked another vCPU past its start.
@@ -816,6 +818,18 @@ class Scenario:
         self.mark("baseline_start")
         await asyncio.sleep(self.opts.baseline_s)
 
+    async def _baseline(self, recorder: Recorder) -> None:
+        """Record the undisturbed guest for ``baseline_s``, and on until the recorder has a
+        /clock sample taken in it (for the lag before; at most BASELINE_WAIT_S more): the
+        busy guest's agent sometimes answered no burst in 1 s."""
+        samples = sum(a.summary.clock_samples for a in recorder.agents.values())
+        await asyncio.sleep(self.opts.baseline_s)
+        deadline = time.monotonic() + BASELINE_WAIT_S
+        while time.monotonic() < deadline and samples == sum(
+            a.summary.clock_samples for a in recorder.agents.values()
+        ):
+            await asyncio.sleep(0.1)
+
     async def _write_kmsg(self) -> None:
         if self.opts.kmsg is None:
             return
@@ -875,7 +889,7 @@ class Scenario:
                 task.result()
             await self._write_kmsg()
             self.mark("baseline_start")
-            await asyncio.sleep(self.opts.baseline_s)
+            await self._baseline(recorder)
             if self.migrates:
                 await self.migrate()
             elif self.opts.scenario == "stall":
