@@ -101,10 +101,9 @@ def test_a_cpu_missing_from_the_answer_is_waited_for(monkeypatch: pytest.MonkeyP
     assert took >= 1.2
 
 
-def test_fetch_returns_the_body_or_the_error() -> None:
+def test_get_or_error_returns_the_body_or_the_error() -> None:
     with _agent({"0": 1}) as port:
-        ok = scenarios._Fetch(f"http://127.0.0.1:{port}/metrics", 5.0)
-        missing = scenarios._Fetch(f"http://127.0.0.1:{port}/nothing", 5.0)
-        assert ok.result() == (b"tsprobe_up 1\n", None)
-        body, error = missing.result()
+        ok = scenarios._get_or_error(f"http://127.0.0.1:{port}/metrics", 5.0)
+        body, error = scenarios._get_or_error(f"http://127.0.0.1:{port}/nothing", 5.0)
+    assert ok == (b"tsprobe_up 1\n", None)
     assert body == b"" and isinstance(error, OSError)

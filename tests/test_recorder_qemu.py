@@ -723,6 +723,9 @@ class FakeAgent(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def before_answer(self, path: str) -> None:
+        """Called in the request's thread before it is answered (a subclass may block)."""
+
 
 @contextmanager
 def serving(server: ThreadingHTTPServer) -> Iterator[None]:
@@ -744,6 +747,7 @@ class _FakeAgentHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         agent = self.server
+        agent.before_answer(url.path)
         headers = {"X-Tsprobe-Agent-Id": "fake", "X-Tsprobe-Boot-Id": "boot"}
         if url.path == "/clock":
             body = json.dumps({"realtime_ns": time.time_ns(), "monotonic_ns": 1}).encode()
@@ -793,30 +797,25 @@ def test_agent_pages_and_gaps_are_recorded(tmp_path: Path) -> None:
     assert result.stop_reason == "duration 1.5s"
 
 
-class _GatedClockHandler(_FakeAgentHandler):
+class GatedClockAgent(FakeAgent):
     """Holds the first /clock request until the test releases it."""
 
-    def do_GET(self) -> None:
-        agent = self.server
-        assert isinstance(agent, GatedClockAgent)
-        if self.path.startswith("/clock"):
-            with agent.lock:
-                agent.clock_requests += 1
-                first = agent.clock_requests == 1
-            if first:
-                agent.arrived.set()
-                agent.release.wait(10)
-        super().do_GET()
-
-
-class GatedClockAgent(FakeAgent):
     def __init__(self) -> None:
         super().__init__(last_seq=3, oldest=1, hole=set())
-        self.RequestHandlerClass = _GatedClockHandler
         self.lock = threading.Lock()
         self.clock_requests = 0
         self.arrived = threading.Event()
         self.release = threading.Event()
+
+    def before_answer(self, path: str) -> None:
+        if path != "/clock":
+            return
+        with self.lock:
+            self.clock_requests += 1
+            first = self.clock_requests == 1
+        if first:
+            self.arrived.set()
+            self.release.wait(10)
 
 
 def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> None:
@@ -845,22 +844,16 @@ def test_stop_ends_a_periodic_burst_after_the_read_in_flight(tmp_path: Path) -> 
     assert result.stop_reason == "stop requested"
 
 
-class _SlowEventsHandler(_FakeAgentHandler):
+class SlowEventsAgent(FakeAgent):
     """Answers /events after ``delay_s`` (a loaded guest right after a stall)."""
 
-    def do_GET(self) -> None:
-        agent = self.server
-        assert isinstance(agent, SlowEventsAgent)
-        if self.path.startswith("/events"):
-            time.sleep(agent.delay_s)
-        super().do_GET()
-
-
-class SlowEventsAgent(FakeAgent):
     def __init__(self, delay_s: float) -> None:
         super().__init__(last_seq=40, oldest=1, hole=set())
-        self.RequestHandlerClass = _SlowEventsHandler
         self.delay_s = delay_s
+
+    def before_answer(self, path: str) -> None:
+        if path == "/events":
+            time.sleep(self.delay_s)
 
 
 def test_the_last_fetch_gets_the_events_of_an_agent_too_slow_for_the_timeout(

@@ -106,7 +106,6 @@ import shutil
 import signal
 import struct
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -352,9 +351,7 @@ def required_probes(canaries: tuple[str, ...]) -> tuple[str, ...]:
     return ("stall", "clock", "kmsg", *canaries)
 
 
-def wait_agent(
-    port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ...] = ("stall",)
-) -> float:
+def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ...]) -> float:
     """Wait until the agent answers on ``port`` and each of ``probes`` is up (the stall
     probe is up once its sampler on every CPU reported).
 
@@ -437,25 +434,12 @@ def _poll_health(
         time.sleep(0.5)
 
 
-class _Fetch:
-    """One HTTP GET in a thread of its own; ``result()`` waits for it."""
-
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self._body = b""
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, args=(url, timeout_s), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str, timeout_s: float) -> None:
-        try:
-            self._body = _get(url, timeout_s)
-        except (OSError, ValueError) as err:
-            self._error = err
-
-    def result(self) -> tuple[bytes, Exception | None]:
-        """The body, or the error that ended the request."""
-        self._thread.join()
-        return self._body, self._error
+def _get_or_error(url: str, timeout_s: float) -> tuple[bytes, Exception | None]:
+    """``_get``, with the error that ended the request returned instead of raised."""
+    try:
+        return _get(url, timeout_s), None
+    except (OSError, ValueError) as err:
+        return b"", err
 
 
 def _sampling_rates(port: int, first: dict[str, float], cpus: int) -> dict[str, float]:
@@ -574,6 +558,7 @@ class Scenario:
         self.controls: dict[str, Control] = {}
         self.status_events: dict[tuple[str, str], asyncio.Event] = {}
         self.forwarder: Forwarder | None = None
+        self.recorder: Recorder | None = None
         self.exporter_server: ExporterServer | None = None
         self.accel = "tcg"
         self.accel_note = ""
@@ -815,19 +800,24 @@ class Scenario:
         assert self.steps is not None
         self.steps.write_stamped({"type": "clock_step", **reply})
         await asyncio.sleep(1.5)
-        self.mark("baseline_start")
-        await asyncio.sleep(self.opts.baseline_s)
+        await self._baseline()  # a new one, after the step
 
-    async def _baseline(self, recorder: Recorder) -> None:
-        """Record the undisturbed guest for ``baseline_s``, and on until the recorder has a
-        /clock sample taken in it (for the lag before; at most BASELINE_WAIT_S more): the
-        busy guest's agent sometimes answered no burst in 1 s."""
-        samples = sum(a.summary.clock_samples for a in recorder.agents.values())
+    async def _baseline(self) -> None:
+        """Mark the baseline's start and record the undisturbed guest for ``baseline_s``,
+        and on until the recorder has a /clock sample taken in it (for the lag before; at
+        most BASELINE_WAIT_S more): the busy guest's agent sometimes answered no burst in
+        1 s."""
+        recorder = self.recorder
+        assert recorder is not None
+
+        def samples() -> int:
+            return sum(a.summary.clock_samples for a in recorder.agents.values())
+
+        self.mark("baseline_start")
+        before = samples()
         await asyncio.sleep(self.opts.baseline_s)
         deadline = time.monotonic() + BASELINE_WAIT_S
-        while time.monotonic() < deadline and samples == sum(
-            a.summary.clock_samples for a in recorder.agents.values()
-        ):
+        while time.monotonic() < deadline and samples() == before:
             await asyncio.sleep(0.1)
 
     async def _write_kmsg(self) -> None:
@@ -882,14 +872,14 @@ class Scenario:
             extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
             on_record=None if exporter is None else exporter.observe,
         )
+        self.recorder = recorder
         task = asyncio.ensure_future(recorder.run())
         try:
             await _first(recorder.started.wait(), task, 30)
             if task.done():
                 task.result()
             await self._write_kmsg()
-            self.mark("baseline_start")
-            await self._baseline(recorder)
+            await self._baseline()
             if self.migrates:
                 await self.migrate()
             elif self.opts.scenario == "stall":
@@ -925,10 +915,14 @@ class Scenario:
             # before the recorder's last /clock burst: rendering it delays the agent's
             # answers (the only sample after a precopy's switchover read 69 ms of round
             # trip with it, against 12 to 44 ms before).
-            metrics = _Fetch(f"http://127.0.0.1:{final.spec.agent_port}/metrics", 10.0)
+            metrics = asyncio.ensure_future(
+                asyncio.to_thread(
+                    _get_or_error, f"http://127.0.0.1:{final.spec.agent_port}/metrics", 10.0
+                )
+            )
             if self.opts.canaries:
                 await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
-            body, error = await asyncio.to_thread(metrics.result)
+            body, error = await metrics
         finally:
             recorder.stop("lab scenario done")
             with contextlib.suppress(Exception):
