@@ -1,7 +1,10 @@
 """The lab guest's memory workload (analysis/lab/guest_workload.py), run on the host.
 
 It must stay idle until its go file exists, then announce itself and keep its pages
-dirty on the CPU it was given; a bad argument is one console line and exit status 2.
+dirty on the CPU it was given, in passes that leave the CPU mostly idle; a bad argument is
+one console line and exit status 2. What it wrote is read back from ``/proc/PID/mem`` (the
+test is its parent): the one byte it writes into every page flips between 0x55 and 0xAA from
+one pass to the next.
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _working_set(pid: int, size: int) -> int:
+    """The start address of the workload's buffer: its one anonymous mapping that large."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if high - low >= size and len(fields) == 5 and fields[1].startswith("rw"):
+            return low
+    raise AssertionError(f"no {size}-byte mapping in /proc/{pid}/maps")
+
+
+def _written(pid: int, start: int, pages: int) -> set[bytes]:
+    """What each page of the mapping holds besides zeros, read without stopping the
+    process. The buffer starts a malloc header into the mapping, so every page holds the
+    one byte written into it; page 0 also holds the header and is left out."""
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(start)
+        data = mem.read(pages * PAGE)
+    return {data[i : i + PAGE].strip(b"\0") for i in range(PAGE, len(data), PAGE)}
+
+
+PAGE = 4096
+
+
 def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
     go = tmp_path / "go"
     cpu = sorted(os.sched_getaffinity(0))[-1]
@@ -55,10 +81,17 @@ def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line == f"tsprobe-lab: workload: {8 << 20} bytes dirty on CPU {cpu}\n"
-        # ... and dirtying keeps the CPU busy.
-        busy = _cpu_s(proc.pid)
-        time.sleep(1.0)
-        assert _cpu_s(proc.pid) - busy > 0.3
+        # ... then writes every page, again and again ...
+        pages = (8 << 20) // PAGE
+        start = _working_set(proc.pid, 8 << 20)
+        busy, t0 = _cpu_s(proc.pid), time.monotonic()
+        seen: set[bytes] = set()
+        for _ in range(20):
+            seen.update(_written(proc.pid, start, pages))
+            time.sleep(0.05)
+        assert seen == {b"\x55", b"\xaa"}  # every page written, by passes of both patterns
+        # ... in passes (one every 10 ms) that leave the CPU mostly idle.
+        assert _cpu_s(proc.pid) - busy < 0.3 * (time.monotonic() - t0)
     finally:
         proc.kill()
         proc.wait()

@@ -7,9 +7,19 @@ This file runs in the lab guest, never on the host::
 It pins itself to CPU, allocates SIZE bytes (``64M``, ``1G``: powers of 1024; a plain
 number is bytes) and touches every page once, then waits until GO_FILE exists (the
 guest's init creates it when the agent answers) and from then on keeps every 4 KiB page
-dirty by writing one byte into each in a loop: an extended-slice assignment, so the loop
-runs at C speed. This is what makes precopy iterate and postcopy fault. It prints
+dirty: every ``PASS_PERIOD_S`` it writes one byte into each page (an extended-slice
+assignment, so a pass runs at C speed) and sleeps until the next pass. This is what makes
+precopy iterate and postcopy fault. It prints
 ``tsprobe-lab: workload: SIZE bytes dirty on CPU N`` on the console when the loop starts.
+
+Why passes and not a busy loop: a pass over 64 MiB takes 3 to 5 ms in a TCG guest. A
+loop without pauses made 200 to 300 passes a second and took a whole vCPU, which under
+single-threaded TCG is half of what the guest gets, beside an agent that already keeps
+the guest busy. Passed every 10 ms, it took 14 % of the guest's CPU time (ticks in
+/proc/PID/stat over a steady stretch with the agent running). That changes nothing the
+migration sees: each page is written again long before precopy's next
+dirty-bitmap sync (a 64 MiB round takes over a second at the lab's 50 MiB/s), and a pass
+reaches every page the destination still lacks within 10 ms of the switchover.
 
 Why it is its own file and imports nothing beyond ``os``, ``sys`` and ``time`` (built into
 the interpreter): under TCG every import is paid at emulation speed, and once the agent's
@@ -29,6 +39,8 @@ import time
 
 PAGE = 4096
 POLL_S = 0.1
+#: A pass over the working set starts every PASS_PERIOD_S (at once when one is late).
+PASS_PERIOD_S = 0.01
 USAGE = "usage: workload.py SIZE CPU GO_FILE"
 
 
@@ -71,9 +83,16 @@ def main(argv: list[str]) -> int:
         time.sleep(POLL_S)
     say(f"workload: {size} bytes dirty on CPU {cpu}")
     passes = 0
+    next_pass = time.monotonic()
     while True:
         buf[::PAGE] = patterns[passes & 1]
         passes += 1
+        next_pass += PASS_PERIOD_S
+        delay = next_pass - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        else:
+            next_pass = time.monotonic()  # late (a stall): no burst of passes to catch up
 
 
 if __name__ == "__main__":
