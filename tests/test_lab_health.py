@@ -1,7 +1,8 @@
 """The lab health check's sampling test against a stand-in agent.
 
 The real agent in a real guest is checked by every scenario of tests/test_lab.py. The
-stand-in here produces what a healthy guest does not: a sampler whose count stops moving.
+stand-in here produces what a healthy guest does not: a sampler whose count stops moving,
+a first /healthz request that hangs (as one sent when a migration completes can).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from analysis.lab import scenarios
 class _Agent(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, step: dict[str, int]) -> None:
+    def __init__(self, step: dict[str, int], hang_first_s: float = 0.0) -> None:
         self.step = step
+        self.hang_first_s = hang_first_s
+        self.healthz_requests = 0
         self.counts = {cpu: 1000 for cpu in step}
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -39,9 +42,16 @@ class _Handler(BaseHTTPRequestHandler):
         agent = self.server
         if self.path == "/healthz":
             with agent.lock:
+                agent.healthz_requests += 1
+                hang = agent.hang_first_s if agent.healthz_requests == 1 else 0.0
+            time.sleep(hang)
+            with agent.lock:
                 for cpu, step in agent.step.items():
                     agent.counts[cpu] += step
-                body = json.dumps({"status": "ok", "samples": agent.counts}).encode()
+                probes = {p: {"up": True} for p in scenarios.required_probes(())}
+                body = json.dumps(
+                    {"status": "ok", "samples": agent.counts, "probes": probes}
+                ).encode()
         elif self.path == "/metrics":
             body = b"tsprobe_up 1\n"
         else:
@@ -54,8 +64,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _agent(step: dict[str, int]) -> Iterator[int]:
-    agent = _Agent(step)
+def _agent(step: dict[str, int], hang_first_s: float = 0.0) -> Iterator[int]:
+    agent = _Agent(step, hang_first_s)
     threading.Thread(target=agent.serve_forever, daemon=True).start()
     try:
         yield int(agent.server_address[1])
@@ -107,3 +117,17 @@ def test_get_or_error_returns_the_body_or_the_error() -> None:
         body, error = scenarios._get_or_error(f"http://127.0.0.1:{port}/nothing", 5.0)
     assert ok == (b"tsprobe_up 1\n", None)
     assert body == b"" and isinstance(error, OSError)
+
+
+def test_a_hanging_first_health_read_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first /healthz hangs for 3 s; with 0.5 s reads the second read answers at once.
+    monkeypatch.setattr(scenarios, "HEALTH_READ_S", 0.5)
+    answers: list[float] = []
+    with _agent({"0": 500, "1": 500}, hang_first_s=3.0) as port:
+        t0 = time.monotonic()
+        health, down, err, times = scenarios._poll_health(
+            port, scenarios.required_probes(()), lambda: answers.append(time.monotonic() - t0)
+        )
+    assert health["status"] == "ok" and not down and err is None
+    assert times["answer_s"] is not None and 0.5 <= times["answer_s"] < 2.0
+    assert len(answers) == 1 and answers[0] < 2.0  # on_answer: once, at the first answer

@@ -398,15 +398,23 @@ def hooks_command(port: int, line: str, timeout_s: float = 5.0) -> dict[str, Any
 AGENT_ANSWER_S = 15.0
 #: How long a probe may stay down after the scenario before the health check reports it.
 PROBE_RECOVERY_S = 10.0
+#: Timeout of each /healthz read of the health check's first poll.
+HEALTH_READ_S = 3.0
 
 
 def _poll_health(
-    port: int, probes: tuple[str, ...]
+    port: int, probes: tuple[str, ...], on_answer: Callable[[], object] | None = None
 ) -> tuple[dict[str, Any], list[str], Exception | None, dict[str, float | None]]:
     """Read the agent's /healthz every 0.5 s until it answers (for ``AGENT_ANSWER_S``),
     then until none of ``probes`` is down (for ``PROBE_RECOVERY_S`` more): right after a
     long stall (paused: 4 s) a worker's sign of life is late and /healthz calls its probe
     down for a moment (CI saw "stall" and "timer").
+
+    Each read may take ``HEALTH_READ_S``: a request sent while the guest is still
+    catching up after a migration can go unanswered for longer than a later one (a
+    /healthz sent when the migration completed was answered 6.2 s later, while the
+    recorder's requests were answered from 4.1 s on), so a slow read is sent again.
+    ``on_answer`` is called once, at the first answer.
 
     :return: the last answer (empty without one), the probes down in it, the last error
         when there was no answer, and the seconds until the first answer and until every
@@ -419,12 +427,14 @@ def _poll_health(
     times: dict[str, float | None] = {"answer_s": None, "probes_up_s": None}
     while True:
         try:
-            health = _healthz(port, 10.0)
+            health = _healthz(port, HEALTH_READ_S)
         except (OSError, ValueError) as error:
             err = error
         if health and times["answer_s"] is None:
             times["answer_s"] = round(time.monotonic() - start, 2)
             deadline = time.monotonic() + PROBE_RECOVERY_S
+            if on_answer is not None:
+                on_answer()
         states = health.get("probes", {})
         down = [p for p in probes if not states.get(p, {}).get("up")] if health else []
         if health and not down:
@@ -469,6 +479,7 @@ def check_health(
     cpus: int,
     canaries: tuple[str, ...] = (),
     injected: str | None = None,
+    on_answer: Callable[[], object] | None = None,
 ) -> dict[str, Any]:
     """Check the guest after the scenario: consoles, agent, every CPU sampling.
 
@@ -477,6 +488,7 @@ def check_health(
     :param cpus: the number of vCPUs.
     :param canaries: the canaries the agent runs (each must be up).
     :param injected: the line the lab wrote to /dev/kmsg itself (``--kmsg``), not an oops.
+    :param on_answer: called once when the agent first answers.
     :return: ``{"ok", "problems", ...}`` (also written as lab-health.json).
     """
     problems: list[str] = []
@@ -490,7 +502,7 @@ def check_health(
     if not final.alive():
         problems.append(f"{final.spec.name} QEMU exited")
     port = final.spec.agent_port
-    health, down, err, times = _poll_health(port, required_probes(canaries))
+    health, down, err, times = _poll_health(port, required_probes(canaries), on_answer)
     if not health:
         problems.append(f"agent on {final.spec.name} does not answer: {err}")
     if health and down:
@@ -895,6 +907,23 @@ class Scenario:
             drain_end = time.monotonic() + CANARY_DRAIN_S
             await asyncio.sleep(self.opts.linger_s)
             final = self.qemus[-1]
+            # The agent's last /metrics, kept for the summary's counters. It is asked for
+            # when the health check's first /healthz is answered, so that the slow guest
+            # renders it while the health check goes on and the canaries drain: asked for
+            # after the health check, it took 2 to 7 s more in paused runs. A request sent
+            # before the agent answers at all (right after the migration) can hang for
+            # longer than its timeout. Rendering delays the agent's answers, so the
+            # recorder's last /clock burst waits for it (the only sample after a precopy's
+            # switchover once read 69 ms of round trip beside it, against 12 to 44 ms).
+            url = f"http://127.0.0.1:{final.spec.agent_port}/metrics"
+            loop = asyncio.get_running_loop()
+            fetches: list[asyncio.Future[tuple[bytes, Exception | None]]] = []
+
+            def fetch_metrics() -> None:
+                if not fetches:
+                    fetch = asyncio.to_thread(_get_or_error, url, 10.0)
+                    fetches.append(asyncio.ensure_future(fetch))
+
             self.say(f"checking the guest's health on {final.spec.name}")
             health = await asyncio.to_thread(
                 check_health,
@@ -903,23 +932,16 @@ class Scenario:
                 self.opts.vcpus,
                 self.opts.canaries,
                 self.opts.kmsg,
+                lambda: loop.call_soon_threadsafe(fetch_metrics),
             )
             self.say(
                 f"health: {'ok' if health['ok'] else '; '.join(health['problems'])} "
                 f"(agent answered after {health['answer_s']} s, probes up after "
                 f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
             )
-            # The agent's last /metrics, kept for the summary's counters. It takes 1 to
-            # 5 s on the loaded TCG guest, so it is read while the canaries drain, after
-            # the health check (its counters then include what was filed late), and
-            # before the recorder's last /clock burst: rendering it delays the agent's
-            # answers (the only sample after a precopy's switchover read 69 ms of round
-            # trip with it, against 12 to 44 ms before).
-            metrics = asyncio.ensure_future(
-                asyncio.to_thread(
-                    _get_or_error, f"http://127.0.0.1:{final.spec.agent_port}/metrics", 10.0
-                )
-            )
+            await asyncio.sleep(0)  # run a fetch_metrics scheduled by the last answer
+            fetch_metrics()
+            metrics = fetches[0]
             if self.opts.canaries:
                 await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
             body, error = await metrics
