@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -264,7 +263,7 @@ class Agent:
         self.unavailable = dict(unavailable or {})
         self.warning_kinds = tuple(warning_kinds)
         self.say = say
-        self.agent_id = agent_id or secrets.token_hex(8)
+        self.agent_id = agent_id or os.urandom(8).hex()  # secrets would import hmac
         self.boot_id = ""
         self.cpus: list[int] = []
         self.degraded: list[str] = []
