@@ -26,16 +26,19 @@ console), and ``guest_workload.py``, the optional memory workload from
 
 What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
 
-- Boot to an agent with every probe up: 9 to 19 s, and as varied between runs of the same
-  scenario (kernel to init 3 to 5 s; the agent's Python start is most of the rest, ~30x
-  slower than native under TCG). In an otherwise idle guest: a warm ``python3 -S -c pass``
+- Boot to an agent with every probe up: 12 to 17.5 s, and as varied between runs of the
+  same scenario (kernel to init 2.7 to 4.2 s without the crypto self-tests, 4.3 to 5 s
+  with them; the agent's Python start is most of the rest, ~30x slower than native under
+  TCG: 5 to 8.5 s from init to the agent's first event, then 4 to 6 s until every worker
+  reported). In an otherwise idle guest: a warm ``python3 -S -c pass``
   0.2 s (the first one 1.65 s), ``import prometheus_client`` 1.8 s, ``import click``
   1.1 s, ``import http.server`` 1.2 s, ``tsprobe agent --help`` 2.6 s, a worker's
   imports 0.24 s; the agent answered /healthz 5.4 s after its start and had every probe
   up after 8.9 s. The host's second core stays mostly idle all the while (single-threaded
   TCG: one host thread for every vCPU).
 - Right after a 4 s pause the agent takes 1 to 7 s to answer a request (a /clock or
-  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s). The recorder's 1 s
+  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s, and one asked for right
+  when the migration completed went unanswered for 15 s). The recorder's 1 s
   requests time out meanwhile (13 of them after one pause), and the agent still answers
   each one it gave up on. With 5 s requests only 2 failed and the agent answered the
   health check after 1.4 to 2.9 s instead of 1.7 to 6.8 s, but a request in flight to
