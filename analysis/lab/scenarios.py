@@ -921,6 +921,8 @@ class Scenario:
             # longer than its timeout. Rendering delays the agent's answers, so the
             # recorder's last /clock burst waits for it (the only sample after a precopy's
             # switchover once read 69 ms of round trip beside it, against 12 to 44 ms).
+            # Its counters can miss a canary expiration filed after it, while the
+            # canaries drain; guest-events.jsonl has every one.
             url = f"http://127.0.0.1:{final.spec.agent_port}/metrics"
             loop = asyncio.get_running_loop()
             fetches: list[asyncio.Future[tuple[bytes, Exception | None]]] = []
