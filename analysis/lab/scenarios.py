@@ -350,6 +350,12 @@ def _sample_counts(health: dict[str, Any]) -> dict[str, float]:
     return {str(cpu): float(n) for cpu, n in (health.get("samples") or {}).items()}
 
 
+def _probes_down(health: dict[str, Any], probes: tuple[str, ...]) -> list[str]:
+    """Those of ``probes`` that a /healthz answer does not report up."""
+    states = health.get("probes", {})
+    return [p for p in probes if not states.get(p, {}).get("up")]
+
+
 def required_probes(canaries: tuple[str, ...]) -> tuple[str, ...]:
     """The probes the lab waits for before the disturbance and checks after it."""
     return ("stall", "clock", "kmsg", *canaries)
@@ -365,8 +371,7 @@ def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ..
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(OSError, ValueError):
-            states = _healthz(port, 1.0).get("probes", {})
-            if all(states.get(p, {}).get("up") for p in probes):
+            if not _probes_down(_healthz(port, 1.0), probes):
                 return time.monotonic() - qemu.started_mono
         if not qemu.alive():
             raise QemuError(f"{qemu.spec.name} QEMU exited: {qemu.stderr_tail() or '?'}")
@@ -439,8 +444,7 @@ def _poll_health(
             deadline = time.monotonic() + PROBE_RECOVERY_S
             if on_answer is not None:
                 on_answer()
-        states = health.get("probes", {})
-        down = [p for p in probes if not states.get(p, {}).get("up")] if health else []
+        down = _probes_down(health, probes) if health else []
         if health and not down:
             times["probes_up_s"] = round(time.monotonic() - start, 2)
         if times["probes_up_s"] is not None or time.monotonic() > deadline:
@@ -947,7 +951,8 @@ class Scenario:
                 f"(agent answered after {health['answer_s']} s, probes up after "
                 f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
             )
-            await asyncio.sleep(0)  # run a fetch_metrics scheduled by the last answer
+            # A fetch_metrics scheduled by the first answer has run: it was queued before
+            # check_health's return. Without an answer, /metrics is asked for now.
             fetch_metrics()
             metrics = fetches[0]
             if self.opts.canaries:
