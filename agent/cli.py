@@ -248,11 +248,12 @@ def run_agent(config: AgentConfig) -> str:
     cpus = resolve_cpus(config.cpus, roots)
     probes, unavailable = build_probes(config, roots, cpus)
     agent = Agent(config, probes, roots, unavailable=unavailable, warning_kinds=warning_kinds())
-    agent.start()
-    try:
-        return agent.run(config.duration_ns)
-    finally:
-        agent.stop()
+    with agent.stopping_on_signals():
+        agent.start()
+        try:
+            return agent.run(config.duration_ns)
+        finally:
+            agent.stop()
 
 
 DURATION = ParsedType("DURATION", parse_duration, int)

@@ -37,7 +37,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -84,6 +84,8 @@ LOGWATCH = "logwatch"
 
 #: How often ``run()`` looks for a signal.
 _POLL_S = 0.1
+#: The signals that stop the agent cleanly.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -281,6 +283,7 @@ class Agent:
         self._stop_requested = threading.Event()
         self._stop_reason = ""
         self._signalled = ""
+        self._catching = False
         self._lock = threading.Lock()
 
     # -- accessors --------------------------------------------------------------------
@@ -724,26 +727,44 @@ class Agent:
             self._stop_reason = reason
             self._stop_requested.set()
 
+    @contextlib.contextmanager
+    def stopping_on_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT and SIGTERM make ``run()`` return (main thread only).
+
+        ``tsprobe agent`` wraps ``start()`` in it too: a supervisor may send SIGTERM as soon
+        as the HTTP server answers, before ``run()`` is called, and the agent must still
+        stop cleanly and write ``agent_stop``. A handler only records the signal (taking a
+        lock inside a signal handler can deadlock); ``run()`` notices it within ``_POLL_S``.
+        Nested use, and use from another thread, change nothing. The previous handlers come
+        back on exit.
+        """
+        if self._catching or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._signalled = signal.Signals(signum).name
+
+        previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
+        self._catching = True
+        try:
+            yield
+        finally:
+            self._catching = False
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
     def run(self, duration_ns: int | None = None) -> str:
         """Block until ``duration_ns`` elapsed, SIGINT/SIGTERM arrived or ``request_stop()``.
 
-        Signal handlers are installed only when called from the main thread, and restored
-        on return. A handler only records the signal (taking a lock inside a signal handler
-        can deadlock); the loop below notices it within ``_POLL_S``.
+        Signals are caught as in ``stopping_on_signals()`` while it runs, and also when
+        they arrived earlier inside that block.
 
         :param duration_ns: how long to run; None runs until a signal.
         :return: why it returned: ``duration``, ``SIGINT``, ``SIGTERM`` or the stop reason.
         """
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-
-            def on_signal(signum: int, frame: FrameType | None) -> None:
-                self._signalled = signal.Signals(signum).name
-
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, on_signal)
         deadline = None if duration_ns is None else time.monotonic_ns() + max(0, duration_ns)
-        try:
+        with self.stopping_on_signals():
             while not self._stop_requested.is_set():
                 if self._signalled:
                     self.request_stop(self._signalled)
@@ -756,9 +777,6 @@ class Agent:
                         break
                     wait_s = min(wait_s, remaining / 1e9)
                 self._stop_requested.wait(wait_s)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
         return self._stop_reason
 
     def stop(self) -> None:

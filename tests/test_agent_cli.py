@@ -183,38 +183,73 @@ def test_warning_kinds_fall_back_without_the_kmsg_patterns(monkeypatch: pytest.M
     assert cli.warning_kinds() == DEFAULT_WARNING_KINDS
 
 
-def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
+def _agent_process(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """Start ``tsprobe agent`` (canaries only); return it, its base URL and its spool."""
     port = free_port()
     spool = tmp_path / "events.jsonl"
     cmd = [sys.executable, "-m", "tsprobe.cli", "agent", "--listen", f"127.0.0.1:{port}",
            "--events", str(spool), *NO_PROBES, *ROOT_FLAGS]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                status, _, body = http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()[0].decode()
-                assert time.monotonic() < deadline, "agent did not come up"
-                time.sleep(0.05)
-        # The default canaries run; /healthz says "ok" once their processes reported in.
-        while json.loads(body)["status"] != "ok":
-            assert time.monotonic() < deadline, body.decode()
-            time.sleep(0.05)
-            status, _, body = http_get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    return proc, f"http://127.0.0.1:{port}", spool
+
+
+def _first_health(proc: subprocess.Popen[bytes], url: str, deadline: float) -> dict[str, Any]:
+    """/healthz's first answer (the server answers while the probes are still starting)."""
+    while True:
+        try:
+            status, _, body = http_get(f"{url}/healthz", timeout=1)
+        except OSError:
+            assert proc.poll() is None, proc.communicate()[0].decode()
+            assert time.monotonic() < deadline, "agent did not come up"
+            time.sleep(0.01)
+            continue
         assert status == 200
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert any("probe.canary_timer" in child.cmdline() for child in children)
+        health: dict[str, Any] = json.loads(body)
+        return health
+
+
+def _sigterm(proc: subprocess.Popen[bytes]) -> bytes:
+    """Send SIGTERM, wait for the exit; kill it when it does not end within 10 s."""
+    try:
         os.kill(proc.pid, signal.SIGTERM)
         output, _ = proc.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    return output
+
+
+def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
+    proc, url, spool = _agent_process(tmp_path)
+    deadline = time.monotonic() + 20
+    health = _first_health(proc, url, deadline)
+    # The default canaries run; /healthz says "ok" once their processes reported in.
+    while health["status"] != "ok":
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+        health = _first_health(proc, url, deadline)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("probe.canary_timer" in child.cmdline() for child in children)
+    output = _sigterm(proc)
     assert proc.returncode == 0, output.decode()
     assert b"Traceback" not in output
     assert not any(child.is_running() for child in children)  # the canaries stopped too
+    last = list(iter_event_file(spool))[-1]
+    assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
+
+
+def test_sigterm_while_the_agent_starts_stops_it_cleanly(tmp_path: Path) -> None:
+    """A supervisor may send SIGTERM as soon as /healthz answers, before the canaries are up.
+
+    The agent then still stops cleanly, writes ``agent_stop`` and stops its canaries.
+    """
+    proc, url, spool = _agent_process(tmp_path)
+    health = _first_health(proc, url, time.monotonic() + 20)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    output = _sigterm(proc)
+    assert proc.returncode == 0, (health, output.decode())
+    assert b"Traceback" not in output
+    assert not any(child.is_running() for child in children)
     last = list(iter_event_file(spool))[-1]
     assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
