@@ -274,7 +274,8 @@ def test_stall_vcpu_heartbeat_peer_declares_the_frozen_cpu_dead(
     (inj,) = stall_vcpu["injected"]
     freeze = inj["freeze_ns"]
     # The heartbeat side on CPU 0 ran on and found CPU 1's side silent for the freeze:
-    # dead for T = 10 ms and 100 ms, not for 1 s (a 700 ms freeze). Deadlines that fell
+    # dead for T = 50 ms and 100 ms (the lab's ladder starts at 50 ms, init.sh), not for
+    # 1 s (a 700 ms freeze). Deadlines that fell
     # due inside the kept freeze only (an aborted attempt before it has its own).
     lo, hi = inj["host_start_ns"] - 20 * MS, inj["host_end_ns"] + 20 * MS
     declared = [
@@ -288,7 +289,7 @@ def test_stall_vcpu_heartbeat_peer_declares_the_frozen_cpu_dead(
         and t["gone_ns"] >= freeze // 2  # not the 10-20 ms silences TCG makes anyway
     ]
     print(f"freeze {freeze / MS:.1f} ms; deadlines expired inside it:", inj["guest_timeouts"])
-    assert {t["timeout"] for t in declared} == {"10ms", "100ms"}, declared
+    assert {t["timeout"] for t in declared} == {"50ms", "100ms"}, declared
     # How long CPU 1's side was gone, by its own send times: the freeze, plus up to one
     # heartbeat interval (5 ms), plus its way back onto CPU 1 after the thaw, where it
     # queues behind the FIFO sampler and the other processes that woke with it: 4 to 94 ms

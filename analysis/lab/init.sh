@@ -5,7 +5,8 @@
 # /lib/modules/load-order (modules.dep order, computed at build time), brings up eth0 on
 # QEMU's user-mode network (10.0.2.15/24, gateway 10.0.2.2), then starts:
 #   - the agent: tsprobe agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466,
-#     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl);
+#     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl), with the lab's lighter
+#     settings below;
 #   - the lab hooks (port 9467): clock steps on request, and a health line on the console;
 #   - optionally a memory workload that keeps a working set dirty, pinned to one CPU.
 # Settings come from the kernel command line:
@@ -77,8 +78,20 @@ if [ "$WSS" != "0" ]; then
     # slows the agent's start under TCG nor pays for its own start under the samplers.
     $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" &
 fi
+# The lab's agent settings. Under TCG the guest's Python runs about 30 times slower than
+# natively. With the agent's defaults, the agent, its samplers and canaries and the 64 MiB
+# workload kept both vCPUs 98 % busy (per-process /proc/PID/stat ticks over 20 s, no host
+# requests), the agent alone 55 % of a vCPU. Two defaults cost most of that:
+#   - the timeout ladder's 10 ms rung: TCG's own 1-20 ms gaps (the reason for the 50 ms
+#     stall threshold) expired it about 17 times a second on the timer and heartbeat
+#     canaries, and filing those events took the agent's canary threads 36 % of a vCPU.
+#     The lab's ladder starts at 50 ms, like its stall threshold.
+#   - the clock probe's 10 ms period: 11 % of a vCPU. The timerfd sees clock sets at once
+#     whatever the period, so 100 ms only delays noticing BOOTTIME steps (suspend).
+# With both, the agent's share fell to 16-21 % of a vCPU and the guest was 5-11 % idle.
 # shellcheck disable=SC2086
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
+    --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
 $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
 if [ "$WSS" != "0" ]; then

@@ -946,6 +946,7 @@ class Scenario:
                 self.opts.kmsg,
                 lambda: loop.call_soon_threadsafe(fetch_metrics),
             )
+            self.mark("health_checked")
             self.say(
                 f"health: {'ok' if health['ok'] else '; '.join(health['problems'])} "
                 f"(agent answered after {health['answer_s']} s, probes up after "
@@ -958,10 +959,12 @@ class Scenario:
             if self.opts.canaries:
                 await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
             body, error = await metrics
+            self.mark("metrics_fetched")
         finally:
             recorder.stop("lab scenario done")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
+            self.mark("recording_stopped")
         if error is not None:
             health["problems"].append(f"/metrics failed: {error}")
             health["ok"] = False
