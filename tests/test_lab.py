@@ -275,8 +275,8 @@ def test_stall_vcpu_heartbeat_peer_declares_the_frozen_cpu_dead(
     freeze = inj["freeze_ns"]
     # The heartbeat side on CPU 0 ran on and found CPU 1's side silent for the freeze:
     # dead for T = 50 ms and 100 ms (the lab's ladder starts at 50 ms, init.sh), not for
-    # 1 s (a 700 ms freeze). Deadlines that fell
-    # due inside the kept freeze only (an aborted attempt before it has its own).
+    # 1 s (a 700 ms freeze). Deadlines that fell due inside the kept freeze only (an
+    # aborted attempt before it has its own).
     lo, hi = inj["host_start_ns"] - 20 * MS, inj["host_end_ns"] + 20 * MS
     declared = [
         t

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.lab.guest_workload import parse_size
+from analysis.lab.guest_workload import PAGE, parse_size
 
 SCRIPT = Path(__file__).resolve().parent.parent / "analysis" / "lab" / "guest_workload.py"
 
@@ -59,9 +59,6 @@ def _written(pid: int, start: int, pages: int) -> set[bytes]:
         mem.seek(start)
         data = mem.read(pages * PAGE)
     return {data[i : i + PAGE].strip(b"\0") for i in range(PAGE, len(data), PAGE)}
-
-
-PAGE = 4096
 
 
 def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
