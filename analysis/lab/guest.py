@@ -512,19 +512,6 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-def _compress(raw: Path, out: Path, log: Log) -> str:
-    zstd = shutil.which("zstd")
-    if zstd:
-        _run([zstd, "-q", "-f", "-12", "-T0", str(raw), "-o", str(out)])
-        return "zstd"
-    import gzip
-
-    with open(raw, "rb") as src, gzip.open(out, "wb", compresslevel=6) as dst:
-        shutil.copyfileobj(src, dst)
-    log("initramfs: zstd is not installed: gzip instead")
-    return "gzip"
-
-
 def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict[str, Any]:
     debs = cache / "debs"
     kdeb = apt.fetch(inputs.kernel_package, inputs.kernel_version, debs)
@@ -581,26 +568,20 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
     _copy_real(INIT_SCRIPT, root / "init")
     os.chmod(root / "init", 0o755)
 
-    raw = work / "initramfs.cpio"
-    with open(raw, "wb") as fh:
+    # Uncompressed: under TCG the kernel took 0.3 to 0.7 s to unpack the zstd (-12) image
+    # (kernel start to /init 4.79 s with it, 4.10 s without, 4 boots each); the cache
+    # holds 23 MiB instead of 8.5 MiB.
+    initrd = out / "initramfs.cpio"
+    with open(initrd, "wb") as fh:
         writer = cpio.CpioWriter(fh)
         writer.chardev("dev/console", 5, 1)
         writer.chardev("dev/null", 1, 3, 0o666)
         entries = writer.tree(root)
         writer.close()
-    initrd = out / "initramfs.cpio.zst"
-    method = _compress(raw, initrd, log)
-    if method != "zstd":
-        initrd = initrd.rename(out / "initramfs.cpio.gz")
-    sizes = {
-        "kernel": kernel.stat().st_size,
-        "initramfs_raw": raw.stat().st_size,
-        "initramfs": initrd.stat().st_size,
-    }
+    sizes = {"kernel": kernel.stat().st_size, "initramfs": initrd.stat().st_size}
     log(
-        f"initramfs: {entries} entries, {_human(sizes['initramfs_raw'])} -> "
-        f"{_human(sizes['initramfs'])} ({method}); kernel {kernel.name} "
-        f"{_human(sizes['kernel'])}"
+        f"initramfs: {entries} entries, {_human(sizes['initramfs'])} (uncompressed); "
+        f"kernel {kernel.name} {_human(sizes['kernel'])}"
     )
     return {
         "format": BUILD_FORMAT,
