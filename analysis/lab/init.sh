@@ -7,7 +7,8 @@
 #   - the agent: tsprobe agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466,
 #     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl), with the lab's lighter
 #     settings below;
-#   - the lab hooks (port 9467): clock steps on request, and a health line on the console;
+#   - once the agent is up, the lab hooks (port 9467): clock steps on request, and a
+#     health line on the console;
 #   - optionally a memory workload that keeps a working set dirty, pinned to one CPU.
 # Settings come from the kernel command line:
 #   tsprobe.wss=SIZE      working set of the memory workload (e.g. 64M; 0 or absent: none)
@@ -74,7 +75,7 @@ export PYTHONDONTWRITEBYTECODE=1
 GO=/run/tsprobe/workload-go
 if [ "$WSS" != "0" ]; then
     # Started first, while the guest is idle: it allocates and touches its pages now and
-    # starts dirtying them once the agent answers (it waits for $GO), so that it neither
+    # starts dirtying them once the agent is up (it waits for $GO), so that it neither
     # slows the agent's start under TCG nor pays for its own start under the samplers.
     $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" &
 fi
@@ -89,17 +90,28 @@ fi
 #   - the clock probe's 10 ms period: 11 % of a vCPU. The timerfd sees clock sets at once
 #     whatever the period, so 100 ms only delays noticing BOOTTIME steps (suspend).
 # With both, the agent's share fell to 16-21 % of a vCPU and the guest was 5-11 % idle.
+# The heartbeat canary then cost most (5 ms interval: 26-30 % of a vCPU per side, by
+# /proc/PID/schedstat); at 10 ms, 21-23 %, and with the workload's passes every 50 ms
+# the guest was 15-17 % idle (7-8 % before). 10 ms still resolves the ladder's 50 ms rung.
 # shellcheck disable=SC2086
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
-    --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms \
+    --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
-$PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
-if [ "$WSS" != "0" ]; then
-    (
-        until wget -q -O /dev/null http://127.0.0.1:9466/healthz 2>/dev/null; do sleep 0.2; done
-        touch "$GO"
-    ) &
-fi
+# Once the agent has reported its probes (its first probe_status event in the spool):
+# the workload starts dirtying and the hooks start. Under single-threaded TCG the guest's
+# vCPUs share one host thread, so whatever else runs while the agent starts delays it:
+# the hooks' start took 1 to 1.4 s of that (the host needs them only after the agent is
+# ready, and retries until they answer), and polling /healthz with wget every 0.2 s made
+# the starting agent answer HTTP; grep on the spool costs the agent nothing.
+(
+    tries=0
+    until grep -q '"probe_status"' /run/tsprobe/events.jsonl 2>/dev/null || [ $tries -ge 600 ]; do
+        sleep 0.2
+        tries=$((tries + 1))
+    done
+    touch "$GO"
+    exec $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466
+) &
 
 while true; do
     wait

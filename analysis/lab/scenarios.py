@@ -384,19 +384,43 @@ def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ..
         time.sleep(0.2)
 
 
-def hooks_command(port: int, line: str, timeout_s: float = 5.0) -> dict[str, Any]:
+#: How long the lab waits for the guest's hooks to answer: the guest starts them once the
+#: agent is up, and their start takes about a second of the busy guest's time.
+HOOKS_WAIT_S = 15.0
+
+
+def hooks_command(
+    port: int, line: str, timeout_s: float = 5.0, wait_s: float = HOOKS_WAIT_S
+) -> dict[str, Any]:
     """Send one line to the guest's lab hooks (port forwarded to guest 9467).
+
+    QEMU's user network accepts the host's connection before the guest does: while the
+    hooks are not listening yet, the connection ends (or is reset) without a byte. Only
+    that is tried again, every 0.2 s for up to ``wait_s``: the hooks answer every line
+    they read, so a line they acted on is not sent twice.
 
     :raise ScenarioError: when the hooks do not answer or answer an error.
     """
     import socket
 
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+                sock.sendall(line.encode() + b"\n")
+                reply = sock.makefile("r").readline()
+        except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+            reply = ""  # not listening yet, as an empty answer
+        except OSError as err:
+            raise ScenarioError(f"lab hooks did not answer {line!r}: {err}") from err
+        if reply:
+            break
+        if time.monotonic() >= deadline:
+            raise ScenarioError(f"lab hooks did not answer {line!r} within {wait_s:g} s")
+        time.sleep(0.2)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-            sock.sendall(line.encode() + b"\n")
-            reply = sock.makefile("r").readline()
         result: dict[str, Any] = json.loads(reply)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         raise ScenarioError(f"lab hooks did not answer {line!r}: {err}") from err
     if not result.get("ok"):
         raise ScenarioError(f"lab hooks refused {line!r}: {result.get('error')}")
