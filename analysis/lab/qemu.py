@@ -12,10 +12,11 @@ other host ports.
 Accelerators:
 
 - ``tcg``: ``-accel tcg,thread=single``. Multi-threaded TCG corrupted guests in 6 of 10
-  precopy runs on this kind of machine; single-threaded TCG runs every vCPU in one host
-  thread, so every vCPU stalls at once.
+  precopy runs on this kind of machine, and on a destination alone it put the guest's
+  clock off at the switchover (``scenarios.MTTCG_SCENARIOS``); single-threaded TCG runs
+  every vCPU in one host thread, so every vCPU stalls at once.
 - ``tcg-multi``: ``-accel tcg,thread=multi``: a host thread per vCPU, used by
-  ``stall-vcpu`` (no migration) to freeze one vCPU.
+  ``stall-vcpu`` (no migration) to freeze one vCPU, and by ``stall``.
 - ``kvm``: ``-accel kvm``. ``auto`` picks KVM only after a smoke boot reached the guest's
   init within ``KVM_SMOKE_S`` (a stock kernel fails on some hosts with emulation errors
   or hangs); the verdict is kept for the host's boot (its ``boot_id``), so only the first
