@@ -7,8 +7,7 @@
 #   - the agent: tsprobe agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466,
 #     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl), with the lab's lighter
 #     settings below;
-#   - once the agent is up, the lab hooks (port 9467): clock steps on request, and a
-#     health line on the console;
+#   - the lab hooks (port 9467): clock steps on request, and a health line on the console;
 #   - optionally a memory workload that keeps a working set dirty, pinned to one CPU.
 # Settings come from the kernel command line:
 #   tsprobe.wss=SIZE      working set of the memory workload (e.g. 64M; 0 or absent: none)
@@ -97,12 +96,10 @@ fi
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
-# Once the agent has reported its probes (its first probe_status event in the spool):
-# the workload starts dirtying and the hooks start. Under single-threaded TCG the guest's
-# vCPUs share one host thread, so whatever else runs while the agent starts delays it:
-# the hooks' start took 1 to 1.4 s of that (the host needs them only after the agent is
-# ready, and retries until they answer), and polling /healthz with wget every 0.2 s made
-# the starting agent answer HTTP; grep on the spool costs the agent nothing.
+$PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
+# The workload starts dirtying once the agent has reported its probes (its first
+# probe_status event in the spool). grep on the spool costs the agent nothing; the
+# wget of /healthz every 0.2 s it replaces made the starting agent answer HTTP.
 (
     tries=0
     until grep -q '"probe_status"' /run/tsprobe/events.jsonl 2>/dev/null || [ $tries -ge 600 ]; do
@@ -110,7 +107,6 @@ $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
         tries=$((tries + 1))
     done
     touch "$GO"
-    exec $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466
 ) &
 
 while true; do
