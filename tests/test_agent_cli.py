@@ -220,6 +220,22 @@ def _sigterm(proc: subprocess.Popen[bytes]) -> bytes:
     return output
 
 
+def _stopped_cleanly(
+    proc: subprocess.Popen[bytes],
+    output: bytes,
+    children: list[psutil.Process],
+    spool: Path,
+    health: dict[str, Any] | None = None,
+) -> None:
+    """Exit 0 without a traceback, every child process gone (the canaries stopped too), and
+    ``agent_stop`` with reason SIGTERM last in the spool."""
+    assert proc.returncode == 0, (health, output.decode())
+    assert b"Traceback" not in output
+    assert not any(child.is_running() for child in children)
+    last = list(iter_event_file(spool))[-1]
+    assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
+
+
 def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
     proc, url, spool = _agent_process(tmp_path)
     deadline = time.monotonic() + 20
@@ -231,12 +247,7 @@ def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
         health = _first_health(proc, url, deadline)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert any("probe.canary_timer" in child.cmdline() for child in children)
-    output = _sigterm(proc)
-    assert proc.returncode == 0, output.decode()
-    assert b"Traceback" not in output
-    assert not any(child.is_running() for child in children)  # the canaries stopped too
-    last = list(iter_event_file(spool))[-1]
-    assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
+    _stopped_cleanly(proc, _sigterm(proc), children, spool)
 
 
 def test_sigterm_while_the_agent_starts_stops_it_cleanly(tmp_path: Path) -> None:
@@ -247,9 +258,4 @@ def test_sigterm_while_the_agent_starts_stops_it_cleanly(tmp_path: Path) -> None
     proc, url, spool = _agent_process(tmp_path)
     health = _first_health(proc, url, time.monotonic() + 20)
     children = psutil.Process(proc.pid).children(recursive=True)
-    output = _sigterm(proc)
-    assert proc.returncode == 0, (health, output.decode())
-    assert b"Traceback" not in output
-    assert not any(child.is_running() for child in children)
-    last = list(iter_event_file(spool))[-1]
-    assert last.kind == "agent_stop" and last.get("reason") == "SIGTERM"
+    _stopped_cleanly(proc, _sigterm(proc), children, spool, health)

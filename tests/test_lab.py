@@ -291,9 +291,9 @@ def test_stall_vcpu_heartbeat_peer_declares_the_frozen_cpu_dead(
     print(f"freeze {freeze / MS:.1f} ms; deadlines expired inside it:", inj["guest_timeouts"])
     assert {t["timeout"] for t in declared} == {"50ms", "100ms"}, declared
     # How long CPU 1's side was gone, by its own send times: the freeze, plus up to one
-    # heartbeat interval (10 ms in the lab), plus its way back onto CPU 1 after the thaw, where it
-    # queues behind the FIFO sampler and the other processes that woke with it: 4 to 94 ms
-    # seen under TCG (the timer canary beside it was kept off CPU 1 as long).
+    # heartbeat interval (10 ms in the lab), plus its way back onto CPU 1 after the thaw,
+    # where it queues behind the FIFO sampler and the other processes that woke with it: 4
+    # to 94 ms seen under TCG (the timer canary beside it was kept off CPU 1 as long).
     for t in declared:
         print(f"  T={t['timeout']}: CPU 1 gone {t['gone_ns'] / MS:.1f} ms")
         assert freeze - 5 * MS <= t["gone_ns"] <= freeze + 150 * MS, (t, freeze)

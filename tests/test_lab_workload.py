@@ -83,11 +83,12 @@ def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
         start = _working_set(proc.pid, 8 << 20)
         busy, t0 = _cpu_s(proc.pid), time.monotonic()
         seen: set[bytes] = set()
+        both = {b"\x55", b"\xaa"}  # the patterns of odd and even passes
         deadline = time.monotonic() + 3.0
-        while seen != {b"\x55", b"\xaa"} and time.monotonic() < deadline:
+        while seen != both and time.monotonic() < deadline:
             seen.update(_written(proc.pid, start, pages))
             time.sleep(0.013)  # not a divisor of the pass period: no aliasing
-        assert seen == {b"\x55", b"\xaa"}  # every page written, by passes of both patterns
+        assert seen == both  # every page written, by passes of both patterns
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         # ... in passes (one every 50 ms) that leave the CPU mostly idle.
         assert _cpu_s(proc.pid) - busy < 0.3 * (time.monotonic() - t0)

@@ -97,17 +97,20 @@ $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
 $PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
-# The workload starts dirtying once the agent has reported its probes (its first
-# probe_status event in the spool). grep on the spool costs the agent nothing; the
-# wget of /healthz every 0.2 s it replaces made the starting agent answer HTTP.
-(
-    tries=0
-    until grep -q '"probe_status"' /run/tsprobe/events.jsonl 2>/dev/null || [ $tries -ge 600 ]; do
-        sleep 0.2
-        tries=$((tries + 1))
-    done
-    touch "$GO"
-) &
+if [ "$WSS" != "0" ]; then
+    # The workload starts dirtying once the agent has reported its probes (its first
+    # probe_status event in the spool). grep on the spool costs the agent nothing; the
+    # wget of /healthz every 0.2 s it replaces made the starting agent answer HTTP.
+    (
+        tries=0
+        until grep -q '"probe_status"' /run/tsprobe/events.jsonl 2>/dev/null \
+            || [ $tries -ge 600 ]; do
+            sleep 0.2
+            tries=$((tries + 1))
+        done
+        touch "$GO"
+    ) &
+fi
 
 while true; do
     wait
