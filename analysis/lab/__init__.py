@@ -22,8 +22,9 @@ The guest side: ``init.sh`` is PID 1 (busybox sh): it mounts /proc, /sys, /dev, 
 virtio modules, sets up eth0 (10.0.2.15/24 via 10.0.2.2), turns RT throttling off (see the
 script for why), and starts ``tsprobe agent --interval 1ms --threshold 50ms`` (with a
 timeout ladder from 50 ms and a 100 ms clock period: see the script for why) and
-``guest_hooks.py`` (the host's clock-step trigger on port 9467, the health line on the
-console), and ``guest_workload.py``, the optional memory workload from
+busybox ``nc`` on port 9467, which runs ``guest_hooks.py`` for each request of the host
+(a clock step, a line in /dev/kmsg), a shell loop that prints the agent's health on the
+console, and ``guest_workload.py``, the optional memory workload from
 ``tsprobe.wss=``/``tsprobe.wcpu=`` on the kernel command line.
 
 What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):

@@ -1,12 +1,14 @@
 """Lab hooks inside the guest (stdlib only; installed as /opt/tsprobe/lab/hooks.py).
 
-This file runs in the lab guest, never on the host. Started by the guest's init (the
-memory workload is ``guest_workload.py``):
+This file runs in the lab guest, never on the host. The guest's init serves it on TCP port
+9467 with busybox ``nc -ll -p 9467 -e python3 hooks.py once``: nc accepts each connection
+and runs one ``hooks.py once`` on it, which reads one line, answers one JSON line and exits
+(the host reaches the port through QEMU's ``hostfwd``). A resident server would cost the
+guest a Python start and its imports at boot, when the TCG guest's one host thread is
+busiest starting the agent; the hooks are only asked a few times per run (the memory
+workload is ``guest_workload.py``; init polls the agent's /healthz for the console itself).
 
-``serve --port 9467 --agent URL``
-    A line protocol on TCP (the host reaches it through QEMU's ``hostfwd``): the host sends
-    one line, the guest answers one JSON line and closes.
-
+``once``
     ``ping``      ``{"ok": true, "uptime_s": ...}``
     ``step NS``   step CLOCK_REALTIME by NS nanoseconds (signed) with
                   ``adjtimex(ADJ_SETOFFSET)`` (exact: the kernel adds NS), falling back to
@@ -18,30 +20,24 @@ memory workload is ``guest_workload.py``):
                   read; the kernel files it under facility 1 (user), never 0 (kernel).
                   Answers ``{"ok": true, "text": TEXT, "mono_ns": ...}``.
 
-    It also polls the agent's /healthz every 5 s and prints ``tsprobe-lab: health ...`` on
-    the console when the status changes (and ``agent up`` the first time it answers).
-
 ``selftest``
-    Runs what ``serve`` runs once, so that the guest builder sees every module it imports.
+    Runs what ``once`` runs, so that the guest builder sees every module it imports.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import socket
 import struct
 import sys
 import time
 
-HEALTH_PERIOD_S = 5.0
-
 
 def say(text: str) -> None:
-    """Print one ``tsprobe-lab:`` line on the console (stdout is /dev/console)."""
-    sys.stdout.write(f"tsprobe-lab: {text}\n")
-    sys.stdout.flush()
+    """Print one ``tsprobe-lab:`` line on the console: stderr, which nc hands down from
+    init (/dev/console); stdout is the connection."""
+    sys.stderr.write(f"tsprobe-lab: {text}\n")
+    sys.stderr.flush()
 
 
 #: struct timex (x86-64): modes at 0, time.tv_sec at 72, time.tv_usec at 80; 208 bytes.
@@ -137,84 +133,25 @@ def handle(line: str) -> dict[str, object]:
     return {"ok": False, "error": f"unknown command {line.strip()!r}"}
 
 
-def http_get(host: str, port: int, path: str, timeout: float = 2.0) -> bytes:
-    """A minimal HTTP/1.0 GET (no urllib: fewer modules in the guest)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    raw = b"".join(chunks)
-    return raw.partition(b"\r\n\r\n")[2]
-
-
-def health_line(host: str, port: int) -> str | None:
-    """One summary of the agent's /healthz, or None when it does not answer."""
-    try:
-        body = json.loads(http_get(host, port, "/healthz"))
-    except (OSError, ValueError):
-        return None
-    events = body.get("events", {})
-    return (
-        f"status={body.get('status')} down={','.join(body.get('down', [])) or '-'} "
-        f"cpus={','.join(str(c) for c in body.get('cpus', []))} "
-        f"last_seq={events.get('last_seq')} dropped={events.get('dropped')}"
-    )
-
-
-def serve(port: int, agent: str) -> int:
-    """Run the hooks server and the health watcher forever."""
-    host, _, agent_port = agent.removeprefix("http://").rstrip("/").partition(":")
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", port))
-    srv.listen(4)
-    srv.settimeout(1.0)
-    last_health: str | None = None
-    next_health = 0.0
-    while True:
-        now = time.monotonic()
-        if now >= next_health:
-            next_health = now + HEALTH_PERIOD_S
-            line = health_line(host, int(agent_port or 9466))
-            if line is not None and last_health is None:
-                with open("/proc/uptime") as fh:
-                    say(f"agent up at {fh.read().split()[0]}s")
-            if line != last_health:
-                say(f"health {line or 'agent not answering'}")
-                last_health = line
-        try:
-            conn, _ = srv.accept()
-        except TimeoutError:
-            continue
-        with conn:
-            conn.settimeout(5.0)
-            try:
-                request = conn.makefile("r").readline()
-                conn.sendall((json.dumps(handle(request)) + "\n").encode())
-            except OSError as err:
-                say(f"hooks: {err}")
+def once() -> int:
+    """Answer the one command line on stdin (the connection nc hands over) on stdout."""
+    line = sys.stdin.readline()
+    sys.stdout.write(json.dumps(handle(line)) + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: ``serve`` or ``selftest``."""
-    parser = argparse.ArgumentParser(prog="hooks.py")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p_serve = sub.add_parser("serve")
-    p_serve.add_argument("--port", type=int, default=9467)
-    p_serve.add_argument("--agent", default="http://127.0.0.1:9466")
-    sub.add_parser("selftest")
-    args = parser.parse_args(argv)
-    if args.cmd == "serve":
-        return serve(args.port, args.agent)
-    handle("ping")
-    health_line("127.0.0.1", 1)
-    import ctypes  # noqa: F401 - imported lazily by step_clock; the builder must see it
+    """Entry point: ``once`` or ``selftest``."""
+    if argv == ["once"]:
+        return once()
+    if argv == ["selftest"]:
+        handle("ping")
+        import ctypes  # noqa: F401 - imported lazily by step_clock; the builder must see it
 
-    return 0
+        return 0
+    sys.stderr.write("usage: hooks.py once|selftest\n")
+    return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #   - the agent: tsprobe agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466,
 #     its spool in the guest's tmpfs (/run/tsprobe/events.jsonl), with the lab's lighter
 #     settings below;
-#   - the lab hooks (port 9467): clock steps on request, and a health line on the console;
+#   - the lab hooks (port 9467, a hooks.py per request): clock steps and the like;
+#   - a health line on the console whenever the agent's /healthz changes;
 #   - optionally a memory workload that keeps a working set dirty, pinned to one CPU.
 # Settings come from the kernel command line:
 #   tsprobe.wss=SIZE      working set of the memory workload (e.g. 64M; 0 or absent: none)
@@ -96,7 +97,34 @@ fi
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
-$PY /opt/tsprobe/lab/hooks.py serve --port 9467 --agent http://127.0.0.1:9466 &
+# The lab hooks: one short-lived hooks.py per connection (see its docstring).
+# shellcheck disable=SC2086
+nc -ll -p 9467 -e $PY /opt/tsprobe/lab/hooks.py once &
+# The agent's health on the console: a line when it first answers, and one whenever its
+# status, its down probes or its count of dropped events change (/healthz every 5 s).
+(
+    last=""
+    up=""
+    while true; do
+        body="$(wget -q -T 3 -O - http://127.0.0.1:9466/healthz 2>/dev/null)"
+        if [ -n "$body" ]; then
+            if [ -z "$up" ]; then
+                echo "tsprobe-lab: agent up at $(cut -d' ' -f1 /proc/uptime)s"
+                up=1
+            fi
+            line="$(echo "$body" | sed -n \
+                -e 's/^{"status": "\([a-z]*\)".*"down": \[\([^]]*\)\].*"dropped": \([0-9]*\).*/status=\1 down=[\2] dropped=\3/p')"
+            line="${line:-unreadable /healthz}"
+        else
+            line="agent not answering"
+        fi
+        if [ "$line" != "$last" ]; then
+            echo "tsprobe-lab: health $line"
+            last="$line"
+        fi
+        sleep 5
+    done
+) &
 if [ "$WSS" != "0" ]; then
     # The workload starts dirtying once the agent has reported its probes (its first
     # probe_status event in the spool). grep on the spool costs the agent nothing; the

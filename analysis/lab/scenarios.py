@@ -392,8 +392,8 @@ def wait_agent(port: int, qemu: lq.Qemu, timeout_s: float, probes: tuple[str, ..
         time.sleep(0.2)
 
 
-#: How long the lab waits for the guest's hooks to listen. The guest starts them beside the
-#: agent, and under TCG their start takes a second or two of the busy guest's time.
+#: How long the lab waits for the guest's hooks to listen (busybox nc, started by init
+#: right before the agent: its port is open long before the agent's).
 HOOKS_WAIT_S = 15.0
 
 
