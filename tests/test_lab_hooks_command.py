@@ -1,9 +1,10 @@
 """hooks_command against a stand-in for QEMU's user network in front of late hooks.
 
 The host's first command can arrive before the guest's hooks listen (init starts their
-listener with the agent, and a TCG guest boots slowly). QEMU's user network still accepts the host's connection and then
-ends it without a byte; that is the fault the stand-in makes. The real hooks are exercised by
-the lab's clock-step and kmsg runs (tests/test_lab.py).
+listener with the agent, and a TCG guest boots slowly). QEMU's user network still accepts
+the host's connection and then ends it without a byte; that is the fault the stand-in
+makes. The real hooks are exercised by the lab's clock-step and kmsg runs
+(tests/test_lab.py).
 """
 
 from __future__ import annotations
