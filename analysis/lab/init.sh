@@ -106,7 +106,8 @@ nc -ll -p 9467 -e $PY /opt/tsprobe/lab/hooks.py once &
     last=""
     up=""
     while true; do
-        body="$(wget -q -T 3 -O - http://127.0.0.1:9466/healthz 2>/dev/null)"
+        # busybox-static's wget -T segfaults when the connection is refused: timeout instead.
+        body="$(timeout 3 wget -q -O - http://127.0.0.1:9466/healthz 2>/dev/null)"
         if [ -n "$body" ]; then
             if [ -z "$up" ]; then
                 echo "tsprobe-lab: agent up at $(cut -d' ' -f1 /proc/uptime)s"

@@ -145,10 +145,12 @@ MIGRATING = frozenset({"precopy", "postcopy", "paused", "paused-stop"})
 POSTCOPY = frozenset({"postcopy", "paused", "paused-stop"})
 DEFAULT_WORKLOAD = {"postcopy": "64M", "paused": "64M", "paused-stop": "64M"}
 FREEZER = Path("/sys/fs/cgroup/freezer")
-#: Console patterns that make a guest unhealthy.
+#: Console patterns that make a guest unhealthy: the kernel's, a failed module load, and
+#: a program of init's that crashed (busybox sh prints "Segmentation fault").
 OOPS = re.compile(
     r"Oops|BUG:|Kernel panic|general protection fault|WARNING: CPU|soft lockup|"
-    r"hard LOCKUP|blocked for more than|segfault at|Call Trace|tsprobe-lab: insmod"
+    r"hard LOCKUP|blocked for more than|segfault at|Call Trace|tsprobe-lab: insmod|"
+    r"Segmentation fault"
 )
 BOOT_TIMEOUT_S = 120.0
 #: stall-vcpu keeps a freeze only if every other vCPU thread slept (went idle and was
