@@ -61,6 +61,7 @@ from agent.metrics import (
     ScrapeHooks,
     SyncReading,
 )
+from agent.workers import stop_fork_server
 from probe import __version__
 from probe.base import Health, Probe, now_pair
 from probe.errors import LogSpecError
@@ -394,6 +395,7 @@ class Agent:
         for probe in self._started:
             with contextlib.suppress(Exception):
                 probe.stop()
+        stop_fork_server()
         if self._server is not None:
             self._server.stop()
         if self._log is not None:
@@ -793,6 +795,7 @@ class Agent:
                 probe.stop()
             except Exception as err:
                 self.say(f"tsprobe: stopping probe {probe.name} failed: {err!r}")
+        stop_fork_server()
         log = self.log
         stats = log.stats()
         mono, _ = now_pair()

@@ -1,9 +1,9 @@
 """The stall probe: one sampler process per CPU, supervised, their lines turned into events.
 
 ``StallProbe`` starts a ``probe.stall`` sampler for each CPU as a supervised worker
-(``agent.workers``: a fresh interpreter, never ``fork``; one supervisor thread per CPU;
-restarts with back-off). Each sampler pins itself to its CPU and writes JSON lines on its
-stdout (the protocol is described in ``probe.stall``). The probe:
+(``agent.workers``: forked from the fork server, never from the agent; one supervisor
+thread per CPU; restarts with back-off). Each sampler pins itself to its CPU and writes
+JSON lines on its stdout (the protocol is described in ``probe.stall``). The probe:
 
 - turns each ``stall`` line into a ``RawEvent`` of kind ``stall`` (``mono_ns``/``real_ns``
   at the gap's start, ``duration_ns`` the gap; fields ``cpu``, ``cause``, ``run_delay_ns``,
@@ -23,7 +23,7 @@ Stall events reach ``emit`` within about a second: a sampler sends its stall lin
 with its once-a-second heartbeat, because every wake-up of this process costs more than the
 line it carries.
 
-Each sampler costs about 4 to 5 MB PSS (``python -I -S``, see ``agent.workers``); if the
+Each sampler costs about 4 MB PSS (a ``python -I -S``, see ``agent.workers``); if the
 agent dies, each sampler exits at its next write (within about a second).
 """
 

@@ -11,14 +11,20 @@ Units
     says what to start (each process's argv and the descriptors it inherits, e.g. the two
     ends of a socketpair) and which of the parent's descriptors to close once they run.
 
-Fresh interpreters, not fork
-    Every worker is ``python -I -S -c BOOTSTRAP MODULE ARGS...``, started with
-    ``subprocess``: the agent has threads, and a forked child would inherit their locks and
-    the agent's whole heap. ``-I`` isolates it from the environment, ``-S`` skips ``site``
+Forked by a fork server, never by the agent
+    Every worker is described as ``python -I -S -c BOOTSTRAP MODULE ARGS...``
+    (``worker_command``): ``-I`` isolates it from the environment, ``-S`` skips ``site``
     (``-m`` alone would add about 1.5 MB through runpy); the bootstrap puts the package's
-    parent directory on ``sys.path`` and calls ``MODULE.main``; ``MODULE`` also stands in
-    the argv so that ``ps`` shows what runs. Each process gets its own process group, so a
-    terminal's Ctrl-C reaches the agent only, which then stops them.
+    parent directory on ``sys.path`` and calls ``MODULE.main``. The agent has threads, and
+    a child it forked would inherit their locks and its whole heap, so it does not fork:
+    ``agent.forkserver`` runs one such interpreter that never has threads, and forks each
+    worker from it (a fork costs milliseconds; an interpreter's start and imports cost
+    0.5 s of a TCG guest's vCPU). A worker's ``ps`` name is its role (``stall 1``). When
+    the fork server cannot be used (it does not start or answer), or for another
+    interpreter than the agent's, the command runs as a fresh interpreter with
+    ``subprocess`` (``MODULE`` then stands in its argv for ``ps``), and ``notes()`` says
+    so. Each worker gets its own process group, so a terminal's Ctrl-C reaches the agent
+    only, which then stops them.
 
 One pipe per unit
     All processes of a unit write their stdout and stderr into one pipe (a line under
@@ -54,9 +60,11 @@ import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import probe
+from agent.errors import ForkServerError
+from agent.forkserver import ForkServer
 from probe.base import Emit
 from probe.events import RawEvent
 from probe.procfs import format_cpu_list
@@ -81,6 +89,58 @@ HEALTHY_RUN_S = 10.0
 CHECK_S = 0.5
 #: A diagnostic line is kept up to this many characters (its end).
 DIAG_MAX = 300
+
+
+class Process(Protocol):
+    """What the supervisor uses of a worker process: a ``subprocess.Popen`` or an
+    ``agent.forkserver.ForkedProcess``."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+_fork_server: ForkServer | None = None
+_fork_server_lock = threading.Lock()
+
+
+def fork_server() -> ForkServer:
+    """The agent's one fork server (started at its first worker)."""
+    global _fork_server
+    with _fork_server_lock:
+        if _fork_server is None:
+            _fork_server = ForkServer(sys.executable, PACKAGE_PARENT)
+        return _fork_server
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server, if one runs (the agent's last step; a later worker would
+    start a new one)."""
+    with _fork_server_lock:
+        server = _fork_server
+    if server is not None:
+        server.close()
+
+
+def forkable(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """The module and options of a ``worker_command`` of this interpreter, else None.
+
+    :param argv: a command line.
+    :return: (module, args) when the fork server can start it without exec.
+    """
+    if len(argv) < 6 or list(argv[:4]) != [sys.executable, "-I", "-S", "-c"]:
+        return None
+    module = argv[5]
+    if argv[4] != BOOTSTRAP.format(parent=PACKAGE_PARENT, module=module):
+        return None
+    return module, list(argv[6:])
 
 
 def worker_command(module: str, args: Sequence[str], python: str = sys.executable) -> list[str]:
@@ -151,7 +211,7 @@ class Unit:
         self.key = key
         self.label = label
         self.cpus = tuple(cpus)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[Process] = []
         self.ready: set[int] = set()  # pids of this start that sent their status line
         self.running = False  # every process of this start sent its status line
         self.life: tuple[int, int] | None = None  # (mono_ns, real_ns) of the last sign
@@ -289,7 +349,7 @@ class Supervisor(Generic[U]):
         return problems
 
     def wait_ready(self, timeout_s: float = 5.0) -> bool:
-        """Wait until every unit runs (a fresh interpreter needs about 0.1 s).
+        """Wait until every unit runs (a worker needs about 0.1 s on a real CPU).
 
         :param timeout_s: the longest wait.
         :return: whether all units run.
@@ -348,20 +408,11 @@ class Supervisor(Generic[U]):
                 unit.down = f"cannot start a {self.noun}: {err}"
                 return None
             read_fd, write_fd = os.pipe()
-            procs: list[subprocess.Popen[bytes]] = []
+            procs: list[Process] = []
             try:
                 for index, argv in enumerate(launch.argvs):
                     fds = launch.pass_fds[index] if index < len(launch.pass_fds) else ()
-                    procs.append(
-                        subprocess.Popen(
-                            list(argv),
-                            stdin=subprocess.DEVNULL,
-                            stdout=write_fd,
-                            stderr=write_fd,
-                            process_group=0,
-                            pass_fds=tuple(fds),
-                        )
-                    )
+                    procs.append(self._start_process(unit, argv, write_fd, fds))
             except OSError as err:
                 for proc in procs:
                     proc.kill()
@@ -381,6 +432,29 @@ class Supervisor(Generic[U]):
             unit.diag = unit.error = ""
             self.on_spawn(unit)
             return read_fd
+
+    def _start_process(
+        self, unit: U, argv: Sequence[str], write_fd: int, fds: Sequence[int]
+    ) -> Process:
+        """Start one process of ``unit`` (lock held): forked by the fork server when it
+        can, else a fresh interpreter.
+
+        :raise OSError: when neither way starts it.
+        """
+        spec = forkable(argv)
+        if spec is not None:
+            try:
+                return fork_server().spawn(spec[0], spec[1], write_fd, fds)
+            except ForkServerError as err:
+                self._add_note(self._first_cpu(unit), f"{err}: fresh interpreters instead")
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=write_fd,
+            stderr=write_fd,
+            process_group=0,
+            pass_fds=tuple(fds),
+        )
 
     def _supervise(self, unit: U) -> None:
         quick = 0  # deaths in a row of units that did not run HEALTHY_RUN_S

@@ -50,7 +50,8 @@ Talking to the parent (``agent.samplers``)
     The sampler exits when its stdout is closed (at its next write).
 
 Footprint
-    Each sampler is a fresh interpreter started with ``-I -S``. Its imports are kept to
+    Each sampler is an interpreter started with ``-I -S`` (or forked from one, see
+    ``agent.workers``). Its imports are kept to
     ``os``, ``sys``, ``time``, ``gc``, ``ctypes`` (for the timerfd) and two small modules of
     this package; no argparse, json or typing (each would add 1 to 2 MB per sampler). The hot
     loop allocates nothing: ``os.readv`` fills a preallocated buffer that is compared with a

@@ -1,10 +1,11 @@
 """What every worker process shares: its command line, its pinning, its lines to the parent.
 
-A worker is a small process the agent starts as a fresh interpreter (``python -I -S``) and
-supervises (``agent.workers``): the per-CPU stall samplers (``probe.stall``) and the
-application-timeout canaries (``probe.canary_timer``, ``probe.canary_heartbeat``,
-``probe.canary_rpc``). A worker talks to the agent in JSON Lines on its stdout, one object
-per line with a type ``t``, and every worker speaks the same few types besides its own:
+A worker is a small process the agent starts and supervises (``agent.workers``: forked
+from the agent's fork server, or a fresh ``python -I -S``): the per-CPU stall samplers
+(``probe.stall``) and the application-timeout canaries (``probe.canary_timer``,
+``probe.canary_heartbeat``, ``probe.canary_rpc``). A worker talks to the agent in JSON
+Lines on its stdout, one object per line with a type ``t``, and every worker speaks the
+same few types besides its own:
 
 ``status``  once, after set-up: ``pid``, ``cpu``, ``notes`` (one line per degraded
             capability), ``mono_ns``/``real_ns`` (a first sign of life);

@@ -88,10 +88,25 @@ class LiveAgent:
     def sampler_pid(self, cpu: int) -> int:
         """The pid of the stall sampler process pinned to ``cpu``."""
         for child in psutil.Process(self.proc.pid).children(recursive=True):
-            cmd = child.cmdline()
-            if "probe.stall" in cmd and "--cpu" in cmd and cmd[cmd.index("--cpu") + 1] == str(cpu):
+            if is_worker(child, "probe.stall", cpu):
                 return child.pid
         raise AssertionError(f"no sampler for cpu {cpu}")
+
+
+def is_worker(proc: psutil.Process, module: str, cpu: int | None = None) -> bool:
+    """Whether ``proc`` is a worker of ``module`` (on ``cpu``): by the name a worker
+    forked by the fork server gives itself (``timer 1``), or by the command line of a
+    fresh interpreter."""
+    try:
+        name, cmd = proc.name(), proc.cmdline()
+    except psutil.Error:
+        return False
+    role = module.rsplit(".", 1)[-1].removeprefix("canary_")
+    if name == role or name.startswith(role + " "):
+        return cpu is None or name.endswith(f" {cpu}")
+    if module in cmd:
+        return cpu is None or ("--cpu" in cmd and cmd[cmd.index("--cpu") + 1] == str(cpu))
+    return False
 
 
 @contextmanager

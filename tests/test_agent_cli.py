@@ -24,7 +24,7 @@ from probe.events import iter_event_file
 from probe.procfs import format_cpu_list, parse_cpu_list
 from probe.roots import Roots
 from tests.fakeprobes import FIXTURE_ROOTS, FIXTURE_ROOTS_DIR
-from tests.liveagent import free_port, http_get
+from tests.liveagent import free_port, http_get, is_worker
 from tsprobe.cli import main
 
 ROOT_FLAGS = [
@@ -246,7 +246,7 @@ def test_sigterm_stops_the_agent_process_cleanly(tmp_path: Path) -> None:
         time.sleep(0.05)
         health = _first_health(proc, url, deadline)
     children = psutil.Process(proc.pid).children(recursive=True)
-    assert any("probe.canary_timer" in child.cmdline() for child in children)
+    assert any(is_worker(child, "probe.canary_timer") for child in children)
     _stopped_cleanly(proc, _sigterm(proc), children, spool)
 
 

@@ -45,7 +45,7 @@ from probe.canary_heartbeat import Watcher
 from probe.events import Event, RawEvent
 from probe.worker import WorkerUsageError, int_list_option, int_option, parse_options
 from tests.fakeprobes import EventSink
-from tests.liveagent import live_agent
+from tests.liveagent import is_worker, live_agent
 
 MS = 1_000_000
 S = 1_000_000_000
@@ -517,10 +517,6 @@ def test_a_killed_heartbeat_side_restarts_the_pair_with_an_outage_event() -> Non
 # -- through the agent -------------------------------------------------------------------
 
 
-def _is_worker(cmdline: list[str], module: str, cpu: int) -> bool:
-    return module in cmdline and cmdline[cmdline.index("--cpu") + 1] == str(cpu)
-
-
 def _metric(text: str, metric: str, **labels: str) -> float | None:
     want = metric + (
         "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
@@ -549,10 +545,8 @@ def test_the_agent_counts_canary_timeouts_and_log_lines(tmp_path: Path) -> None:
     ]
     with live_agent(tmp_path, *args) as agent:
         assert _wait_for(lambda: agent.healthz()["probes"]["timer"]["up"], 10.0)
-        children = psutil.Process(agent.proc.pid).children()
-        timer = next(
-            c.pid for c in children if _is_worker(c.cmdline(), "probe.canary_timer", victim)
-        )
+        children = psutil.Process(agent.proc.pid).children(recursive=True)
+        timer = next(c.pid for c in children if is_worker(c, "probe.canary_timer", victim))
         t0 = time.monotonic_ns()
         os.kill(timer, signal.SIGSTOP)
         time.sleep(0.3)
