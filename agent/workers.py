@@ -398,7 +398,11 @@ class Supervisor(Generic[U]):
     # -- supervision ---------------------------------------------------------------------
 
     def _spawn(self, unit: U) -> int | None:
-        """Start ``unit``'s processes; return the read end of their pipe, or None."""
+        """Start ``unit``'s processes; return the read end of their pipe, or None.
+
+        The lock is not held while they start: a fork server that starts (or does not
+        answer) would keep ``health()`` and /healthz waiting.
+        """
         with self._lock:
             if self._stopping.is_set():
                 return None
@@ -407,24 +411,29 @@ class Supervisor(Generic[U]):
             except OSError as err:
                 unit.down = f"cannot start a {self.noun}: {err}"
                 return None
-            read_fd, write_fd = os.pipe()
-            procs: list[Process] = []
-            try:
-                for index, argv in enumerate(launch.argvs):
-                    fds = launch.pass_fds[index] if index < len(launch.pass_fds) else ()
-                    procs.append(self._start_process(unit, argv, write_fd, fds))
-            except OSError as err:
-                for proc in procs:
+        read_fd, write_fd = os.pipe()
+        procs: list[Process] = []
+        error: OSError | None = None
+        try:
+            for index, argv in enumerate(launch.argvs):
+                fds = launch.pass_fds[index] if index < len(launch.pass_fds) else ()
+                procs.append(self._start_process(unit, argv, write_fd, fds))
+        except OSError as err:
+            error = err
+        finally:
+            os.close(write_fd)
+            for fd in launch.close_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        with self._lock:
+            if error is not None or self._stopping.is_set():
+                for proc in procs:  # stop() ran meanwhile, or a sibling did not start
                     proc.kill()
                     proc.wait()
                 os.close(read_fd)
-                unit.down = f"cannot start a {self.noun}: {err}"
+                if error is not None:
+                    unit.down = f"cannot start a {self.noun}: {error}"
                 return None
-            finally:
-                os.close(write_fd)
-                for fd in launch.close_fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
             unit.procs = procs
             unit.ready = set()
             unit.killed = set()
@@ -436,8 +445,8 @@ class Supervisor(Generic[U]):
     def _start_process(
         self, unit: U, argv: Sequence[str], write_fd: int, fds: Sequence[int]
     ) -> Process:
-        """Start one process of ``unit`` (lock held): forked by the fork server when it
-        can, else a fresh interpreter.
+        """Start one process of ``unit`` (lock not held): forked by the fork server when
+        it can, else a fresh interpreter.
 
         :raise OSError: when neither way starts it.
         """
@@ -446,7 +455,8 @@ class Supervisor(Generic[U]):
             try:
                 return fork_server().spawn(spec[0], spec[1], write_fd, fds)
             except ForkServerError as err:
-                self._add_note(self._first_cpu(unit), f"{err}: fresh interpreters instead")
+                with self._lock:
+                    self._add_note(self._first_cpu(unit), f"{err}: fresh interpreters instead")
         return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,

@@ -3,6 +3,7 @@ supervisor falls back to fresh interpreters when it cannot be used."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -124,3 +125,38 @@ def test_worker_names_and_requests() -> None:
     for bad in (b"X\x001", b"S\x007\x001", b"S\x007\x00-1\x00m"):
         with pytest.raises(ValueError):
             parse_request(bad)
+
+
+def test_a_server_that_does_not_answer_neither_blocks_health_nor_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stopped server: health() answers at once meanwhile, and after ANSWER_S the
+    sampler starts as a fresh interpreter."""
+    from agent import forkserver
+    from agent.samplers import StallProbe
+
+    stuck = ForkServer(sys.executable, workers.PACKAGE_PARENT)
+    out_r, out_w = os.pipe()
+    assert stuck.spawn(MODULE, [], out_w).wait(10) == 0
+    os.close(out_w)
+    _read_all(out_r)
+    pid = stuck.server_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    monkeypatch.setattr(workers, "_fork_server", stuck)
+    monkeypatch.setattr(forkserver, "ANSWER_S", 1.5)
+    probe = StallProbe([0], interval_ns=1_000_000, threshold_ns=50_000_000)
+    try:
+        probe.start(lambda event: None)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        assert not probe.health()["stall"].up  # starting
+        assert time.monotonic() - t0 < 0.5
+        assert probe.wait_ready(20)
+        assert "probe.stall" in psutil.Process(probe.sampler_pids()[0]).cmdline()
+        assert any("did not answer" in note for note in probe.notes())
+    finally:
+        probe.stop()
+        with contextlib.suppress(ProcessLookupError):  # killed when it did not answer
+            os.kill(pid, signal.SIGCONT)
+        stuck.close()
