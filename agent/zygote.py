@@ -30,6 +30,7 @@ at their next write, as they do when the agent dies.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import os
 import select
@@ -154,6 +155,7 @@ def _spawn(sock: socket.socket, msg: bytes, fds: list[int], keep: list[int]) -> 
         if len(targets) != len(fds):
             raise ValueError(f"{len(fds)} descriptors for {len(targets)} targets")
         importlib.import_module(module)  # here once, so that every child has it
+        gc.freeze()  # a child's collections then leave what it shares with the server alone
         pid = os.fork()
         if pid == 0:
             _become_worker(module, args, targets, fds, [sock.fileno(), *keep])
