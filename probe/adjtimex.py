@@ -25,7 +25,6 @@ the structure out differently.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -208,7 +207,9 @@ _libc: ctypes.CDLL | None = None
 def _load_libc() -> ctypes.CDLL:
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The interpreter's own symbols (dlopen(NULL)) include libc's: find_library
+        # would run ``ldconfig -p`` in a subprocess at every start.
+        _libc = ctypes.CDLL(None, use_errno=True)
     return _libc
 
 

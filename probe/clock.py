@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -334,7 +333,9 @@ class RealtimeSetWatch:
         :raise OSError: when libc or the kernel does not offer it.
         """
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # The interpreter's own symbols (dlopen(NULL)) include libc's: find_library
+            # would run ``ldconfig -p`` in a subprocess at every start.
+            libc = ctypes.CDLL(None, use_errno=True)
             self._create = libc.timerfd_create
             self._settime = libc.timerfd_settime
         except (OSError, AttributeError) as err:
