@@ -29,19 +29,21 @@ console, and ``guest_workload.py``, the optional memory workload from
 
 What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
 
-- Boot to an agent with every probe up: 12 to 17.5 s, and as varied between runs of the
-  same scenario (kernel to init 2.7 to 4.2 s without the crypto self-tests, 4.3 to 5 s
-  with them; the agent's Python start is most of the rest, ~30x slower than native under
-  TCG: 5 to 8.5 s from init to the agent's first event, then 4 to 6 s until every worker
-  reported). In an otherwise idle guest: a warm ``python3 -S -c pass``
-  0.2 s (the first one 1.65 s), ``import prometheus_client`` 1.8 s, ``import click``
-  1.1 s, ``import http.server`` 1.2 s, ``tsprobe agent --help`` 2.6 s, a worker's
-  imports 0.24 s; the agent answered /healthz 5.4 s after its start and had every probe
-  up after 8.9 s. The host's second core stays mostly idle all the while (single-threaded
-  TCG: one host thread for every vCPU), and that thread is busy through the whole boot
-  (QEMU's CPU time equalled the wall time in 6 boots of 11.3 to 14.4 s), a good part of
-  it translating: 200,000 translation blocks by the end of a boot (HMP ``info jit``), and
-  55,000 more on the destination in the 4.5 s after paused-stop's ``cont``.
+- Boot to an agent with every probe up: 9.2 to 17.6 s (12 s on average) in a migrating
+  run, and as varied between runs of the same scenario (kernel to init 2.2 to 3.6 s
+  without the crypto self-tests, 4.3 to 5 s with them; the agent's Python start is most of
+  the rest, ~30x slower than native under TCG). In an otherwise idle guest: a warm
+  ``python3 -S -c pass`` 0.2 s (the first one 1.65 s), ``import prometheus_client``
+  1.8 s, ``import click`` 1.1 s, ``import http.server`` 1.2 s, ``tsprobe agent --help``
+  2.6 s, a worker's imports 0.24 s. With the six workers forked from the fork server
+  (``agent.forkserver``) instead of each started as a fresh interpreter, and the hooks run
+  per request instead of as a resident Python, the average migrating boot went from
+  15.0 s to 12.0 and 12.5 s (``bench/lab_scenarios --repeat 3``). The
+  host's second core stays mostly idle all the while (single-threaded TCG: one host thread
+  for every vCPU), and that thread is busy through the whole boot (QEMU's CPU time equalled
+  the wall time in 6 boots of 11.3 to 14.4 s), a good part of it translating: 200,000
+  translation blocks by the end of a boot (HMP ``info jit``), and 55,000 more on the
+  destination in the 4.5 s after paused-stop's ``cont``.
 - Right after a 4 s pause the agent takes 1 to 7 s to answer a request (a /clock or
   /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s, and one asked for right
   when the migration completed went unanswered for 15 s). The recorder's 1 s
