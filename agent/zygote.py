@@ -30,6 +30,7 @@ at their next write, as they do when the agent dies.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import importlib
 import os
@@ -99,11 +100,10 @@ def _become_worker(
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh interpreter
         os.setpgid(0, 0)
         # Move what was sent above every number in play, then down to the targets.
         floor = max([*targets, *fds, *keep, 2]) + 1
-        import fcntl
-
         moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor) for fd in fds]
         for fd in {*fds, *keep}:
             os.close(fd)

@@ -2,12 +2,14 @@
 
 ``--fd N``: write one line to descriptor N (passed under that number) and say so;
 ``--sleep S``: then sleep S seconds; ``--exit N``: exit with status N.
-It prints what it sees: its name (/proc/self/comm) and whether stdin is /dev/null.
+It prints what it sees: its name (/proc/self/comm), whether stdin is /dev/null and whether
+SIGINT has Python's default handler.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -17,7 +19,8 @@ def main(argv: list[str]) -> int:
     with open("/proc/self/comm") as fh:
         name = fh.read().strip()
     stdin = os.readlink("/proc/self/fd/0")
-    sys.stdout.write(f"name={name} stdin={stdin}\n")
+    sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sys.stdout.write(f"name={name} stdin={stdin} sigint_default={sigint}\n")
     if "--fd" in opts:
         os.write(int(opts["--fd"]), b"through the passed descriptor\n")
     sys.stdout.flush()

@@ -50,6 +50,7 @@ def test_a_worker_runs_main_with_its_status_output_and_descriptors(server: ForkS
     out = _read_all(out_r)
     assert "name=forkserver_wor" in out  # its role name: the module's last part, cut at 15
     assert "stdin=/dev/null" in out
+    assert "sigint_default=True" in out  # the server ignores SIGINT; its workers do not
     assert _read_all(side_r) == "through the passed descriptor\n"
 
 
