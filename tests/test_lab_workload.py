@@ -1,10 +1,10 @@
 """The lab guest's memory workload (analysis/lab/guest_workload.py), run on the host.
 
 It must stay idle until its go file exists, then announce itself and keep its pages
-dirty on the CPU it was given, in passes that leave the CPU mostly idle; a bad argument is
-one console line and exit status 2. What it wrote is read back from ``/proc/PID/mem`` (the
-test is its parent): the one byte it writes into every page flips between 0x55 and 0xAA from
-one pass to the next.
+dirty on the CPU it was given, in passes that leave the CPU mostly idle, until its stop
+file exists; a bad argument is one console line and exit status 2. What it wrote is read
+back from ``/proc/PID/mem`` (the test is its parent): the one byte it writes into every
+page flips between 0x55 and 0xAA from one pass to the next.
 """
 
 from __future__ import annotations
@@ -92,6 +92,26 @@ def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         # ... in passes (one every 50 ms) that leave the CPU mostly idle.
         assert _cpu_s(proc.pid) - busy < 0.3 * (time.monotonic() - t0)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stops_once_its_stop_file_exists(tmp_path: Path) -> None:
+    go, stop = tmp_path / "go", tmp_path / "stop"
+    go.touch()
+    cmd = [sys.executable, "-I", "-S", str(SCRIPT), "1M", "0", str(go), str(stop)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"tsprobe-lab: workload: {1 << 20} bytes dirty on CPU 0\n"
+        time.sleep(0.3)
+        assert proc.poll() is None  # dirtying
+        stop.touch()
+        assert proc.wait(5) == 0
+        last = proc.stdout.read()
+        passes = int(last.removeprefix("tsprobe-lab: workload: stopped after ").split()[0])
+        assert last.endswith(" passes\n") and passes >= 3, last  # one every 50 ms
     finally:
         proc.kill()
         proc.wait()

@@ -20,6 +20,9 @@ workload is ``guest_workload.py``; init polls the agent's /healthz for the conso
                   read; the kernel files it under facility 1 (user), never 0 (kernel).
                   Answers ``{"ok": true, "text": TEXT, "mono_ns": ...}``.
 
+``workload stop`` never reaches this file: init's shell in front of it answers that one
+itself (a Python start is slow on a destination right after a migration).
+
 ``selftest``
     Runs what ``once`` runs, so that the guest builder sees every module it imports.
 """

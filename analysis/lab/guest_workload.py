@@ -2,7 +2,7 @@
 
 This file runs in the lab guest, never on the host::
 
-    workload.py SIZE CPU GO_FILE
+    workload.py SIZE CPU GO_FILE [STOP_FILE]
 
 It pins itself to CPU, allocates SIZE bytes (``64M``, ``1G``: powers of 1024; a plain
 number is bytes) and touches every page once, then waits until GO_FILE exists (the
@@ -22,6 +22,12 @@ passes ran late and then back to back. Every 50 ms it takes 22 to 26 %. That cha
 nothing the migration sees: each page is written again long before precopy's next
 dirty-bitmap sync (a 64 MiB round takes over a second at the lab's 50 MiB/s), and a pass
 reaches every page the destination still lacks within 50 ms of the switchover.
+
+Once STOP_FILE exists (the host asks the lab hooks for ``workload stop`` when the
+migration has completed) it prints ``tsprobe-lab: workload: stopped after N passes`` and
+exits: its job ends with the migration. Left running on the destination, whose QEMU has
+to translate the guest's code anew, it slowed the agent's first answer after a paused run
+from 1.2 to 3.9 s to 2.9 to 8.7 s (4 runs each, alternated).
 
 Why it is its own file and imports nothing beyond ``os``, ``sys`` and ``time`` (built into
 the interpreter): under TCG every import is paid at emulation speed, and once the agent's
@@ -43,7 +49,7 @@ PAGE = 4096
 POLL_S = 0.1
 #: A pass over the working set starts every PASS_PERIOD_S (at once when one is late).
 PASS_PERIOD_S = 0.05
-USAGE = "usage: workload.py SIZE CPU GO_FILE"
+USAGE = "usage: workload.py SIZE CPU GO_FILE [STOP_FILE]"
 
 
 def parse_size(text: str) -> int:
@@ -67,8 +73,8 @@ def say(text: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Prepare, wait for GO_FILE, then dirty memory forever."""
-    if len(argv) != 3:
+    """Prepare, wait for GO_FILE, then dirty memory until STOP_FILE exists."""
+    if len(argv) not in (3, 4):
         say(f"workload: {USAGE}")
         return 2
     try:
@@ -77,6 +83,7 @@ def main(argv: list[str]) -> int:
         say(f"workload: {err}; {USAGE}")
         return 2
     go_file = argv[2]
+    stop_file = argv[3] if len(argv) == 4 else None
     os.sched_setaffinity(0, {cpu})
     buf = bytearray(size)  # zero-filled: every page is touched once here
     pages = len(range(0, size, PAGE))
@@ -86,7 +93,7 @@ def main(argv: list[str]) -> int:
     say(f"workload: {size} bytes dirty on CPU {cpu}")
     passes = 0
     next_pass = time.monotonic()
-    while True:
+    while stop_file is None or not os.path.exists(stop_file):
         buf[::PAGE] = patterns[passes & 1]
         passes += 1
         next_pass += PASS_PERIOD_S
@@ -95,6 +102,8 @@ def main(argv: list[str]) -> int:
             time.sleep(delay)
         else:
             next_pass = time.monotonic()  # late (a stall): no burst of passes to catch up
+    say(f"workload: stopped after {passes} passes")
+    return 0
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ if [ "$WSS" != "0" ]; then
     # Started first, while the guest is idle: it allocates and touches its pages now and
     # starts dirtying them once the agent is up (it waits for $GO), so that it neither
     # slows the agent's start under TCG nor pays for its own start under the samplers.
-    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" &
+    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" /run/tsprobe/workload-stop &
 fi
 # The lab's agent settings. Under TCG the guest's Python runs about 30 times slower than
 # natively. With the agent's defaults, the agent, its samplers and canaries and the 64 MiB
@@ -97,9 +97,18 @@ fi
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
-# The lab hooks: one short-lived hooks.py per connection (see its docstring).
-# shellcheck disable=SC2086
-nc -ll -p 9467 -e $PY /opt/tsprobe/lab/hooks.py once &
+# The lab hooks: a shell per connection reads the host's line; "workload stop" is
+# answered here (right after a migration the destination's fresh QEMU runs a Python start
+# slowly), anything else by one short-lived hooks.py (see its docstring).
+# shellcheck disable=SC2016
+HOOK='read -r line
+case "$line" in
+    "workload stop")
+        touch /run/tsprobe/workload-stop
+        echo "{\"ok\": true, \"stopped\": \"workload\"}" ;;
+    *) printf "%s\n" "$line" | /usr/bin/python3.11 -S /opt/tsprobe/lab/hooks.py once ;;
+esac'
+nc -ll -p 9467 -e sh -c "$HOOK" &
 # The agent's health on the console: a line when it first answers, and one whenever its
 # status, its down probes or its count of dropped events change (/healthz every 5 s).
 (
