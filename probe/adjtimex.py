@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from probe.errors import ParseError, ProbeUnavailable
+from probe.libc import libc
 
 #: Clock states returned by adjtimex (linux/timex.h).
 TIME_STATES = {
@@ -201,18 +202,6 @@ def decode_timex(raw: bytes | bytearray, state: int) -> AdjtimexState:
     )
 
 
-_libc: ctypes.CDLL | None = None
-
-
-def _load_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        # The interpreter's own symbols (dlopen(NULL)) include libc's: find_library
-        # would run ``ldconfig -p`` in a subprocess at every start.
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
 def read_adjtimex() -> AdjtimexState:
     """Call adjtimex(2) read-only (``modes = 0``) and decode the answer.
 
@@ -223,7 +212,7 @@ def read_adjtimex() -> AdjtimexState:
     if ctypes.sizeof(ctypes.c_long) != 8:
         raise ProbeUnavailable("adjtimex decoding supports 64-bit Linux only")
     try:
-        func = _load_libc().adjtimex
+        func = libc().adjtimex
     except (OSError, AttributeError) as err:
         raise ProbeUnavailable(f"no adjtimex in libc: {err}") from err
     buf = ctypes.create_string_buffer(TIMEX_SIZE)  # zeroed: modes = 0 reads only

@@ -52,7 +52,6 @@ a set the timerfd missed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -63,6 +62,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from probe import timerfd
 from probe.adjtimex import AdjtimexState, read_adjtimex
 from probe.base import Emit, Health, now_pair, read_pair
 from probe.errors import ParseError, ProbeError
@@ -303,19 +303,6 @@ def read_available_clocksources(roots: Roots = DEFAULT_ROOTS) -> tuple[str, ...]
 # ---------------------------------------------------------------------------------------
 # timerfd with TFD_TIMER_CANCEL_ON_SET
 
-
-class _Timespec(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
-
-
-class _Itimerspec(ctypes.Structure):
-    _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
-
-
-_TFD_TIMER_ABSTIME = 1
-_TFD_TIMER_CANCEL_ON_SET = 2
-_TFD_NONBLOCK = os.O_NONBLOCK
-_TFD_CLOEXEC = os.O_CLOEXEC
 _HUNDRED_YEARS_S = 100 * 365 * 86400
 
 
@@ -333,17 +320,11 @@ class RealtimeSetWatch:
         :raise OSError: when libc or the kernel does not offer it.
         """
         try:
-            # The interpreter's own symbols (dlopen(NULL)) include libc's: find_library
-            # would run ``ldconfig -p`` in a subprocess at every start.
-            libc = ctypes.CDLL(None, use_errno=True)
-            self._create = libc.timerfd_create
-            self._settime = libc.timerfd_settime
-        except (OSError, AttributeError) as err:
+            fd = timerfd.timerfd_create(
+                time.CLOCK_REALTIME, timerfd.TFD_NONBLOCK | timerfd.TFD_CLOEXEC
+            )
+        except AttributeError as err:
             raise OSError(errno.ENOSYS, f"no timerfd in libc: {err}") from err
-        fd = self._create(time.CLOCK_REALTIME, _TFD_NONBLOCK | _TFD_CLOEXEC)
-        if fd < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"timerfd_create: {os.strerror(code)}")
         self.fd: int = fd
         try:
             self._arm()
@@ -352,12 +333,8 @@ class RealtimeSetWatch:
             raise
 
     def _arm(self) -> None:
-        spec = _Itimerspec()
-        spec.it_value.tv_sec = time.time_ns() // 1_000_000_000 + _HUNDRED_YEARS_S
-        flags = _TFD_TIMER_ABSTIME | _TFD_TIMER_CANCEL_ON_SET
-        if self._settime(self.fd, flags, ctypes.byref(spec), None) < 0:
-            code = ctypes.get_errno()
-            raise OSError(code, f"timerfd_settime: {os.strerror(code)}")
+        century = (time.time_ns() // 1_000_000_000 + _HUNDRED_YEARS_S) * 1_000_000_000
+        timerfd.timerfd_settime(self.fd, century, 0, absolute=True, cancel_on_set=True)
 
     def consume(self) -> bool:
         """Drain the descriptor after it polled readable.

@@ -28,12 +28,16 @@ import os
 import sys
 import time
 
+from probe.libc import libc
+
 CLOCK_MONOTONIC = 1
 #: ``timerfd_create`` flags (same values as O_CLOEXEC and O_NONBLOCK).
 TFD_CLOEXEC = os.O_CLOEXEC
 TFD_NONBLOCK = os.O_NONBLOCK
-#: ``timerfd_settime`` flag: ``it_value`` is an absolute time on the timer's clock.
+#: ``timerfd_settime`` flags: ``it_value`` is an absolute time on the timer's clock; and
+#: (with it, on a CLOCK_REALTIME timer) reads fail with ECANCELED once the clock is set.
 TFD_TIMER_ABSTIME = 1
+TFD_TIMER_CANCEL_ON_SET = 2
 
 _NS = 1_000_000_000
 
@@ -44,17 +48,6 @@ class _Timespec(ctypes.Structure):
 
 class _Itimerspec(ctypes.Structure):
     _fields_ = (("it_interval", _Timespec), ("it_value", _Timespec))
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _lib() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        # dlopen(NULL): the symbols already loaded into the interpreter, libc among them.
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
 
 
 def _timespec(ns: int) -> _Timespec:
@@ -69,14 +62,16 @@ def timerfd_create(clock_id: int = CLOCK_MONOTONIC, flags: int = TFD_CLOEXEC) ->
     :raise OSError: when the kernel refuses.
     :return: the new descriptor, disarmed.
     """
-    fd = int(_lib().timerfd_create(ctypes.c_int(clock_id), ctypes.c_int(flags)))
+    fd = int(libc().timerfd_create(ctypes.c_int(clock_id), ctypes.c_int(flags)))
     if fd < 0:
         errno = ctypes.get_errno()
         raise OSError(errno, f"timerfd_create: {os.strerror(errno)}")
     return fd
 
 
-def timerfd_settime(fd: int, value_ns: int, interval_ns: int, absolute: bool = True) -> None:
+def timerfd_settime(
+    fd: int, value_ns: int, interval_ns: int, absolute: bool = True, cancel_on_set: bool = False
+) -> None:
     """Arm (or, with ``value_ns == 0``, disarm) a timer (``timerfd_settime(2)``).
 
     :param fd: a descriptor from ``timerfd_create``.
@@ -84,14 +79,17 @@ def timerfd_settime(fd: int, value_ns: int, interval_ns: int, absolute: bool = T
         ``absolute``, else a delay from now.
     :param interval_ns: the period after the first expiration; 0 for a one-shot timer.
     :param absolute: whether ``value_ns`` is absolute (``TFD_TIMER_ABSTIME``).
+    :param cancel_on_set: ``TFD_TIMER_CANCEL_ON_SET`` (an absolute CLOCK_REALTIME timer).
     :raise ValueError: on a negative time.
     :raise OSError: when the kernel refuses (a bad descriptor, an invalid time).
     """
     if value_ns < 0 or interval_ns < 0:
         raise ValueError("timerfd_settime: times must not be negative")
     spec = _Itimerspec(_timespec(interval_ns), _timespec(value_ns))
-    flags = TFD_TIMER_ABSTIME if absolute else 0
-    if _lib().timerfd_settime(ctypes.c_int(fd), ctypes.c_int(flags), ctypes.byref(spec), None):
+    flags = (TFD_TIMER_ABSTIME if absolute else 0) | (
+        TFD_TIMER_CANCEL_ON_SET if cancel_on_set else 0
+    )
+    if libc().timerfd_settime(ctypes.c_int(fd), ctypes.c_int(flags), ctypes.byref(spec), None):
         errno = ctypes.get_errno()
         raise OSError(errno, f"timerfd_settime: {os.strerror(errno)}")
 
