@@ -30,7 +30,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent.errors import ForkServerError
 
@@ -41,12 +41,6 @@ STATUS_UNKNOWN = -(2**16)
 ANSWER_S = 30.0
 #: How often ``wait`` checks a worker whose server died.
 ORPHAN_POLL_S = 0.1
-
-#: Bootstrap of the server (``sys.argv[1]`` marks it for ps).
-BOOTSTRAP = (
-    "import sys; sys.path.insert(0, {parent!r}); "
-    "from agent.zygote import serve; sys.exit(serve({fd}))"
-)
 
 
 class ForkedProcess:
@@ -199,13 +193,12 @@ class _Connection:
 class ForkServer:
     """The agent's fork server: started at the first ``spawn``, again after it died.
 
-    :param python: the interpreter the server runs in.
-    :param parent: the directory ``import agent`` and ``import probe`` work from.
+    :param command: the server's command line for the socket descriptor it serves on
+        (``agent.workers.new_fork_server``: a worker command of ``agent.zygote``).
     """
 
-    def __init__(self, python: str, parent: str) -> None:
-        self.python = python
-        self.parent = parent
+    def __init__(self, command: Callable[[int], Sequence[str]]) -> None:
+        self.command = command
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
         self._next_id = 0
@@ -222,14 +215,7 @@ class ForkServer:
         try:
             fd = theirs.fileno()
             server = subprocess.Popen(
-                [
-                    self.python,
-                    "-I",
-                    "-S",
-                    "-c",
-                    BOOTSTRAP.format(parent=self.parent, fd=fd),
-                    "tsprobe-forkserver",
-                ],
+                list(self.command(fd)),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 process_group=0,

@@ -111,12 +111,21 @@ _fork_server: ForkServer | None = None
 _fork_server_lock = threading.Lock()
 
 
+def new_fork_server(python: str = sys.executable) -> ForkServer:
+    """A fork server that runs in ``python``, started like a worker (``agent.zygote``).
+
+    :param python: the interpreter.
+    :return: the server, started at its first ``spawn``.
+    """
+    return ForkServer(lambda fd: worker_command("agent.zygote", [str(fd)], python))
+
+
 def fork_server() -> ForkServer:
     """The agent's one fork server (started at its first worker)."""
     global _fork_server
     with _fork_server_lock:
         if _fork_server is None:
-            _fork_server = ForkServer(sys.executable, PACKAGE_PARENT)
+            _fork_server = new_fork_server()
         return _fork_server
 
 

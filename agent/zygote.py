@@ -1,11 +1,12 @@
 """The fork server's own side: a small single-threaded process that forks the workers.
 
-``agent.forkserver`` (the agent's side) starts this once, as a fresh interpreter like a
-worker (``python -I -S``), with one end of a ``SOCK_SEQPACKET`` socket pair. For each
-worker the agent sends a request; the server imports the worker's module (once per
-module), forks, and the child becomes the worker: it moves the descriptors it was sent to
-the numbers the worker expects, names itself, and runs ``MODULE.main(args)`` as the
-bootstrap of ``agent.workers.worker_command`` would, then ``os._exit`` with its status.
+``agent.forkserver`` (the agent's side) starts this once, as a fresh interpreter with the
+workers' own bootstrap (``agent.workers.worker_command("agent.zygote", [FD])``), with one
+end of a ``SOCK_SEQPACKET`` socket pair. For each worker the agent sends a request; the
+server imports the worker's module (once per module), forks, and the child becomes the
+worker: it moves the descriptors it was sent to the numbers the worker expects, names
+itself, and runs ``MODULE.main(args)`` as the bootstrap of
+``agent.workers.worker_command`` would, then ``os._exit`` with its status.
 
 Why fork from here and not from the agent: the agent has threads, and a forked child
 would inherit their locks and the agent's whole heap. This process never starts a thread
@@ -197,3 +198,11 @@ def serve(fd: int) -> int:
                 _spawn(sock, msg, fds, [wake_r, wake_w])
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the agent is gone
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the server's worker command: ``agent.zygote FD``."""
+    if len(argv) != 1 or not argv[0].isdigit():
+        sys.stderr.write("usage: agent.zygote FD (the socket to serve on)\n")
+        return 2
+    return serve(int(argv[0]))

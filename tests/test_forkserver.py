@@ -8,7 +8,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -24,7 +23,7 @@ MODULE = "tests.forkserver_worker"
 
 @pytest.fixture
 def server() -> Iterator[ForkServer]:
-    fs = ForkServer(sys.executable, workers.PACKAGE_PARENT)
+    fs = workers.new_fork_server()
     yield fs
     fs.close()
 
@@ -98,7 +97,7 @@ def test_the_supervisor_starts_fresh_interpreters_when_the_server_cannot_start(
 ) -> None:
     from agent.samplers import StallProbe
 
-    broken = ForkServer("/nonexistent/python3", workers.PACKAGE_PARENT)
+    broken = workers.new_fork_server("/nonexistent/python3")
     monkeypatch.setattr(workers, "_fork_server", broken)
     probe = StallProbe([0], interval_ns=1_000_000, threshold_ns=50_000_000)
     probe.start(lambda event: None)
@@ -136,7 +135,7 @@ def test_a_server_that_does_not_answer_neither_blocks_health_nor_the_start(
     from agent import forkserver
     from agent.samplers import StallProbe
 
-    stuck = ForkServer(sys.executable, workers.PACKAGE_PARENT)
+    stuck = workers.new_fork_server()
     out_r, out_w = os.pipe()
     assert stuck.spawn(MODULE, [], out_w).wait(10) == 0
     os.close(out_w)
