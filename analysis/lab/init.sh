@@ -73,11 +73,12 @@ PY="/usr/bin/python3.11 -S"
 export PYTHONPATH=/opt/tsprobe
 export PYTHONDONTWRITEBYTECODE=1
 GO=/run/tsprobe/workload-go
+STOP=/run/tsprobe/workload-stop
 if [ "$WSS" != "0" ]; then
     # Started first, while the guest is idle: it allocates and touches its pages now and
     # starts dirtying them once the agent is up (it waits for $GO), so that it neither
     # slows the agent's start under TCG nor pays for its own start under the samplers.
-    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" /run/tsprobe/workload-stop &
+    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" "$STOP" &
 fi
 # The lab's agent settings. Under TCG the guest's Python runs about 30 times slower than
 # natively. With the agent's defaults, the agent, its samplers and canaries and the 64 MiB
@@ -104,10 +105,11 @@ $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
 HOOK='read -r line
 case "$line" in
     "workload stop")
-        touch /run/tsprobe/workload-stop
+        touch "$STOP"
         echo "{\"ok\": true, \"stopped\": \"workload\"}" ;;
-    *) printf "%s\n" "$line" | /usr/bin/python3.11 -S /opt/tsprobe/lab/hooks.py once ;;
+    *) printf "%s\n" "$line" | $PY /opt/tsprobe/lab/hooks.py once ;;
 esac'
+export PY STOP
 nc -ll -p 9467 -e sh -c "$HOOK" &
 # The agent's health on the console: a line when it first answers, and one whenever its
 # status, its down probes or its count of dropped events change (/healthz every 5 s).

@@ -850,11 +850,8 @@ class Scenario:
     async def _clock_step(self) -> None:
         if self.opts.clock_step_ns is None:
             return
-        port = self.qemus[0].spec.hooks_port
         self.say(f"stepping the guest's realtime by {self.opts.clock_step_ns / 1e9:+g} s")
-        reply = await asyncio.to_thread(hooks_command, port, f"step {self.opts.clock_step_ns}")
-        assert self.steps is not None
-        self.steps.write_stamped({"type": "clock_step", **reply})
+        await self._hooks(self.qemus[0], f"step {self.opts.clock_step_ns}", "clock_step")
         await asyncio.sleep(1.5)
         await self._baseline()  # a new one, after the step
 
@@ -885,29 +882,32 @@ class Scenario:
         """
         if not self.migrates or self.opts.workload_size in ("0", ""):
             return None
-        port = self.qemus[-1].spec.hooks_port
         steps = self.steps
         assert steps is not None
 
         async def stop() -> None:
             try:
-                reply = await asyncio.to_thread(hooks_command, port, "workload stop")
+                await self._hooks(self.qemus[-1], "workload stop", "workload_stop")
             except ScenarioError as err:
                 self.say(f"the memory workload was not stopped: {err}")
                 steps.write_stamped({"type": "workload_stop", "ok": False, "error": str(err)})
-                return
-            steps.write_stamped({"type": "workload_stop", **reply})
 
         return asyncio.ensure_future(stop())
 
     async def _write_kmsg(self) -> None:
         if self.opts.kmsg is None:
             return
-        port = self.qemus[0].spec.hooks_port
         self.say(f"writing to the guest's /dev/kmsg: {self.opts.kmsg}")
-        reply = await asyncio.to_thread(hooks_command, port, f"kmsg {self.opts.kmsg}")
+        await self._hooks(self.qemus[0], f"kmsg {self.opts.kmsg}", "kmsg")
+
+    async def _hooks(self, qemu: lq.Qemu, line: str, kind: str) -> None:
+        """Send ``line`` to ``qemu``'s guest hooks; record the answer as a ``kind`` step.
+
+        :raise ScenarioError: when the hooks do not answer or refuse.
+        """
+        reply = await asyncio.to_thread(hooks_command, qemu.spec.hooks_port, line)
         assert self.steps is not None
-        self.steps.write_stamped({"type": "kmsg", **reply})
+        self.steps.write_stamped({"type": kind, **reply})
 
     # -- the whole run ---------------------------------------------------------------------
 
