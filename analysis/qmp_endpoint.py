@@ -24,6 +24,13 @@ One ``QmpEndpoint`` owns one ``qemu.qmp.QMPClient`` connection and appends to on
   piling up requests would only fill its queue: with 8 in-band requests queued QEMU stops
   reading the monitor, out-of-band commands included) and records it, marked ``late``,
   when it comes. Event capture never waits for the poller.
+- **The vCPU threads.** After setup, and again after every migration status change and
+  every ``RESUME`` (when thread ids can change: start, switchover, recovery), the endpoint
+  asks ``query-cpus-fast`` (at most one in flight) and hands ``on_vcpus`` the QEMU's pid
+  (the unix socket's peer credentials, ``SO_PEERCRED``; ``None`` over TCP) and the vCPU
+  thread ids; ``on_runstate`` gets whether the VM runs from ``STOP``/``RESUME`` and from
+  ``query-status`` replies not overtaken by such an event. The recorder's vCPU sampler
+  (``vcpu_sampler``) feeds on both.
 - **A QEMU that exits closes the socket.** That becomes a ``closed`` record with the
   reason; with ``reconnect`` the endpoint then retries until the socket answers again.
 
@@ -37,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +125,43 @@ class StatusChange:
 
 StatusCallback = Callable[[StatusChange], None]
 NoteCallback = Callable[[str, str], None]
+#: (endpoint name, QEMU pid or None, vCPU index -> thread id).
+VcpusCallback = Callable[[str, int | None, dict[int, int]], None]
+#: (endpoint name, whether the VM runs).
+RunstateCallback = Callable[[str, bool], None]
+
+
+def peer_pid(client: QMPClient) -> int | None:
+    """The pid of the process at the other end of a unix-socket QMP connection.
+
+    :return: the pid from ``SO_PEERCRED``, or ``None`` over TCP or when unavailable.
+    """
+    writer = getattr(client, "_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid = int(struct.unpack("3i", raw)[0])
+    return pid if pid > 0 else None
+
+
+def vcpu_threads(reply: Any) -> dict[int, int]:
+    """vCPU index -> host thread id from a ``query-cpus-fast`` reply (bad entries skipped).
+
+    >>> vcpu_threads([{"cpu-index": 0, "thread-id": 4337}, {"cpu-index": 1}])
+    {0: 4337}
+    """
+    threads: dict[int, int] = {}
+    for cpu in reply if isinstance(reply, list) else []:
+        if not isinstance(cpu, dict):
+            continue
+        index, tid = cpu.get("cpu-index"), cpu.get("thread-id")
+        if isinstance(index, int) and isinstance(tid, int) and 0 <= index < 4096 and tid > 0:
+            threads[index] = tid
+    return threads
 
 
 class _Closed(Exception):
@@ -188,6 +234,9 @@ class QmpEndpoint:
     :param reconnect: after the connection closes, retry until the socket answers.
     :param on_status: called with every status change (from events or polls).
     :param on_note: called with (endpoint name, message) for things worth a status line.
+    :param on_vcpus: called with (name, QEMU pid, vCPU threads) after each
+        ``query-cpus-fast``.
+    :param on_runstate: called with (name, VM running) when QMP tells it.
     """
 
     def __init__(
@@ -203,6 +252,8 @@ class QmpEndpoint:
         reconnect: bool = False,
         on_status: StatusCallback | None = None,
         on_note: NoteCallback | None = None,
+        on_vcpus: VcpusCallback | None = None,
+        on_runstate: RunstateCallback | None = None,
     ) -> None:
         self.name = name
         self.address = address
@@ -215,6 +266,12 @@ class QmpEndpoint:
         self._reconnect = reconnect
         self._on_status = on_status
         self._on_note = on_note
+        self._on_vcpus = on_vcpus
+        self._on_runstate = on_runstate
+        self._vcpu_query: asyncio.Future[dict[int, int]] | None = None
+        self._last_runstate_event_mono = 0
+        #: The QEMU's pid from the socket's peer credentials (``None`` over TCP).
+        self.pid: int | None = None
         self._client: QMPClient | None = None
         self.status: str | None = None
         self._last_migration_event_mono = 0
@@ -258,11 +315,50 @@ class QmpEndpoint:
         record["host_mono_ns"] = mono
         self._writer.write(record)
         data = msg.get("data")
+        if msg.get("event") in ("STOP", "RESUME"):
+            self._last_runstate_event_mono = mono
+            self._tell_runstate(msg.get("event") == "RESUME")
+            if msg.get("event") == "RESUME":
+                self._query_vcpus_soon()
         if msg.get("event") == "MIGRATION" and isinstance(data, dict):
             status = str(data.get("status"))
             self._last_migration_event_mono = mono
             self.summary.statuses.append(status)
             self._set_status(status, "event", real, mono)
+            self._query_vcpus_soon()
+
+    def _tell_runstate(self, running: bool) -> None:
+        if self._on_runstate is not None:
+            with contextlib.suppress(Exception):  # a callback's bug must not stop the recording
+                self._on_runstate(self.name, running)
+
+    # -- vCPU threads -------------------------------------------------------------------
+
+    def _query_vcpus_soon(self) -> None:
+        """Ask ``query-cpus-fast`` in a task of its own, unless one is already in flight."""
+        if self._on_vcpus is None or self._client is None:
+            return
+        if self._vcpu_query is not None and not self._vcpu_query.done():
+            return
+        self._vcpu_query = asyncio.ensure_future(self.query_vcpus())
+
+    async def query_vcpus(self) -> dict[int, int]:
+        """Ask QEMU for its vCPU threads, record the reply and hand them to ``on_vcpus``.
+
+        :return: vCPU index -> thread id (empty when QEMU refused or went away).
+        """
+        try:
+            value, late, latency = await self._execute("query-cpus-fast")
+        except (ExecuteError, _Closed):
+            return {}
+        self._record_reply("query-cpus-fast", value, late, latency)
+        threads = vcpu_threads(value)
+        if threads and self._on_vcpus is not None:
+            try:
+                self._on_vcpus(self.name, self.pid, threads)
+            except Exception as err:  # a callback's bug must not stop the recording
+                self._write({"type": "error", "error": f"vcpus callback failed: {err!r}"})
+        return threads
 
     # -- connection ---------------------------------------------------------------------
 
@@ -288,6 +384,7 @@ class QmpEndpoint:
             detail = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
             raise RecorderError(f"QMP {self.name}={where}: cannot connect: {detail}") from err
         self._client = client
+        self.pid = peer_pid(client)
         client.register_listener(_StampingListener(self._on_event))
         greeting = client.greeting
         capabilities = list(greeting.QMP.capabilities) if greeting is not None else []
@@ -469,12 +566,19 @@ class QmpEndpoint:
         if command == "query-migrate" and isinstance(value, dict) and fresh:
             real, mono = host_now()
             self._set_status(str(value.get("status", "none")), "poll", real, mono)
+        running = value.get("running") if isinstance(value, dict) else None
+        # Likewise a STOP or RESUME received after this poll was sent.
+        newest = self._last_runstate_event_mono < sent_mono
+        if command == "query-status" and isinstance(running, bool) and newest:
+            self._tell_runstate(running)
 
     async def _poll_loop(self) -> None:
         try:
             await self._setup()
         finally:
             self.ready.set()
+        if self._on_vcpus is not None:
+            await self.query_vcpus()
         next_at = time.monotonic()
         while True:
             for command in POLL_COMMANDS:
@@ -502,8 +606,9 @@ class QmpEndpoint:
                 # events may still be arriving, so wait for the close or the stop.
                 await asyncio.wait({closed, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (poller, stopped):
-                task.cancel()
+            for task in (poller, stopped, self._vcpu_query):
+                if task is not None:
+                    task.cancel()
             with contextlib.suppress(BaseException):
                 await poller
         if poller.done() and not poller.cancelled() and poller.exception() is not None:

@@ -27,7 +27,7 @@ EPILOG = """\b
 Examples:
   tsprobe record --qmp src=/run/src.qmp --qmp dst=/run/dst.qmp \\
       --agent http://127.0.0.1:9466 --out run1
-  tsprobe record --qmp src=127.0.0.1:4444 --duration 2m --out run2
+  tsprobe record --qmp src=127.0.0.1:4444 --qemu-pid src=4711 --duration 2m --out run2
   virsh qemu-monitor-event --domain vm1 --loop --timestamp | \\
       tsprobe record --libvirt-events - --agent guest=http://vm1:9466 --out run3
 \b
@@ -36,7 +36,14 @@ completed, failed or cancelled, plus --grace; after --duration; or on Ctrl-C.
 The run directory is described in docs/run-directory.md. With --listen it also
 serves the migration state on /metrics for Prometheus (docs/prometheus.md); keep
 --grace above two scrape intervals so the final state is scraped.
+
+Host truth per vCPU: for each --qmp whose QEMU runs on this host (found from a
+unix socket's peer, or --qemu-pid for a TCP monitor), every vCPU thread is read
+from /proc every --vcpu-poll into vcpu-states.jsonl (--vcpu-poll 0: off).
 """
+
+#: The largest QEMU pid accepted (Linux's PID_MAX_LIMIT).
+PID_MAX = 4_194_304
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -102,6 +109,15 @@ def _duration(value: str | None, option: str, allow_zero: bool = False) -> int |
     return ns
 
 
+def _pids(values: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, text in _pairs(values, "--qemu-pid", "PID").items():
+        if not text.isascii() or not text.isdigit() or not 0 < int(text) <= PID_MAX:
+            _fail(f"--qemu-pid {name}={text}: the pid must be a number from 1 to {PID_MAX}", 2)
+        out[name] = int(text)
+    return out
+
+
 async def _record(recorder: Recorder) -> str:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -156,6 +172,19 @@ async def _record(recorder: Recorder) -> str:
     metavar="HOST:PORT",
     help="Also serve the migration state on http://HOST:PORT/metrics (Prometheus).",
 )
+@click.option(
+    "--vcpu-poll",
+    default="10ms",
+    show_default=True,
+    help="Period of the host-side vCPU thread sampler (0: off).",
+)
+@click.option(
+    "--qemu-pid",
+    "qemu_pid",
+    multiple=True,
+    metavar="NAME=PID",
+    help="The pid of --qmp NAME's QEMU, where its monitor is not a unix socket (repeatable).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
 def record(
     qmp: tuple[str, ...],
@@ -169,6 +198,8 @@ def record(
     no_enable_events: bool,
     libvirt: tuple[str, ...],
     listen: str | None,
+    vcpu_poll: str,
+    qemu_pid: tuple[str, ...],
     quiet: bool,
 ) -> None:
     """Record a migration: both QMP monitors, the guest agents, into a run directory.
@@ -186,6 +217,9 @@ def record(
     grace_ns = _duration(grace, "--grace", allow_zero=True)
     timeout_ns = _duration(qmp_timeout, "--qmp-timeout")
     duration_ns = _duration(duration, "--duration")
+    vcpu_poll_ns = _duration(vcpu_poll, "--vcpu-poll", allow_zero=True)
+    pid_map = _pids(qemu_pid)
+    assert vcpu_poll_ns is not None
     assert poll_ns is not None and grace_ns is not None and timeout_ns is not None
     for name in ("qemu.qmp", "qemu"):
         logger = logging.getLogger(name)
@@ -209,6 +243,8 @@ def record(
             enable_events=not no_enable_events,
             status_stream=None if quiet else sys.stdout,
             on_record=None if exporter is None else exporter.observe,
+            vcpu_poll_ns=vcpu_poll_ns,
+            qemu_pids=pid_map,
         )
     except RecorderError as err:
         _fail(str(err), 2)

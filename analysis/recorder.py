@@ -17,6 +17,12 @@ When it stops:
 - ``stop()`` is called or the ``stop_event`` given to ``run()`` is set (the CLI does that
   on SIGINT and SIGTERM).
 
+Host truth per vCPU: for every QMP endpoint whose QEMU runs on this host (its pid from the
+monitor socket's peer credentials, or ``qemu_pids``), a ``VcpuSampler`` reads each vCPU
+thread every ``vcpu_poll_ns`` in a thread of its own and writes ``vcpu-states.jsonl``; an
+endpoint without a pid, or whose vCPU threads are not in ``/proc/PID/task``, gets a note
+instead (meta.json ``vcpu_sampler``). ``vcpu_poll_ns=0`` turns it off.
+
 Whatever the reason, the writers are flushed and closed and ``meta.json`` is rewritten with
 the versions, endpoints, agents, start and end, counts per file, the stop reason and the
 notes. meta.json is also written at the start with ``"complete": false``, so a recorder
@@ -58,6 +64,7 @@ from analysis.errors import RecorderError
 from analysis.libvirt_events import LibvirtEventReader
 from analysis.qmp_endpoint import QmpEndpoint, StatusChange, format_address, parse_address
 from analysis.rundir import JsonlWriter, host_now
+from analysis.vcpu_sampler import VcpuSampler
 
 #: Statuses after which a migration is over.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -149,6 +156,10 @@ class Recorder:
     :param burst_reads: /clock reads per burst.
     :param on_record: called with (endpoint name, record) for every record written to a
         ``qmp-NAME.jsonl`` (the migration exporter's feed); its errors are ignored.
+    :param vcpu_poll_ns: period of the host-side vCPU thread sampler (0: no sampler).
+    :param qemu_pids: endpoint name -> QEMU pid, where the monitor's peer credentials
+        cannot tell it (a TCP monitor).
+    :param proc_root: the procfs root the vCPU sampler reads.
     :raise RecorderError: for a bad name, address or URL, or nothing to record.
     """
 
@@ -175,6 +186,9 @@ class Recorder:
         agent_timeout_ns: int = 1_000_000_000,
         burst_reads: int = 5,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
+        vcpu_poll_ns: int = 10_000_000,
+        qemu_pids: Mapping[str, int] | None = None,
+        proc_root: str | Path = "/proc",
     ) -> None:
         self.out = Path(out)
         self._on_record = on_record
@@ -190,6 +204,13 @@ class Recorder:
             raise RecorderError("nothing to record: give --qmp, --agent or --libvirt-events")
         if poll_ns <= 0:
             raise RecorderError("the poll period must be positive")
+        if vcpu_poll_ns < 0:
+            raise RecorderError("the vCPU poll period must be positive, or 0 for none")
+        self._qemu_pids = dict(qemu_pids or {})
+        unknown = sorted(set(self._qemu_pids) - set(self._qmp))
+        if unknown:
+            raise RecorderError(f"--qemu-pid {unknown[0]}: no --qmp endpoint of that name")
+        self._proc_root = Path(proc_root)
         self.source = (
             "src"
             if "src" in self._qmp or "src" in self._libvirt
@@ -207,6 +228,7 @@ class Recorder:
             "clock_period_ns": clock_period_ns,
             "agent_timeout_ns": agent_timeout_ns,
             "burst_reads": burst_reads,
+            "vcpu_poll_ns": vcpu_poll_ns,
         }
         self._status_stream = status_stream
         self._user_on_status = on_status
@@ -217,6 +239,7 @@ class Recorder:
         self.streams: dict[str, LibvirtEventReader] = {}
         self._stream_status: dict[str, str] = {}
         self._writers: dict[str, JsonlWriter] = {}
+        self.vcpu_sampler: VcpuSampler | None = None
         self._notes: list[str] = []
         self._stop: asyncio.Event | None = None
         self._stop_reason: str | None = None
@@ -353,6 +376,8 @@ class Recorder:
 
     def _file_names(self) -> list[str]:
         names = [rundir.qmp_file(n) for n in [*self._qmp, *self._libvirt]]
+        if self._qmp and self._options["vcpu_poll_ns"]:
+            names.append(rundir.VCPU_STATES)
         if self._agents:
             names.append(rundir.CLOCK_SAMPLES)
             single = len(self._agents) == 1
@@ -388,7 +413,40 @@ class Recorder:
             return JsonlWriter(path)
         return _TappedWriter(path, functools.partial(self._on_record, name))
 
+    def _on_vcpus(self, name: str, peer: int | None, threads: dict[int, int]) -> None:
+        sampler = self.vcpu_sampler
+        if sampler is None:
+            return
+        pid = self._qemu_pids.get(name, peer)
+        if pid is None:
+            sampler.note_unavailable(
+                name, "its monitor is not a unix socket: give --qemu-pid NAME=PID"
+            )
+            return
+        tasks = self._proc_root / str(pid) / "task"
+        missing = [t for t in sorted(set(threads.values())) if not (tasks / str(t)).exists()]
+        if missing:
+            sampler.note_unavailable(
+                name,
+                f"vCPU thread {missing[0]} is not in {tasks}: "
+                "its QEMU does not run on this host, or the pid is wrong",
+            )
+            return
+        sampler.watch(name, pid, threads)
+
+    def _on_runstate(self, name: str, running: bool) -> None:
+        if self.vcpu_sampler is not None:
+            self.vcpu_sampler.set_vm_running(name, running)
+
     def _open_writers(self) -> None:
+        vcpu_poll = int(self._options["vcpu_poll_ns"] or 0)
+        if self._qmp and vcpu_poll:
+            states = JsonlWriter(self.out / rundir.VCPU_STATES)
+            self._writers[rundir.VCPU_STATES] = states
+            self.vcpu_sampler = VcpuSampler(
+                states, poll_ns=vcpu_poll, proc=self._proc_root, on_note=self._say
+            )
+        sampling = self.vcpu_sampler is not None
         for name, address in self._qmp.items():
             writer = self._qmp_writer(name)
             self._writers[rundir.qmp_file(name)] = writer
@@ -403,6 +461,8 @@ class Recorder:
                 reconnect=bool(self._options["reconnect"]),
                 on_status=self._on_status,
                 on_note=self._endpoint_note,
+                on_vcpus=self._on_vcpus if sampling else None,
+                on_runstate=self._on_runstate if sampling else None,
             )
         for name, source in self._libvirt.items():
             writer = self._qmp_writer(name)
@@ -479,7 +539,11 @@ class Recorder:
             },
             "host": {"hostname": socket.gethostname(), "kernel": platform.release()},
             "command_line": self._command_line,
-            "recorder": {**self._options, "pid": os.getpid()},
+            "recorder": {
+                **self._options,
+                "pid": os.getpid(),
+                **({"vcpu_sampler": self.vcpu_sampler.cost()} if self.vcpu_sampler else {}),
+            },
             "source_endpoint": self.source,
             "endpoints": endpoints,
             "agents": {
@@ -489,6 +553,7 @@ class Recorder:
             "end": None,
             "stop_reason": self._stop_reason,
             "counts": {name: w.count for name, w in sorted(self._writers.items())},
+            "vcpu_sampler": self.vcpu_sampler.endpoints() if self.vcpu_sampler else {},
             "notes": list(self._notes),
         }
         if end is not None:
@@ -563,6 +628,8 @@ class Recorder:
             self._write_meta(True)
             raise
         stop = self._stop
+        if self.vcpu_sampler is not None:
+            self.vcpu_sampler.start()
         self._qmp_tasks = [asyncio.ensure_future(e.run(stop)) for e in self.endpoints.values()]
         self._stream_tasks = [
             asyncio.ensure_future(s.run(stop, handles[n])) for n, s in self.streams.items()
@@ -647,5 +714,7 @@ class Recorder:
                     self._say(f"a recorder task failed: {exc!r}")
         for endpoint in self.endpoints.values():
             await endpoint.disconnect()
+        if self.vcpu_sampler is not None:
+            await asyncio.to_thread(self.vcpu_sampler.stop)
         self._close_writers()
         self._say(f"stopped: {self._stop_reason or 'stopped'}")

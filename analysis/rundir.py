@@ -9,6 +9,7 @@ Layout (docs/run-directory.md is the reference)::
       guest-events-NAME.jsonl   per agent, when there are several
       clock-samples.jsonl       host send/receive times around each /clock read
       agent-NAME.jsonl          the recorder's own notes about an agent (gaps, unreachable)
+      vcpu-states.jsonl         host truth: each vCPU thread's state, as run-length intervals
 
 Every JSONL line is one record; each QMP record has ``type`` (``event``, ``reply``,
 ``timeout``, ``error``, ``closed``, ``connected``, ``note``), ``host_real_ns`` and
@@ -35,6 +36,9 @@ from probe.events import Skip
 META = "meta.json"
 GUEST_EVENTS = "guest-events.jsonl"
 CLOCK_SAMPLES = "clock-samples.jsonl"
+VCPU_STATES = "vcpu-states.jsonl"
+#: The host states of a vCPU thread (``vcpu-states.jsonl``'s ``state``), see vcpu_threads.
+VCPU_STATE_NAMES = ("running", "runnable", "userfault", "lock-wait", "halted", "stopped", "other")
 
 
 def qmp_file(name: str) -> str:
