@@ -245,7 +245,7 @@ class VcpuSampler:
         readings: dict[int, Reading] = {}
         for tid, files in list(ep.files.items()):
             try:
-                readings[tid] = files.read()
+                readings[tid] = files.read(ep.previous.get(tid))
             except ThreadGone as err:
                 files.close()
                 del ep.files[tid]

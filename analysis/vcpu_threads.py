@@ -14,9 +14,11 @@ four records of ``/proc/PID/task/TID/`` are read:
     for a halted KVM vCPU, ``__refrigerator``/``do_freezer_trap`` for a frozen cgroup,
     ``do_signal_stop`` for SIGSTOP.
 ``schedstat``
-    On-CPU time and run delay in ns (Documentation/scheduler/sched-stats.rst): between
-    two readings, a thread in state ``R`` whose run delay grew more than its on-CPU time
-    waited for a host CPU.
+    On-CPU time and run delay in ns and timeslices (Documentation/scheduler/sched-stats.rst):
+    between two readings, a thread in state ``R`` whose run delay grew more than its on-CPU
+    time waited for a host CPU; a sleeping thread whose on-CPU time and timeslices did not
+    move has not run, so it still sleeps where it slept (``wchan`` and ``syscall`` are not
+    read again).
 ``syscall``
     Read only for a futex wait: ``202 UADDR OP ...``; ``UADDR`` names the futex word.
     ``running`` there means the thread woke between the two reads: the reading is then
@@ -54,7 +56,8 @@ the snapshots in ``tests/fixtures/proc-vcpu/``.
 Reading is apart from parsing: ``parse_state``, ``parse_schedstat`` and ``parse_syscall``
 are pure and tested on literal text; ``ThreadFiles`` keeps the files of one thread open and
 re-reads them with ``pread`` (the /proc seq files regenerate at offset 0), so a reading
-costs four ``pread`` calls and no ``open``. A thread that has exited reads ``ESRCH``: the
+costs at most four ``pread`` calls and no ``open``, two for a thread that slept through. A
+thread that has exited reads ``ESRCH``: the
 reader raises ``ThreadGone``.
 """
 
@@ -102,6 +105,7 @@ class Reading:
     :param wchan: the wait channel (``0`` when running).
     :param run_ns: on-CPU time from ``schedstat``.
     :param run_delay_ns: run delay from ``schedstat``.
+    :param slices: timeslices from ``schedstat`` (times switched onto a CPU).
     :param syscall: the syscall it sleeps in, when read (futex waits), else ``None``.
     :param futex: the futex word's address, for a futex wait whose syscall was read.
     """
@@ -110,6 +114,7 @@ class Reading:
     wchan: str
     run_ns: int
     run_delay_ns: int
+    slices: int = 0
     syscall: int | None = None
     futex: int | None = None
 
@@ -134,18 +139,18 @@ def parse_state(stat: str) -> str:
     return fields[0]
 
 
-def parse_schedstat(text: str) -> tuple[int, int]:
-    """(on-CPU ns, run delay ns) of a ``schedstat`` line.
+def parse_schedstat(text: str) -> tuple[int, int, int]:
+    """(on-CPU ns, run delay ns, timeslices) of a ``schedstat`` line.
 
     >>> parse_schedstat("72786730 8921125 74\\n")
-    (72786730, 8921125)
+    (72786730, 8921125, 74)
 
-    :raise ValueError: when the line does not start with two integers.
+    :raise ValueError: when the line is not three integers.
     """
     parts = text.split()
-    if len(parts) < 2:
+    if len(parts) < 3:
         raise ValueError(f"not a schedstat line: {text[:60]!r}")
-    return int(parts[0]), int(parts[1])
+    return int(parts[0]), int(parts[1]), int(parts[2])
 
 
 def parse_syscall(text: str) -> tuple[int, int | None] | None:
@@ -199,17 +204,28 @@ class ThreadFiles:
         with contextlib.suppress(PermissionError):
             self._fds["syscall"] = os.open(base / "syscall", os.O_RDONLY | os.O_CLOEXEC)
 
-    def read(self) -> Reading:
+    def read(self, previous: Reading | None = None) -> Reading:
         """Read the thread now (``syscall`` only for a futex wait).
 
+        A thread that has not run since ``previous`` (same on-CPU time and timeslices, the
+        same sleeping state letter) still sleeps where it slept: its wchan and futex word
+        are taken from ``previous`` instead of being read again.
+
+        :param previous: this thread's previous reading, if any.
         :raise ThreadGone: when the thread has exited.
         :raise ValueError: when a record does not parse.
         """
         try:
             letter = parse_state(_pread(self._fds["stat"]))
+            run_ns, delay_ns, slices = parse_schedstat(_pread(self._fds["schedstat"]))
+            if (
+                previous is not None
+                and letter != "R"
+                and (letter, run_ns, slices) == (previous.letter, previous.run_ns, previous.slices)
+            ):
+                return previous
             wchan = _pread(self._fds["wchan"]).strip() or "0"
-            run_ns, delay_ns = parse_schedstat(_pread(self._fds["schedstat"]))
-            reading = Reading(letter, wchan, run_ns, delay_ns)
+            reading = Reading(letter, wchan, run_ns, delay_ns, slices)
             syscall = self._fds.get("syscall")
             if letter != "R" and wchan in FUTEX_WCHANS and syscall is not None:
                 text = _pread(syscall)
@@ -217,9 +233,9 @@ class ThreadFiles:
                 if call is not None:
                     number, first = call
                     futex = first if number in FUTEX_SYSCALLS else None
-                    reading = Reading(letter, wchan, run_ns, delay_ns, number, futex)
+                    reading = Reading(letter, wchan, run_ns, delay_ns, slices, number, futex)
                 elif text.startswith("running"):
-                    reading = Reading("R", "0", run_ns, delay_ns)
+                    reading = Reading("R", "0", run_ns, delay_ns, slices)
         except OSError as err:
             if err.errno in (errno.ESRCH, errno.ENOENT):
                 raise ThreadGone(f"thread {self.tid} of {self.pid} exited") from err

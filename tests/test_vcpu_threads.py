@@ -41,9 +41,9 @@ def test_parse_state_takes_the_field_after_the_last_parenthesis() -> None:
 
 
 def test_parse_schedstat() -> None:
-    assert parse_schedstat("72786730 8921125 74\n") == (72786730, 8921125)
+    assert parse_schedstat("72786730 8921125 74\n") == (72786730, 8921125, 74)
     with pytest.raises(ValueError):
-        parse_schedstat("12\n")
+        parse_schedstat("12 13\n")
     with pytest.raises(ValueError):
         parse_schedstat("a b c")
 
@@ -60,7 +60,8 @@ def test_parse_syscall() -> None:
 
 
 def sleeping(word: int | None, wchan: str = "futex_do_wait", letter: str = "S") -> Reading:
-    return Reading(letter, wchan, 100, 10, 202 if word is not None else None, word)
+    syscall = 202 if word is not None else None
+    return Reading(letter, wchan, 100, 10, syscall=syscall, futex=word)
 
 
 RUN = Reading("R", "0", 1_000, 100)
@@ -223,3 +224,36 @@ def test_a_malformed_record_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         files.read()
     files.close()
+
+
+def write_task(root: Path, stat: str, wchan: str, schedstat: str, syscall: str) -> None:
+    task = root / "1" / "task" / "2"
+    task.mkdir(parents=True, exist_ok=True)
+    for name, text in {"stat": stat, "wchan": wchan, "schedstat": schedstat,
+                       "syscall": syscall}.items():  # fmt: skip
+        (task / name).write_text(text)
+
+
+def test_a_thread_that_did_not_run_is_not_read_again(tmp_path: Path) -> None:
+    cond = "202 0x55f74492faa8 0x189 0x0 0x0 0x0 0x0 0x7ff 0x7fb"
+    write_task(tmp_path, "2 (q) S 1", "futex_do_wait", "100 10 5", cond)
+    files = ThreadFiles(tmp_path, 1, 2)
+    first = files.read()
+    assert first.futex == HALT and first.slices == 5
+    write_task(tmp_path, "2 (q) S 1", "futex_do_wait", "100 10 5", "202 0x10 0x80 0 0 0 0 1 2")
+    assert files.read(first) is first  # slept through: the futex word is not read again
+    write_task(tmp_path, "2 (q) S 1", "futex_do_wait", "150 10 6", "202 0x10 0x80 0 0 0 0 1 2")
+    assert files.read(first).futex == 0x10  # it ran in between: read again
+    write_task(tmp_path, "2 (q) R 1", "0", "100 10 5", "running")
+    assert files.read(first).letter == "R"  # woken, not yet on a CPU: runnable, not asleep
+    files.close()
+
+
+def test_a_futex_wait_that_ended_between_two_reads_is_running(tmp_path: Path) -> None:
+    write_task(tmp_path, "2 (q) S 1", "futex_do_wait", "100 10 5", "running")
+    files = ThreadFiles(tmp_path, 1, 2)
+    reading = files.read()
+    files.close()
+    assert reading.letter == "R" and classify(reading, None, vm_running=True, home=None) == (
+        "running"
+    )
