@@ -28,7 +28,9 @@ four records of ``/proc/PID/task/TID/`` are read:
 The rule, applied in this order (``classify``), gives one of ``rundir.VCPU_STATE_NAMES``:
 
 1. ``stopped``: state ``T``/``t``, or a freezer or signal-stop wchan (SIGSTOP, cgroup
-   freezer);
+   freezer), or state ``D`` in a futex wait or a KVM halt: those sleep interruptibly
+   (``S``), and since Linux 6.1 the freezer freezes such a sleeper in place (its wchan and
+   futex word stay, its state reads ``D``: ``TASK_FROZEN``);
 2. ``userfault``: wchan ``handle_userfault`` (blocked on a missing postcopy page; a vCPU
    that faults while the VM is stopped is still blocked on the page);
 3. ``running`` / ``runnable``: state ``R``; ``runnable`` when its run delay grew more than
@@ -304,6 +306,8 @@ def classify(
         return "stopped"
     if reading.wchan in USERFAULT_WCHANS:
         return "userfault"
+    if reading.letter == "D" and (reading.futex_wait or reading.wchan in KVM_HALT_WCHANS):
+        return "stopped"
     if reading.letter == "R":
         if previous is not None:
             ran = reading.run_ns - previous.run_ns

@@ -4,7 +4,8 @@ The trees under tests/fixtures/proc-vcpu/ are copies of real QEMU processes' /pr
 records (stat, wchan, schedstat, syscall, comm) with the QMP replies taken at the same time
 (qmp.json): a KVM guest whose firmware halted both vCPUs (``kvm_vcpu_block`` inside
 ``ioctl(KVM_RUN)``, syscall 16 with request 0xae80), a multi-threaded TCG guest running,
-and a multi-threaded TCG ``-incoming`` destination.
+a multi-threaded TCG ``-incoming`` destination, and a multi-threaded TCG guest whose vCPU 1
+thread the cgroup v1 freezer froze in place (state ``D``, still in ``futex_do_wait``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ RUN = Reading("R", "0", 1_000, 100)
         (Reading("t", "ptrace_stop", 0, 0), None, True, None, "stopped"),
         (Reading("D", "__refrigerator", 0, 0), None, True, None, "stopped"),
         (Reading("S", "do_freezer_trap", 0, 0), None, True, None, "stopped"),
+        (sleeping(HALT, letter="D"), None, True, HALT, "stopped"),
+        (sleeping(None, "kvm_vcpu_block", letter="D"), None, True, None, "stopped"),
+        (Reading("D", "handle_userfault", 0, 0), None, True, None, "userfault"),
+        (Reading("D", "io_schedule", 0, 0), None, True, None, "other"),
         (Reading("S", "handle_userfault", 0, 0), None, True, None, "userfault"),
         (Reading("S", "handle_userfault", 0, 0), None, False, None, "userfault"),
         (RUN, None, True, None, "running"),
@@ -193,6 +198,15 @@ def test_an_incoming_destinations_vcpus_are_stopped() -> None:
     _root, _pid, _threads, running = snapshot("mttcg-incoming")
     assert not running
     assert classify_snapshot("mttcg-incoming") == {0: "stopped", 1: "stopped"}
+
+
+def test_a_vcpu_frozen_in_place_is_stopped_and_its_sibling_halted() -> None:
+    root, pid, threads, _running = snapshot("mttcg-vcpu1-frozen")
+    files = ThreadFiles(root, pid, threads[1])
+    frozen = files.read()
+    files.close()
+    assert (frozen.letter, frozen.wchan) == ("D", "futex_do_wait") and frozen.futex
+    assert classify_snapshot("mttcg-vcpu1-frozen") == {0: "halted", 1: "stopped"}
 
 
 def test_every_vcpu_of_a_snapshot_waits_on_its_own_word() -> None:
