@@ -204,7 +204,7 @@ class VcpuSampler:
                 if self._stop.is_set():
                     break
                 spent = (time.monotonic_ns() - mono) / 1e9
-                self._stop.wait(max(0.0, period_s - spent))
+                time.sleep(max(0.0, period_s - spent))  # stop() is seen within a period
         finally:
             end_real, end_mono = host_now()
             for ep in self._endpoints.values():
