@@ -47,9 +47,16 @@ Validation (``Check``): host truth against guest figures, each with its toleranc
 - every freeze the lab injected (lab-steps.jsonl) against the longest stall of each
   frozen lane overlapping it: 10 % + 5 ms + the alignment's error bound; for a one-vCPU
   freeze the other lanes should not stall for half of it;
-- ``postcopy-vcpu-blocktime`` (ms per vCPU) against each lane's stalled time in the
-  postcopy phases: 25 % + 100 ms (blocktime counts page-fault waits only; the guest
-  counts every gap above its threshold).
+- with host truth (``vcpu-states.jsonl``, ``analysis.host_vcpu``), per phase x vCPU, the
+  guest's stalled time against the time the host saw that vCPU's thread blocked
+  (userfault, lock-wait, stopped): 10 % + 5 ms + the alignment error + two poll periods
+  per blocked run (rules in ``analysis.host_vcpu``);
+- QEMU's ``postcopy-vcpu-blocktime`` (ms per vCPU) against each lane's stalled time in the
+  postcopy phases, 25 % + 100 ms (blocktime counts page-fault waits only; the guest
+  counts every gap above its threshold): a cross-check of QEMU's figure, not of the
+  guest's. QEMU before 10.1 (meta.json ``versions.qemu``) is known to report it wrong
+  (upstream rewrote it in 10.1): there ``ok`` is None and the note says what QEMU said.
+  With host truth the note adds the host's own userfault time of that vCPU.
 
 Under single-threaded TCG (meta.json ``lab.accel`` = ``tcg``) every vCPU runs in one host
 thread, so a blocked vCPU blocks all: ``labels`` says so.
@@ -57,14 +64,17 @@ thread, so a blocked vCPU blocks all: ``labels`` says so.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from analysis.alignment import Alignment, OffsetStep, StopWindow, align
+from analysis.host_vcpu import BLOCKED, HostTruth, join
 from analysis.loader import CAUSES, Run
 from analysis.timeline import POSTCOPY_STATUSES
+from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -76,6 +86,8 @@ TCG_LABEL = "all vCPUs share one host thread: stalls are symmetric by constructi
 UNKNOWN_PHASE = "whole run (phases unknown)"
 NO_MIGRATION_PHASE = "whole run (no migration)"
 BEFORE_PHASE = "before migration"
+#: The first QEMU whose postcopy-vcpu-blocktime is trusted (upstream rewrote it in 10.1).
+RELIABLE_BLOCKTIME = (10, 1)
 
 
 @dataclass(frozen=True)
@@ -196,13 +208,11 @@ class Analysis:
     labels: list[str]
     origin_ns: int
     end_ns: int
+    host: HostTruth | None = None
 
     def phase_label(self, phase: int) -> str:
         """The phase's name, with ``#2``, ``#3`` when a name repeats (postcopy-active)."""
-        name = self.spans[phase].name
-        seen = sum(1 for s in self.spans[: phase + 1] if s.name == name)
-        total = sum(1 for s in self.spans if s.name == name)
-        return f"{name} #{seen}" if total > 1 else name
+        return span_label(self.spans, phase)
 
     def lane_label(self, lane: int) -> str:
         """``CPU 1`` (or ``AGENT CPU 1`` with several agents)."""
@@ -298,6 +308,14 @@ def _spans(run: Run, times: list[int]) -> tuple[list[Span], bool]:
     return out, True
 
 
+def span_label(spans: list[Span], phase: int) -> str:
+    """A phase's name, with ``#2``, ``#3`` when a name repeats (postcopy-active)."""
+    name = spans[phase].name
+    seen = sum(1 for s in spans[: phase + 1] if s.name == name)
+    total = sum(1 for s in spans if s.name == name)
+    return f"{name} #{seen}" if total > 1 else name
+
+
 def _bounds(spans: list[Span]) -> I64:
     return np.array([s.start_ns for s in spans] + [spans[-1].end_ns], dtype=np.int64)
 
@@ -373,7 +391,10 @@ def analyse(run: Run) -> Analysis:
         for kind, t, e, lane, label, line in raw_points
     ]
     sens = _sensitivity(run, placed, points, al.steps, spans, bounds, n_lanes)
-    checks = _checks(run, al, placed, stalled, spans)
+    host = join(
+        run, bounds, start, end, st.lane, err, stalled, al.windows, run.timeline is not None
+    )
+    checks = _checks(run, al, placed, stalled, spans, host)
     labels = []
     if run.accel == "tcg":
         labels.append(f"single-threaded TCG: {TCG_LABEL}")
@@ -394,6 +415,7 @@ def analyse(run: Run) -> Analysis:
         labels,
         origin,
         spans[-1].end_ns,
+        host,
     )
 
 
@@ -566,8 +588,36 @@ def _tol(reference: int, extra: float = 0.0) -> int:
     return int(0.10 * abs(reference) + 5_000_000 + extra)
 
 
+def qemu_version(run: Run) -> tuple[int, int] | None:
+    """(major, minor) of the destination's QEMU from meta.json ``versions.qemu`` (an
+    endpoint -> ``"7.2.22 Debian ..."`` mapping, or one string), else of any endpoint."""
+    versions = run.meta.get("versions")
+    qemu = versions.get("qemu") if isinstance(versions, dict) else None
+    texts: list[str] = []
+    if isinstance(qemu, str):
+        texts = [qemu]
+    elif isinstance(qemu, dict):
+        dst = (
+            [ep.name for ep in run.timeline.endpoints if ep.role == "destination"]
+            if (run.timeline is not None)
+            else []
+        )
+        names = dst + sorted(qemu)
+        texts = [qemu[n] for n in names if isinstance(qemu.get(n), str)]
+    for text in texts:
+        m = re.match(r"\s*(\d+)\.(\d+)", text)
+        if m:
+            return int(m[1]), int(m[2])
+    return None
+
+
 def _checks(
-    run: Run, al: Alignment, placed: Placed, stalled: I64, spans: list[Span]
+    run: Run,
+    al: Alignment,
+    placed: Placed,
+    stalled: I64,
+    spans: list[Span],
+    host: HostTruth | None = None,
 ) -> list[Check]:
     out: list[Check] = []
     summary = run.timeline.summary() if run.timeline is not None else None
@@ -660,26 +710,74 @@ def _checks(
                         "a sibling of the frozen vCPU",
                     )
                 )
+    if host is not None:
+        out += _host_checks(host, spans)
     if summary is not None and summary.postcopy_vcpu_blocktime_ms:
-        post = [s.index for s in spans if s.name in POSTCOPY_STATUSES or s.name == "switchover"]
-        for cpu, ms_value in enumerate(summary.postcopy_vcpu_blocktime_ms):
-            found = next((i for i, ln in enumerate(lanes) if ln.cpu == cpu), None)
-            host = ms_value * 1_000_000
-            tol = int(0.25 * host + 100_000_000)
-            if found is None:
-                out.append(Check(f"postcopy-vcpu-blocktime vCPU {cpu}", host, None, tol, None))
-                continue
-            guest = int(stalled[found, post].sum()) if post else 0
-            out.append(
-                Check(
-                    f"postcopy-vcpu-blocktime vCPU {cpu} vs CPU {cpu} stalled in postcopy",
-                    host,
-                    guest,
-                    tol,
-                    abs(guest - host) <= tol,
-                    "blocktime counts page-fault waits only",
-                )
+        out += _blocktime_checks(run, summary.postcopy_vcpu_blocktime_ms, stalled, spans, host)
+    return out
+
+
+def _host_checks(host: HostTruth, spans: list[Span]) -> list[Check]:
+    """Per phase x vCPU: guest stalled time vs the host's blocked time (host_vcpu)."""
+    out = []
+    blocked = ", ".join(BLOCKED)
+    for c in host.comparisons:
+        note = f"{c.runs} blocked run(s) of {format_duration(host.threshold_ns)} or more"
+        if c.ok is None:
+            note += f"; host truth covers {100 * c.coverage:.0f} % of the phase"
+        out.append(
+            Check(
+                f"vCPU {c.vcpu} blocked on the host ({blocked}) vs CPU {c.vcpu} stalled in "
+                f"{span_label(spans, c.phase)}",
+                c.host_ns,
+                c.guest_ns,
+                c.tolerance_ns,
+                c.ok,
+                note,
             )
+        )
+    return out
+
+
+def _blocktime_checks(
+    run: Run,
+    blocktime_ms: tuple[int, ...],
+    stalled: I64,
+    spans: list[Span],
+    host: HostTruth | None,
+) -> list[Check]:
+    """QEMU's postcopy-vcpu-blocktime as a cross-check of QEMU's own figure.
+
+    QEMU before 10.1 is known to report it wrong (upstream rewrote it in 10.1): there the
+    check only says what QEMU's figure was (``ok`` None), it judges nothing.
+    """
+    out = []
+    lanes = run.lanes
+    post = [s.index for s in spans if s.name in POSTCOPY_STATUSES or s.name == "switchover"]
+    version = qemu_version(run)
+    unreliable = version is not None and version < RELIABLE_BLOCKTIME
+    for cpu, ms_value in enumerate(blocktime_ms):
+        found = next((i for i, ln in enumerate(lanes) if ln.cpu == cpu), None)
+        qemu_ns = ms_value * 1_000_000
+        tol = int(0.25 * qemu_ns + 100_000_000)
+        what = f"QEMU cross-check: postcopy-vcpu-blocktime vCPU {cpu}"
+        if unreliable and version is not None:
+            note = (
+                f"QEMU's blocktime ({version[0]}.{version[1]}, known unreliable before "
+                f"{RELIABLE_BLOCKTIME[0]}.{RELIABLE_BLOCKTIME[1]}) says {ms_value} ms"
+            )
+        else:
+            note = "blocktime counts page-fault waits only"
+        if host is not None and host.available:
+            fault = host.userfault_ns(cpu, [(spans[p].start_ns, spans[p].end_ns) for p in post])
+            if fault is not None:
+                note += f"; host truth: vCPU {cpu} blocked on missing pages {fault / 1e6:.0f} ms"
+        if found is None:
+            out.append(Check(what, qemu_ns, None, tol, None, note))
+            continue
+        guest = int(stalled[found, post].sum()) if post else 0
+        ok = None if unreliable else abs(guest - qemu_ns) <= tol
+        out.append(Check(f"{what} vs CPU {cpu} stalled in postcopy", qemu_ns, guest, tol, ok, note))
     return out
 
 

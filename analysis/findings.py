@@ -6,7 +6,11 @@
   phases unknown for a spool-only run);
 - ``stall``: the longest stall of each phase, with its CPU, and asymmetric stalls ("CPU 1
   stalled 4.2 s in postcopy-paused while CPU 0 ran") when a lane was stalled while
-  another ran for at least ``ASYM_MIN_NS`` and a tenth of the phase;
+  another ran for at least ``ASYM_MIN_NS`` and a tenth of the phase; with host truth,
+  the cause of each CPU's longest stall per phase (at least ``ASYM_MIN_NS``) from its vCPU
+  thread's host states ("CPU 1 stalled 5.44s: its vCPU thread waited on a QEMU lock while
+  vCPU 0 was blocked on a missing page (guest hint: vcpu-blocked)", see
+  ``analysis.host_vcpu``);
 - ``clock``: each clock-lag step with its size and error bound, and what explains it
   (the stop windows between its samples); each realtime step (the guest's own
   ``clock_step`` events and the samples);
@@ -68,6 +72,7 @@ def findings(a: Analysis) -> list[Finding]:
     if not run.has_guest:
         out.append(Finding("label", "no guest events: what the guest felt is unknown"))
     out += _stall_findings(a)
+    out += _host_findings(a)
     out += _clock_findings(a)
     out += _timeout_findings(a)
     for c in a.checks:
@@ -122,6 +127,29 @@ def _stall_findings(a: Analysis) -> list[Finding]:
                 True,
             )
         )
+    return out
+
+
+def _host_findings(a: Analysis) -> list[Finding]:
+    """The host's cause of each CPU's longest stall per phase (module docstring)."""
+    h = a.host
+    if h is None or not h.available:
+        return []
+    out: list[Finding] = []
+    if h.note:
+        out.append(Finding("label", h.note))
+    p = a.placed
+    longest: dict[tuple[int, int], int] = {}
+    for k, x in enumerate(h.stalls):
+        if x.cause is None or int(p.dur[x.row]) < ASYM_MIN_NS:
+            continue
+        key = (int(p.phase[x.row]), int(p.lane[x.row]))
+        if key not in longest or p.dur[x.row] > p.dur[h.stalls[longest[key]].row]:
+            longest[key] = k
+    for (phase, _), k in sorted(longest.items()):
+        x = h.stalls[k]
+        text = f"{a.phase_label(phase)}: {x.text}"
+        out.append(Finding("stall", text, int(p.dur[x.row]) >= 1_000_000_000))
     return out
 
 

@@ -8,6 +8,7 @@
 ``guest-events.jsonl``     the agent's events; ``guest-events-NAME.jsonl`` per agent
 ``clock-samples.jsonl``    one ``ClockSample`` per ``/clock`` burst
 ``lab-steps.jsonl``        the lab's injected freezes (``inject`` records), when present
+``vcpu-states.jsonl``      host truth: one ``VcpuInterval`` per line, when present
 =========================  ==============================================================
 
 A run directory holding only a guest's spool (``guest-events.jsonl``, or any
@@ -37,6 +38,18 @@ sample of the same boot exists, a ``stall`` that ended, or a point event that ha
 before the start (converted with that boot's first sample) is left out, with one note per
 kind giving the count: the agent serves everything it buffered since it started, and that
 history belongs to no phase.
+
+Host truth (``vcpu-states.jsonl``, written by the recorder's vCPU sampler): each line is a
+run-length interval of one vCPU thread's host state, checked by ``vcpu_interval``: the
+endpoint a non-empty string, ``vcpu`` in [0, ``MAX_VCPU``), ``tid`` in [1, ``MAX_TID``],
+the four times ints in [0, 2**63), each end not before its start, ``state`` one of
+``rundir.VCPU_STATE_NAMES``; ``samples`` and the optional ``wchan``, ``futex``,
+``holder_hint``, ``syscall`` are kept when of the right type and dropped alone otherwise
+(``end_real_ns``, when missing, is the start plus the monotonic length). A line that fails
+a check is a skip with its reason. The file is written in the order intervals end, so the
+loader sorts them by (endpoint, vCPU, start); an interval that starts before the previous
+one of the same vCPU ended is cut to start at that end (one note per file), so that no
+host time is counted twice.
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeGuard, TypeVar
 
@@ -177,6 +190,151 @@ class TimeoutTable:
 
 
 @dataclass(frozen=True)
+class VcpuInterval:
+    """One vCPU thread in one host state from ``start`` to ``end`` (exclusive): a line of
+    ``vcpu-states.jsonl``, on the recording host's CLOCK_MONOTONIC and CLOCK_REALTIME.
+
+    :param endpoint: the QMP endpoint whose QEMU runs the thread (``src``, ``dst``).
+    :param vcpu: QEMU's vCPU index; ``tid`` the host thread (shared by every vCPU under
+        single-threaded TCG).
+    :param state: one of ``rundir.VCPU_STATE_NAMES``.
+    :param wchan: the last wchan seen, None when not given.
+    :param samples: readings that saw the state, None when not given.
+    :param futex: the futex word's address (hex) of a futex wait; ``holder_hint`` a
+        text about who holds it; ``syscall`` the system call number, when given.
+    :param line: the line in vcpu-states.jsonl.
+    """
+
+    endpoint: str
+    vcpu: int
+    tid: int
+    state: str
+    start_mono_ns: int
+    end_mono_ns: int
+    start_real_ns: int
+    end_real_ns: int
+    wchan: str | None = None
+    samples: int | None = None
+    futex: str | None = None
+    holder_hint: str | None = None
+    syscall: int | None = None
+    line: int = 0
+
+    @property
+    def length_ns(self) -> int:
+        """The interval's monotonic length."""
+        return self.end_mono_ns - self.start_mono_ns
+
+
+#: Bounds of ``vcpu-states.jsonl`` fields (QEMU's vCPU index; Linux's PID_MAX_LIMIT).
+MAX_VCPU = 1 << 16
+MAX_TID = 1 << 22
+_MAX_NS = (1 << 63) - 1
+
+
+def vcpu_interval(obj: Mapping[str, Any], line: int = 0) -> VcpuInterval | str:
+    """Check one ``vcpu-states.jsonl`` record (see the module docstring).
+
+    :param obj: the decoded line.
+    :param line: its line number, kept in the result.
+    :return: the interval, or the reason it was rejected (one line).
+    """
+    endpoint = obj.get("endpoint")
+    if not isinstance(endpoint, str) or not endpoint:
+        return "vCPU state without an 'endpoint' name"
+    vcpu, tid, state = obj.get("vcpu"), obj.get("tid"), obj.get("state")
+    if not _is_int(vcpu) or not 0 <= vcpu < MAX_VCPU:
+        return f"vCPU state with 'vcpu' {vcpu!r} not an integer in [0, {MAX_VCPU})"
+    if not _is_int(tid) or not 1 <= tid <= MAX_TID:
+        return f"vCPU state with 'tid' {tid!r} not an integer in [1, {MAX_TID}]"
+    if state not in rundir.VCPU_STATE_NAMES:
+        return f"vCPU state {state!r} unknown (known: {', '.join(rundir.VCPU_STATE_NAMES)})"
+    times: dict[str, int] = {}
+    for key in ("start_mono_ns", "end_mono_ns", "start_real_ns", "end_real_ns"):
+        value = obj.get(key)
+        if value is None and key == "end_real_ns":
+            continue
+        if not _is_int(value) or not 0 <= value <= _MAX_NS:
+            return f"vCPU state with '{key}' {value!r} not an integer in [0, 2**63)"
+        times[key] = value
+    if times["end_mono_ns"] < times["start_mono_ns"]:
+        return "vCPU state ending (monotonic) before it starts"
+    length = times["end_mono_ns"] - times["start_mono_ns"]
+    end_real = times.get("end_real_ns", times["start_real_ns"] + length)
+    if end_real < times["start_real_ns"]:
+        return "vCPU state ending (realtime) before it starts"
+    wchan, samples = obj.get("wchan"), obj.get("samples")
+    futex, hint, syscall = obj.get("futex"), obj.get("holder_hint"), obj.get("syscall")
+    return VcpuInterval(
+        endpoint=endpoint,
+        vcpu=vcpu,
+        tid=tid,
+        state=str(state),
+        start_mono_ns=times["start_mono_ns"],
+        end_mono_ns=times["end_mono_ns"],
+        start_real_ns=times["start_real_ns"],
+        end_real_ns=end_real,
+        wchan=wchan if isinstance(wchan, str) else None,
+        samples=samples if _is_int(samples) and samples >= 0 else None,
+        futex=futex if isinstance(futex, str) else None,
+        holder_hint=hint if isinstance(hint, str) else None,
+        syscall=syscall if _is_int(syscall) else None,
+        line=line,
+    )
+
+
+def read_vcpu_states(path: Path, issue: Callable[[Issue], None]) -> list[VcpuInterval]:
+    """Read ``vcpu-states.jsonl``: checked intervals sorted by (endpoint, vCPU, start).
+
+    :param path: the file.
+    :param issue: called with each line passed over, and with a note when intervals of
+        one vCPU overlapped (the later one is cut to start where the earlier ended).
+    :raise RunDirError: when the file cannot be read.
+    :return: the intervals (empty ones, after a cut, are left out).
+    """
+    name = str(path)
+    got: list[VcpuInterval] = []
+    for line_no, obj in iter_objects(path, issue):
+        if not isinstance(obj, dict):
+            issue(Issue(name, line_no, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        checked = vcpu_interval(obj, line_no)
+        if isinstance(checked, str):
+            issue(Issue(name, line_no, checked))
+        else:
+            got.append(checked)
+    got.sort(key=lambda v: (v.endpoint, v.vcpu, v.start_mono_ns, v.end_mono_ns))
+    out: list[VcpuInterval] = []
+    cut: list[int] = []
+    for iv in got:
+        prev = out[-1] if out else None
+        same = prev is not None and (prev.endpoint, prev.vcpu) == (iv.endpoint, iv.vcpu)
+        if prev is not None and same and iv.start_mono_ns < prev.end_mono_ns:
+            cut.append(iv.line)
+            if iv.end_mono_ns <= prev.end_mono_ns:
+                continue
+            shift = prev.end_mono_ns - iv.start_mono_ns
+            iv = replace(
+                iv,
+                start_mono_ns=prev.end_mono_ns,
+                start_real_ns=min(iv.start_real_ns + shift, iv.end_real_ns),
+            )
+        out.append(iv)
+    if cut:
+        n = len(cut)
+        issue(
+            Issue(
+                name,
+                min(cut),
+                f"{n} vCPU state interval{'s' if n != 1 else ''} overlapped an earlier one of "
+                "the same vCPU: cut to start where that one ended",
+                "note",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
 class PointEvent:
     """A rare guest event kept whole: a kernel warning, a clock step, an unknown kind."""
 
@@ -237,6 +395,8 @@ class Run:
     :param stop_requests: the lab's ``stop`` commands (``command`` records), which date
         the freezes they caused (``analysis.alignment.stop_request``).
     :param issues: every skip and note.
+    :param vcpu_states: host truth, per vCPU thread (``read_vcpu_states``), empty without
+        ``vcpu-states.jsonl``; ``has_vcpu_states`` whether that file exists.
     """
 
     path: Path
@@ -257,6 +417,17 @@ class Run:
     issues: list[Issue]
     unknown_kinds: Counter[str]
     stop_requests: list[dict[str, Any]] = field(default_factory=list)
+    vcpu_states: list[VcpuInterval] = field(default_factory=list)
+    has_vcpu_states: bool = False
+
+    @property
+    def vcpu_sampler(self) -> dict[str, dict[str, Any]]:
+        """meta.json ``vcpu_sampler``: per endpoint ``pid``, ``threads``, ``poll_ns``,
+        ``samples``, ``note`` (empty when absent: a run from before the sampler)."""
+        part = self.meta.get("vcpu_sampler")
+        if not isinstance(part, dict):
+            return {}
+        return {str(k): v for k, v in part.items() if isinstance(v, dict)}
 
     @property
     def skips(self) -> list[Issue]:
@@ -622,7 +793,7 @@ def guest_event_files(run: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
         files[p.name[len("guest-events-") : -len(".jsonl")]] = p
     if files:
         return files
-    known = ("qmp-", "agent-", "clock-samples", "lab-")
+    known = ("qmp-", "agent-", "clock-samples", "lab-", "vcpu-states")
     spools = [p for p in sorted(run.glob("*.jsonl")) if not p.name.startswith(known)]
     if len(spools) == 1:
         files["guest"] = spools[0]
@@ -693,6 +864,11 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
                 else:
                     issues.append(Issue(str(lpath), line_no, "inject without host times"))
 
+    vcpu_states: list[VcpuInterval] = []
+    vpath = run / rundir.VCPU_STATES
+    if vpath.exists():
+        vcpu_states = read_vcpu_states(vpath, issues.append)
+
     keys = set(reader.lane_keys)
     for seg in reader.segments:  # every sampled CPU gets a lane, stalled or not
         keys.update((seg.agent, cpu) for cpu in seg.cpus)
@@ -729,6 +905,8 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
         issues=issues,
         unknown_kinds=reader.unknown,
         stop_requests=stop_requests,
+        vcpu_states=vcpu_states,
+        has_vcpu_states=vpath.exists(),
     )
     _drop_before_start(result)
     _note_unaligned(result)

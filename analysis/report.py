@@ -7,9 +7,11 @@ base64 PNG (``analysis.report_plots``), no script, nothing fetched: it opens off
 can be attached to a ticket. ``write_report`` writes all three.
 
 Every table comes from ``build_summary``, so the three files never disagree: phases;
-stalls per phase x CPU; asymmetry; timeout sensitivity; host truth against the guest's
-figures (validation); clock steps; findings; the alignment's method and error bounds;
-and what was skipped in the input.
+stalls per phase x CPU; asymmetry; with host truth (``vcpu-states.jsonl``), the host
+states per phase x vCPU and the longest stalls with their host cause; timeout
+sensitivity; host truth against the guest's figures (validation); clock steps; findings;
+the alignment's method and error bounds; and what was skipped in the input. A run
+without host truth says so in the introduction and has no host tables.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ from typing import Any
 from analysis import rundir
 from analysis.attribution import CAUSES_DOC, Analysis
 from analysis.findings import findings
+from analysis.host_vcpu import STATES, HostTruth, state_ms
 from analysis.report_plots import sensitivity_png, timeline_png
 from probe.durations import format_duration
 
 SCHEMA_VERSION = 1
 MAX_ISSUES = 50
+#: Stalls listed with their host truth in summary.json (the longest, in time order).
+MAX_HOST_STALLS = 200
+#: Stalls shown in the report's host-cause table (the longest).
+SHOW_HOST_STALLS = 20
 
 
 def _ms(ns: float | None) -> float | None:
@@ -122,6 +129,7 @@ def build_summary(a: Analysis) -> dict[str, Any]:
     ]
     errs = [e for e in a.placed.err.tolist() if e == e]  # drop NaN
     summary = tl.summary().to_dict() if tl is not None else None
+    host_vcpu, host_truth, host_stalls = _host(a)
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": "tsprobe-report",
@@ -152,6 +160,9 @@ def build_summary(a: Analysis) -> dict[str, Any]:
             }
             for c in a.checks
         ],
+        "host_truth": host_truth,
+        "host_vcpu": host_vcpu,
+        "host_stalls": host_stalls,
         "clock_steps": steps,
         "kernel_warnings": [
             {
@@ -191,6 +202,76 @@ def build_summary(a: Analysis) -> dict[str, Any]:
             ],
         },
     }
+
+
+def _host(a: Analysis) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """``host_vcpu``, ``host_truth`` and ``host_stalls`` (docs/summary-schema.md)."""
+    h: HostTruth | None = a.host
+    if h is None or not h.available:
+        note = h.note if h is not None else "no host truth"
+        return [], {"available": False, "note": note}, []
+    rows = [
+        {
+            "phase": a.phase_label(r.phase),
+            "phase_index": r.phase,
+            "endpoint": r.endpoint,
+            "vcpu": r.vcpu,
+            "ran_guest": r.ran_guest,
+            "state_ms": state_ms(r.state_ns),
+            "unsampled_ms": _ms(r.unsampled_ns),
+        }
+        for r in h.phases
+    ]
+    p = a.placed
+    order = sorted(h.stalls, key=lambda x: -int(p.dur[x.row]))[:MAX_HOST_STALLS]
+    order.sort(key=lambda x: int(p.start[x.row]))
+    stalls = [
+        {
+            "cpu": a.lane_label(int(p.lane[x.row])),
+            "phase": a.phase_label(int(p.phase[x.row])),
+            "start_offset_ms": _ms(int(p.start[x.row]) - a.origin_ns),
+            "length_ms": _ms(int(p.dur[x.row])),
+            "guest_cause": CAUSES_DOC[int(p.cause[x.row])]
+            if 0 <= int(p.cause[x.row]) < len(CAUSES_DOC)
+            else "unknown",
+            "host_cause": x.cause,
+            "vcpu": x.vcpu,
+            "endpoints": list(x.endpoints),
+            "state_ms": state_ms(x.state_ns),
+            "unsampled_ms": _ms(x.unsampled_ns),
+            "others": [
+                {"vcpu": o.vcpu, "state": o.state, "ms": _ms(o.ns), "same_thread": o.same_thread}
+                for o in x.others
+            ],
+            "text": x.text,
+        }
+        for x in order
+    ]
+    causes: dict[str, int] = {}
+    for x in h.stalls:
+        key = x.cause or "none"
+        causes[key] = causes.get(key, 0) + 1
+    truth = {
+        "available": True,
+        "note": h.note,
+        "endpoints": h.endpoints,
+        "vcpus": h.vcpus,
+        "poll_ms": {ep: _ms(ns) for ep, ns in h.poll_ns.items()},
+        "threshold_ms": _ms(h.threshold_ns),
+        "ran_guest": [
+            {
+                "endpoint": ep,
+                "from_offset_ms": _ms(lo - a.origin_ns),
+                "to_offset_ms": _ms(hi - a.origin_ns),
+            }
+            for lo, hi, ep in h.pieces
+        ],
+        "stall_causes": causes,
+        "stalls_total": len(h.stalls),
+        "stalls_listed": len(stalls),
+        "sampler": a.run.vcpu_sampler,
+    }
+    return rows, truth, stalls
 
 
 # --------------------------------------------------------------------------- tables
@@ -262,6 +343,51 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
             ],
         )
     )
+    if doc.get("host_truth", {}).get("available"):
+        out.append(
+            (
+                "Host states per phase and vCPU (ms)",
+                ["phase", "endpoint", "vCPU", "ran the guest", *STATES, "unsampled"],
+                [
+                    [
+                        r["phase"],
+                        r["endpoint"],
+                        r["vcpu"],
+                        r["ran_guest"],
+                        *[r["state_ms"].get(k, 0.0) for k in STATES],
+                        r["unsampled_ms"],
+                    ]
+                    for r in sorted(
+                        doc["host_vcpu"],
+                        key=lambda r: (
+                            r["phase_index"],
+                            not r["ran_guest"],
+                            r["endpoint"],
+                            r["vcpu"],
+                        ),
+                    )
+                ],
+            )
+        )
+        longest = sorted(doc["host_stalls"], key=lambda x: -x["length_ms"])[:SHOW_HOST_STALLS]
+        out.append(
+            (
+                "Stalls and what the host saw (the longest)",
+                ["CPU", "phase", "at (ms)", "length (ms)", "host cause", "guest hint", "in words"],
+                [
+                    [
+                        x["cpu"],
+                        x["phase"],
+                        x["start_offset_ms"],
+                        x["length_ms"],
+                        x["host_cause"] or "-",
+                        x["guest_cause"],
+                        x["text"],
+                    ]
+                    for x in sorted(longest, key=lambda x: x["start_offset_ms"])
+                ],
+            )
+        )
     sens = doc["timeout_sensitivity"]
     head = ["phase", "source"] + [f"T={_fmt(t)} ms" for t in sens["ladder_ms"]]
     srows: list[list[Any]] = []
@@ -333,6 +459,16 @@ def _intro(doc: dict[str, Any]) -> list[str]:
         f"{'-' if err is None else f'{err:.1f} ms'}; stalls near a phase boundary: "
         f"{al['stalls_near_boundary']}"
     )
+    ht = doc.get("host_truth") or {}
+    if ht.get("available"):
+        polls = ", ".join(f"{ep} {ms:g} ms" for ep, ms in ht["poll_ms"].items())
+        text = (
+            f"host truth: vcpu-states.jsonl, endpoints {', '.join(ht['endpoints'])}, "
+            f"vCPUs {', '.join(str(v) for v in ht['vcpus'])}, polled every {polls}"
+        )
+        lines.append(text + (f"; {ht['note']}" if ht.get("note") else ""))
+    else:
+        lines.append(str(ht.get("note") or "no host truth"))
     lines.append(
         f"input: {doc['input']['skipped']} line(s) skipped, {doc['input']['notes']} note(s)"
     )
