@@ -2,9 +2,12 @@
 
 - ``timeline_png``: the phases as coloured bands, hatched where QEMU had the vCPUs
   stopped (every STOP to the next RESUME, on any endpoint); one lane per CPU with its stalls
-  (bars), the canaries' timeouts (triangles) and kernel warnings (red crosses); under it
-  the guest clock's lag behind the host since the first clock sample (monotonic: the
-  freezes; realtime: freezes and steps), with each sample's error bound as a bar.
+  (bars), the canaries' timeouts (triangles) and kernel warnings (red crosses); with host
+  truth (``analysis.host_vcpu``), under each CPU's stalls a band of its vCPU thread's host
+  state (``HOST_COLOURS``, the state with the most time in each column) on the QEMU that
+  ran the guest at that moment; under it all the guest clock's lag behind the host since
+  the first clock sample (monotonic: the freezes; realtime: freezes and steps), with each
+  sample's error bound as a bar.
 - ``sensitivity_png``: expirations against the timeout T (log scale) per phase, from the
   stalls (solid) and, for a peer outside the guest, from the clock-lag steps (dashed).
 
@@ -23,11 +26,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import numpy.typing as npt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from analysis.attribution import Analysis
+from analysis.host_vcpu import STATES
 
 BINS = 1600
 PHASE_COLOURS = {
@@ -43,6 +48,16 @@ PHASE_COLOURS = {
     "completed": "#f3f3f3",
 }
 CAUSE_COLOURS = ("#6a51a3", "#e6550d", "#cb181d", "#636363")
+#: The host-state band's colour per vCPU thread state (``analysis.host_vcpu.STATES``).
+HOST_COLOURS = {
+    "running": "#a1d99b",
+    "runnable": "#fdae6b",
+    "userfault": "#ef3b2c",
+    "lock-wait": "#807dba",
+    "halted": "#d9d9d9",
+    "stopped": "#252525",
+    "other": "#969696",
+}
 
 
 def _png(fig: Figure) -> bytes:
@@ -91,6 +106,8 @@ def timeline_png(a: Analysis) -> bytes:
     p = a.placed
     edges = np.linspace(x_lo, x_hi, BINS + 1)
     width = edges[1] - edges[0]
+    banded = _host_bands(ax, a, edges)
+    bar_y, bar_h = (-0.42, 0.45) if banded else (-0.35, 0.7)
     for li in range(len(lanes)):
         sel = p.lane == li
         if not sel.any():
@@ -112,7 +129,7 @@ def timeline_png(a: Analysis) -> bytes:
                 (edges[i], edges[j] - edges[i])
                 for i, j in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True)
             ]
-            ax.broken_barh(runs, (li - 0.35, 0.7), color=CAUSE_COLOURS[cause], zorder=3)
+            ax.broken_barh(runs, (li + bar_y, bar_h), color=CAUSE_COLOURS[cause], zorder=3)
     for pt in a.points:
         y = pt.lane if pt.lane >= 0 else len(lanes) - 0.5
         x = (pt.host_ns - a.origin_ns) / 1e9
@@ -120,12 +137,19 @@ def timeline_png(a: Analysis) -> bytes:
             ax.plot([x], [y + 0.3], marker="v", color="#08519c", ms=5, zorder=4)
         else:
             ax.plot([x], [y], marker="x", color="#d62728", ms=8, mew=2, zorder=5)
-    ax.set_yticks(range(len(lanes)), [a.lane_label(i) for i in range(len(lanes))])
+    if banded:
+        ticks = [y for i in range(len(lanes)) for y in (i - 0.2, i + 0.25)]
+        names = [
+            t for i in range(len(lanes)) for t in (a.lane_label(i), f"host vCPU {lanes[i].cpu}")
+        ]
+        ax.set_yticks(ticks, names, fontsize=8)
+    else:
+        ax.set_yticks(range(len(lanes)), [a.lane_label(i) for i in range(len(lanes))])
     ax.set_ylim(-0.6, n - 0.4)
     ax.invert_yaxis()
     ax.set_xlim(x_lo, x_hi)
     handles = [Rectangle((0, 0), 1, 1, color=col) for col in CAUSE_COLOURS]  # one per cause hint
-    ax.legend(
+    causes = ax.legend(
         handles,
         ["guest-sched", "host-preempt", "vcpu-blocked", "unknown"],
         loc="upper left",
@@ -134,6 +158,17 @@ def timeline_png(a: Analysis) -> bytes:
         title="stall cause",
         title_fontsize=7,
     )
+    if banded:
+        ax.add_artist(causes)
+        ax.legend(
+            [Rectangle((0, 0), 1, 1, color=HOST_COLOURS[st]) for st in STATES],
+            list(STATES),
+            loc="upper left",
+            bbox_to_anchor=(1.155, 1.0),
+            fontsize=7,
+            title="host state",
+            title_fontsize=7,
+        )
     for ba in a.alignment.boots.values():
         if not len(ba.host):
             continue
@@ -172,8 +207,36 @@ def timeline_png(a: Analysis) -> bytes:
             va="center",
             fontsize=9,
         )
-    fig.subplots_adjust(left=0.09, right=0.86, top=0.86, bottom=0.1)
+    right = 0.76 if banded else 0.86
+    fig.subplots_adjust(left=0.11 if banded else 0.09, right=right, top=0.86, bottom=0.1)
     return _png(fig)
+
+
+def _host_bands(ax: Axes, a: Analysis, edges: npt.NDArray[np.float64]) -> bool:
+    """Draw each lane's host-state band (module docstring); False when there is none."""
+    h = a.host
+    if h is None or not h.available or not h.tracks:
+        return False
+    real = np.rint(edges * 1e9).astype(np.int64) + np.int64(a.origin_ns)
+    mono = h.clock.to_mono(real)
+    for li, lane in enumerate(a.run.lanes):
+        track = h.tracks.get(lane.cpu)
+        if track is None or not len(track.start):
+            continue
+        times = track.time_in(mono[:-1], mono[1:])
+        dominant = np.where(times.sum(axis=0) > 0, np.argmax(times, axis=0), -1)
+        change = np.flatnonzero(np.diff(dominant)) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(dominant)]])
+        for code, name in enumerate(STATES):
+            runs = [
+                (edges[i], edges[j] - edges[i])
+                for i, j in zip(starts, ends, strict=True)
+                if dominant[i] == code
+            ]
+            if runs:
+                ax.broken_barh(runs, (li + 0.1, 0.3), color=HOST_COLOURS[name], zorder=3, lw=0)
+    return True
 
 
 def sensitivity_png(analyses: Sequence[Analysis], names: Sequence[str] | None = None) -> bytes:

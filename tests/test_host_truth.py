@@ -21,13 +21,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from matplotlib.colors import to_rgba
 
 from analysis.attribution import Analysis, analyse
 from analysis.findings import findings
 from analysis.loader import load_run, read_vcpu_states, vcpu_interval
 from analysis.report import build_summary, render_markdown
+from analysis.report_plots import BINS, HOST_COLOURS, _host_bands
 from tests.analysis_runs import BASE, MS, S, build_run, guest_event, qmp_event, write_jsonl
 from tsprobe.cli import main
 
@@ -114,7 +118,8 @@ def build_host_run(
         reply = {"type": "reply", "command": "query-migrate", "latency_ns": MS,
                  "return": {"status": "completed", "postcopy-blocktime": max(blocktime),
                             "postcopy-vcpu-blocktime": blocktime},
-                 "host_real_ns": BASE + 9200 * MS, "host_mono_ns": 9200 * MS - 100_000}  # fmt: skip
+                 "host_real_ns": BASE + 9200 * MS,
+                 "host_mono_ns": BASE + 9200 * MS - REAL_MINUS_MONO}  # fmt: skip
         dst = run / "qmp-dst.jsonl"
         dst.write_text(dst.read_text() + json.dumps(reply) + "\n")
     return run
@@ -326,3 +331,19 @@ def test_spool_beside_host_truth_is_still_found(tmp_path: Path) -> None:
 def test_qmp_event_helper_matches_the_clock_pairs() -> None:
     rec = qmp_event("STOP", 3 * S)
     assert rec["host_real_ns"] - rec["host_mono_ns"] == REAL_MINUS_MONO
+
+
+def test_timeline_draws_a_host_state_band_per_vcpu(host: Analysis, tmp_path: Path) -> None:
+    fig, ax = plt.subplots()
+    edges = np.linspace(0.0, (host.end_ns - host.origin_ns) / 1e9, BINS + 1)
+    assert _host_bands(ax, host, edges)
+    colours = {tuple(float(x) for x in np.asarray(c.get_facecolor())[0]) for c in ax.collections}
+    plt.close(fig)
+    for state in ("running", "userfault", "lock-wait", "stopped"):
+        assert to_rgba(HOST_COLOURS[state]) in colours, state
+    out = tmp_path / "report"
+    res = CliRunner().invoke(main, ["report", str(host.run.path), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "Host states per phase and vCPU" in page
