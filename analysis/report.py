@@ -564,6 +564,12 @@ def render_html(doc: dict[str, Any], a: Analysis) -> str:
         "behind the host's since the first clock sample, with each sample's error bound "
         "(half its round trip); dotted lines: detected steps.</p>"
     )
+    if doc.get("host_truth", {}).get("available"):
+        parts.append(
+            "<p class=muted>Under each CPU's stalls: its vCPU thread's state on the host "
+            "(vcpu-states.jsonl), on the QEMU that ran the guest at that moment; each column "
+            "shows the state with the most time in it.</p>"
+        )
     for title, header, rows in tables(doc):
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(html_table(header, rows))
