@@ -723,6 +723,9 @@ def _host_checks(host: HostTruth, spans: list[Span]) -> list[Check]:
     blocked = ", ".join(BLOCKED)
     for c in host.comparisons:
         note = f"{c.runs} blocked run(s) of {format_duration(host.threshold_ns)} or more"
+        if c.rest_ns:
+            rest = ", ".join(f"{k} {format_duration(ns)}" for k, ns in c.rest_ns.items())
+            note += f"; not counted as blocked: {rest}"
         if c.ok is None:
             note += f"; host truth covers {100 * c.coverage:.0f} % of the phase"
         out.append(

@@ -261,6 +261,8 @@ class Comparison:
     runs: int
     coverage: float
     ok: bool | None
+    #: The vCPU's other non-running time in the phase (runnable, halted, other), by state.
+    rest_ns: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -523,11 +525,19 @@ def stall_text(
     blocked on a missing page (guest hint: vcpu-blocked)``.
 
     The other vCPUs are named when any vCPU (this one or another) was blocked on a missing
-    page over the stall: that is when one vCPU's fault can hold up the others.
+    page over the stall: that is when one vCPU's fault can hold up the others. When every
+    vCPU shares this vCPU's host thread (single-threaded TCG) the sentence says so instead:
+    the others' states are the same thread's, and ``running`` then means the thread ran
+    some vCPU, not necessarily this one.
     """
     head = f"{label} stalled {format_duration(dur_ns)}: "
     if cause is None:
         return head + f"no host truth over it (guest hint: {hint})"
+    if others and all(o.same_thread for o in others):
+        text = head + (
+            f"its host thread (shared by every vCPU: single-threaded TCG) {STATE_WORDS[cause]}"
+        )
+        return text + f" (guest hint: {hint})"
     text = head + f"its vCPU thread {STATE_WORDS[cause]}"
     if cause == "userfault" or any(o.state == "userfault" for o in others):
         named = [o for o in others if o.state is not None]
@@ -609,7 +619,15 @@ def _compare(
             e = float(err[mine].max()) if mine.any() else 0.0
             tol = int(0.10 * host + 5_000_000 + e + 2 * poll * max(runs, 1))
             ok = abs(guest - host) <= tol if coverage >= MIN_COVERAGE else None
-            truth.comparisons.append(Comparison(p, v, li, guest, host, tol, runs, coverage, ok))
+            times = track.time_in(np.array([lo]), np.array([hi]))[:, 0]
+            rest = {
+                name: int(times[_CODE[name]])
+                for name in ("runnable", "halted", "other")
+                if times[_CODE[name]]
+            }
+            truth.comparisons.append(
+                Comparison(p, v, li, guest, host, tol, runs, coverage, ok, rest)
+            )
 
 
 def state_ms(times: Mapping[str, int]) -> dict[str, float]:

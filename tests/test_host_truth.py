@@ -347,3 +347,50 @@ def test_timeline_draws_a_host_state_band_per_vcpu(host: Analysis, tmp_path: Pat
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2
     assert "Host states per phase and vCPU" in page
+
+
+# --------------------------------------------------------------------------- lab runs
+
+RUNS = Path(__file__).parent / "fixtures" / "runs"
+
+
+def test_lab_paused_on_qemu_7_2_single_threaded_tcg() -> None:
+    """``tsprobe lab run --scenario paused`` (QEMU 7.2, single-threaded TCG, 3 s hold)
+    recorded with the vCPU sampler: both vCPUs share one thread, which sat in
+    handle_userfault for the whole of postcopy-paused."""
+    a = analyse(load_run(RUNS / "vcpu-paused-qemu7.2", strict=True))
+    doc = build_summary(a)
+    paused = next(p for p in doc["phases"] if p["name"] == "postcopy-paused")
+    for vcpu in (0, 1):
+        (row,) = [r for r in doc["host_vcpu"] if (r["phase"], r["endpoint"], r["vcpu"]) ==
+                  ("postcopy-paused", "dst", vcpu)]  # fmt: skip
+        assert row["ran_guest"] and row["state_ms"] == {"userfault": paused["length_ms"]}
+    longest = [s for s in doc["host_stalls"] if s["length_ms"] > 3000]
+    assert len(longest) == 2
+    for s in longest:
+        assert (s["host_cause"], s["guest_cause"]) == ("userfault", "guest-sched")
+        assert "its host thread (shared by every vCPU: single-threaded TCG) was blocked on a " \
+            "missing page (guest hint: guest-sched)" in s["text"]  # fmt: skip
+        assert all(o["same_thread"] for o in s["others"])
+    checks = {c["what"]: c for c in doc["validation"]}
+    for cpu in (0, 1):
+        c = checks[f"vCPU {cpu} blocked on the host (userfault, lock-wait, stopped) vs CPU {cpu} "
+                   "stalled in postcopy-paused"]  # fmt: skip
+        assert c["ok"] is True and c["host_ms"] == pytest.approx(c["guest_ms"], abs=1.0)
+    bt1 = checks["QEMU cross-check: postcopy-vcpu-blocktime vCPU 1 vs CPU 1 stalled in postcopy"]
+    assert bt1["ok"] is None and bt1["host_ms"] == 0.0 and bt1["guest_ms"] > 3000
+    assert bt1["note"].startswith("QEMU's blocktime (7.2, known unreliable before 10.1) says 0 ms")
+    assert "host truth: vCPU 1 blocked on missing pages 31" in bt1["note"]
+
+
+def test_lab_stall_vcpu_freeze_reads_stopped_on_one_vcpu_only() -> None:
+    """``stall-vcpu`` (multi-threaded TCG, no migration): vCPU 1's thread frozen 700 ms by
+    the cgroup freezer reads ``stopped``; vCPU 0's never does."""
+    a = analyse(load_run(RUNS / "vcpu-stall-vcpu", strict=True))
+    doc = build_summary(a)
+    rows = {r["vcpu"]: r["state_ms"] for r in doc["host_vcpu"]}
+    assert "stopped" not in rows[0] and rows[1]["stopped"] > 700
+    (freeze,) = [s for s in doc["host_stalls"] if s["length_ms"] > 600]
+    assert (freeze["cpu"], freeze["host_cause"]) == ("CPU 1", "stopped")
+    assert freeze["others"][0]["state"] != "stopped" and not freeze["others"][0]["same_thread"]
+    assert all(c["ok"] is not False for c in doc["validation"])
