@@ -352,6 +352,8 @@ def test_timeline_draws_a_host_state_band_per_vcpu(host: Analysis, tmp_path: Pat
 # --------------------------------------------------------------------------- lab runs
 
 RUNS = Path(__file__).parent / "fixtures" / "runs"
+#: Runs without a migration (tests/fixtures/runs holds migrations only: test_timeline).
+NO_MIGRATION = Path(__file__).parent / "fixtures" / "vcpu-runs"
 
 
 def test_lab_paused_on_qemu_7_2_single_threaded_tcg() -> None:
@@ -386,7 +388,7 @@ def test_lab_paused_on_qemu_7_2_single_threaded_tcg() -> None:
 def test_lab_stall_vcpu_freeze_reads_stopped_on_one_vcpu_only() -> None:
     """``stall-vcpu`` (multi-threaded TCG, no migration): vCPU 1's thread frozen 700 ms by
     the cgroup freezer reads ``stopped``; vCPU 0's never does."""
-    a = analyse(load_run(RUNS / "vcpu-stall-vcpu", strict=True))
+    a = analyse(load_run(NO_MIGRATION / "stall-vcpu", strict=True))
     doc = build_summary(a)
     rows = {r["vcpu"]: r["state_ms"] for r in doc["host_vcpu"]}
     assert "stopped" not in rows[0] and rows[1]["stopped"] > 700
