@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import threading
 import time
 
@@ -65,6 +66,15 @@ def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> None:
     if _libc.ioctl(fd, request, ctypes.byref(arg)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"ioctl {request:#x}: {os.strerror(err)}")
+
+
+def sigstop_for(pid: int, seconds: float) -> tuple[int, int]:
+    """SIGSTOP a process for ``seconds``; return CLOCK_MONOTONIC (ns) of the stop and the CONT."""
+    os.kill(pid, signal.SIGSTOP)
+    stopped = time.monotonic_ns()
+    time.sleep(seconds)
+    os.kill(pid, signal.SIGCONT)
+    return stopped, time.monotonic_ns()
 
 
 def wait_wchan(tid: int, wchan: str, timeout_s: float = 5.0) -> int:

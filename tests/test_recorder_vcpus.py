@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from tests.blocked_threads import sigstop_for
 from tests.qemu_helpers import QEMU, free_port
 
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -66,11 +67,12 @@ def bare_qemu(
         proc.wait(5)
 
 
+def record_command(out: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tsprobe.cli", "record", "-q", "--out", str(out), *args]
+
+
 def record(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tsprobe.cli", "record", "-q", "--out", str(out), *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return subprocess.run(record_command(out, *args), capture_output=True, text=True, timeout=60)
 
 
 def states(out: Path) -> list[dict[str, Any]]:
@@ -140,10 +142,7 @@ async def _stop_cont(ctl: Path, hold_s: float) -> None:
 def test_a_qmp_stop_reads_stopped_as_long_as_qemus_events_say(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with bare_qemu(tmp_path, "src") as (_src, sock, ctl):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tsprobe.cli", "record", "-q", "--out", str(out),
-             "--qmp", f"src={sock}", "--duration", "2s"],
-        )  # fmt: skip
+        proc = subprocess.Popen(record_command(out, "--qmp", f"src={sock}", "--duration", "2s"))
         time.sleep(0.5)
         asyncio.run(_stop_cont(ctl, 0.4))
         assert proc.wait(30) == 0
@@ -160,17 +159,10 @@ def test_a_qmp_stop_reads_stopped_as_long_as_qemus_events_say(tmp_path: Path) ->
 def test_sigstopped_then_killed_qemu(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with bare_qemu(tmp_path, "src") as (qemu, sock, _):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tsprobe.cli", "record", "-q", "--out", str(out),
-             "--qmp", f"src={sock}", "--duration", "10s", "--grace", "0"],
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        command = record_command(out, "--qmp", f"src={sock}", "--duration", "10s", "--grace", "0")
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         time.sleep(0.8)
-        os.kill(qemu.pid, signal.SIGSTOP)
-        stopped = time.monotonic_ns()
-        time.sleep(0.3)
-        os.kill(qemu.pid, signal.SIGCONT)
-        resumed = time.monotonic_ns()
+        stopped, resumed = sigstop_for(qemu.pid, 0.3)
         time.sleep(0.3)
         qemu.kill()
         killed = time.monotonic_ns()

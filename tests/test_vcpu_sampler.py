@@ -36,7 +36,7 @@ import pytest
 from analysis.rundir import JsonlWriter
 from analysis.vcpu_sampler import VcpuSampler
 from analysis.vcpu_threads import ThreadFiles, classify
-from tests.blocked_threads import FutexWords, MissingPage, wait_futex
+from tests.blocked_threads import FutexWords, MissingPage, sigstop_for, wait_futex
 
 POLL_NS = 10_000_000
 TOL_NS = POLL_NS + 5_000_000
@@ -200,11 +200,7 @@ def test_a_sigstopped_process_reads_stopped_for_as_long_as_it_was_stopped(
         run.sampler.watch("q", child.pid, {0: child.pid})
         run.sampler.start()
         time.sleep(0.15)
-        os.kill(child.pid, signal.SIGSTOP)
-        stopped = time.monotonic_ns()
-        time.sleep(0.25)
-        os.kill(child.pid, signal.SIGCONT)
-        resumed = time.monotonic_ns()
+        stopped, resumed = sigstop_for(child.pid, 0.25)
         time.sleep(0.15)
     finally:
         records = run.close()
