@@ -50,7 +50,11 @@ report of every endpoint in time order:
    ``-recover``) start when the *first* endpoint reports them: a broken stream is often
    seen by the destination first, and the guest feels it from then on. QEMU before 9.1
    has no ``postcopy-recover-setup``: a destination reporting ``setup`` while paused (after
-   ``migrate-recover``) is taken as ``postcopy-recover-setup``.
+   ``migrate-recover``) is taken as ``postcopy-recover-setup``. A recovery goes
+   ``postcopy-paused``, ``postcopy-recover-setup``, ``postcopy-recover``: an endpoint
+   that reports one of them after the other endpoint has already moved past it in the
+   same recovery (QEMU 9.1 and later report ``postcopy-recover-setup`` on either side)
+   is agreement, never a step back.
 3. ``completed`` and ``failed`` start at the first report that agrees with the source's own
    outcome; a destination outcome that differs (its ``failed`` while the source is
    ``cancelling`` then ``cancelled``) is a note, not a phase. Without a source, the
@@ -72,9 +76,13 @@ from STOP to RESUME in the run above). Around the pause:
    takes effect at the ``RESUME``, so the guest is in precopy until the ``STOP``.
 7. Statuses reported while the guest is stopped: ``postcopy-active`` renames the pause to
    ``switchover``; an outcome (``completed``, ``failed``, ``cancelled``) takes effect at the
-   ``RESUME`` (or ends the pause when no ``RESUME`` was recorded at all); any other status
-   (``pre-switchover``, ``device``, ``cancelling``, unknown) splits the pause into phases
-   named after it, each with ``vm_stopped`` set.
+   ``RESUME`` (or ends the pause when no ``RESUME`` was recorded at all); ``device`` as
+   the first status of the pause is QEMU's own name for the stop-and-copy (QEMU 9.0 and
+   later report it right after the ``STOP``, in precopy and at the postcopy switchover):
+   the pause stays one phase, named as usual, whose details keep ``qemu_status`` and
+   ``qemu_status_after_ns`` (its offset from the STOP); any other status
+   (``pre-switchover``, ``device`` after it, ``cancelling``, unknown) splits the pause
+   into phases named after it, each with ``vm_stopped`` set.
 8. After a pause that handed the guest over (``RESUME`` on another endpoint than the
    ``STOP``), the source's ``active`` does not resume: the next status (``completed``)
    starts at the ``RESUME`` and a note says when it was reported. A ``STOP`` and a
@@ -112,7 +120,7 @@ from typing import Any, Literal, TypeGuard
 
 from probe.durations import format_duration
 
-#: Migration statuses QEMU's QAPI schema defines (up to 9.x).
+#: Migration statuses QEMU's QAPI schema defines (up to 10.0).
 KNOWN_STATUSES = frozenset(
     {
         "none",
@@ -154,6 +162,9 @@ SOURCE_LED_STATUSES = frozenset(
 POSTCOPY_STATUSES = frozenset(
     {"postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover"}
 )
+
+#: The statuses of a postcopy recovery, in order (rule 2).
+RECOVERY_ORDER = ("postcopy-paused", "postcopy-recover-setup", "postcopy-recover")
 
 #: ``query-migrate`` figures the summary reports.
 QEMU_FIGURES = ("downtime", "total-time", "setup-time", "postcopy-blocktime", "error-desc")
@@ -802,6 +813,16 @@ def _combine(
             if ep != last.mark.endpoint and ep not in last.also:
                 last.also.append(ep)
             continue
+        if (
+            status in RECOVERY_ORDER
+            and cur in RECOVERY_ORDER
+            and RECOVERY_ORDER.index(status) < RECOVERY_ORDER.index(cur)
+        ):
+            # an endpoint catching up with a recovery the other one moved on in
+            agreed = next((t for t in reversed(out) if t.status == status), None)
+            if agreed is not None and ep != agreed.mark.endpoint and ep not in agreed.also:
+                agreed.also.append(ep)
+            continue
         if cur in TERMINAL_STATUSES and not leads:
             if status in TERMINAL_STATUSES:
                 notes.append((rep.mark.t, f"{ep} reported {status} after the migration {cur}"))
@@ -1022,7 +1043,16 @@ class _Walker:
                     f"{_ago(tr.mark.t - current.start)} the phase start"
                 )
                 return
-            # pre-switchover, device, cancelling, unknown: split the pause
+            if tr.status == "device" and current.name in (STOP_AND_COPY, SWITCHOVER):
+                # QEMU 9.0+: the stop-and-copy itself, reported right after the STOP
+                current.details["qemu_status"] = tr.status
+                current.details["qemu_status_after_ns"] = tr.mark.t - current.start
+                current.notes.append(
+                    f"{tr.mark.endpoint} reported device {_ago(tr.mark.t - current.start)} "
+                    "the phase start (QEMU's stop-and-copy)"
+                )
+                return
+            # pre-switchover, device after it, cancelling, unknown: split the pause
             self._open(phase_name(tr.status), tr.mark.t, by, tr.status, True, self.pause)
             self.cur = tr.status
             return

@@ -2,8 +2,11 @@
 
 The realistic sequences are tests/fixtures/qmp/*.jsonl, transcribed from QEMU 7.2
 migrations of two bare machines on loopback (see the README there for how and the exact
-event order). The small hand-built sequences below follow the same order and cover what
-those runs did not show (an unknown status, a stop and cont, pre-switchover, polls only).
+event order), and two paused lab runs (tests/fixtures/lab-runs/paused-qemu7.2 and
+paused-qemu10.0, copied from ``tsprobe lab run --scenario paused``, the latter with
+``--qemu 10.0``). The small hand-built sequences below follow the same order and cover
+what those runs did not show (an unknown status, a stop and cont, pre-switchover, polls
+only, QEMU 10.0's ``device`` at the switchover and its recoveries).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tsprobe.cli import main
 FIXTURES = Path(__file__).parent / "fixtures"
 QMP_FIXTURES = FIXTURES / "qmp"
 RUN_FIXTURES = FIXTURES / "runs"
+LAB_FIXTURES = FIXTURES / "lab-runs"
 TSPROBE = Path(sys.executable).parent / "tsprobe"
 
 BASE = 1_795_640_000_000_000_000  # ns; around the time the fixtures were recorded
@@ -667,6 +671,129 @@ def test_cli_record_level_skip_names_the_line(tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert doc["skipped"] == 2
     assert {(i["line"], i["severity"]) for i in doc["issues"]} == {(4, "skip"), (5, "skip")}
+
+
+# --------------------------------------------------------------------------- QEMU 10.0
+
+
+def lab_records(name: str) -> dict[str, list[dict[str, Any]]]:
+    """The src and dst records of a recorded lab run."""
+    run = LAB_FIXTURES / name
+    return {
+        ep: [json.loads(line) for line in (run / f"qmp-{ep}.jsonl").read_text().splitlines()]
+        for ep in ("src", "dst")
+    }
+
+
+def assert_adds_up(tl: Timeline) -> None:
+    """Contiguous phases whose lengths add up to the migration's total time."""
+    assert_contiguous(tl)
+    total = tl.summary().total_ns
+    assert total is not None
+    assert sum(p.duration_ns or 0 for p in tl.phases[:-1]) == total
+
+
+PAUSED_PHASES = [
+    "setup",
+    "precopy",
+    "switchover",
+    "postcopy-active",
+    "postcopy-paused",
+    "postcopy-recover-setup",
+    "postcopy-recover",
+    "postcopy-active",
+    "completed",
+]
+
+
+@pytest.mark.parametrize("name", ["paused-qemu7.2", "paused-qemu10.0"])
+def test_paused_lab_run_of_each_qemu(name: str) -> None:
+    """Both versions' paused runs give the same phases; each source status is a phase,
+    or (QEMU 10.0's ``device``) the status of its switchover."""
+    meta = json.loads((LAB_FIXTURES / name / "meta.json").read_text())
+    version = name.removeprefix("paused-qemu")
+    assert all(v.startswith(version + ".") for v in meta["versions"]["qemu"].values())
+    assert meta["lab"]["qemu_version"].startswith(version + ".")
+    tl = build_timeline(lab_records(name))
+    assert tl.names() == PAUSED_PHASES
+    assert_adds_up(tl)
+    assert [p.vm_stopped for p in tl.phases] == [n == "switchover" for n in PAUSED_PHASES]
+    switchover = tl.phases[2]
+    assert tl.pauses[0].duration_ns == switchover.duration_ns == tl.summary().downtime_ns
+    assert switchover.details["qemu_downtime_ms"] >= 1
+    shown = {p.name for p in tl.phases} | {p.details.get("qemu_status") for p in tl.phases}
+    assert {phase_name(s) for s in tl.statuses("src")} - {"none"} <= shown
+    # the operator held the pause 3 s: postcopy-paused lasts that long, the recovery after
+    paused = tl.phases[4]
+    assert paused.duration_ns is not None and 2.9e9 < paused.duration_ns < 3.5e9
+    assert tl.phases[5].start_ns == tl.phases[4].end_ns
+    assert tl.skipped == ()
+
+
+def test_qemu_100_device_is_the_switchover() -> None:
+    tl = build_timeline(lab_records("paused-qemu10.0"))
+    assert "device" in tl.statuses("src") and "device" not in tl.names()
+    switchover = tl.phases[2]
+    assert switchover.details["qemu_status"] == "device"
+    after = switchover.details["qemu_status_after_ns"]
+    assert 0 < after < 5_000_000  # reported right after the STOP
+    assert switchover.start_by.label() == "src STOP"
+    assert switchover.end_by is not None and switchover.end_by.label() == "dst RESUME"
+    assert any("reported device" in n for n in switchover.notes)
+    # QEMU 10.0 reports postcopy-recover-setup on the source (7.2's destination: setup)
+    assert tl.phases[5].start_by.what == "MIGRATION postcopy-recover-setup"
+
+
+def test_qemu_100_precopy_device() -> None:
+    # QEMU 10.0 precopy: STOP, device 85 us later, completed, then the destination's RESUME
+    src, dst = precopy_prefix()
+    src += [ev(400_000, "STOP"), mig(400_085, "device"), mig(413_000, "completed")]
+    dst += [ev(418_000, "RESUME"), mig(418_200, "completed")]
+    tl = build_timeline({"src": src, "dst": dst})
+    assert tl.names() == ["setup", "precopy", "stop-and-copy", "completed"]
+    assert_adds_up(tl)
+    stop = tl.phases[2]
+    assert stop.vm_stopped and stop.start_ns == at(400_000) and stop.end_ns == at(418_000)
+    assert stop.details["qemu_status"] == "device"
+    assert stop.details["qemu_status_after_ns"] == 85_000
+    assert tl.summary().downtime_ns == at(418_000) - at(400_000)
+
+
+def test_qemu_100_long_recovery_with_recover_setup_on_both_sides() -> None:
+    # A 3 s hold, then a recovery that takes 5.5 s more: the source reports
+    # postcopy-recover-setup, the destination too but later (after the source's
+    # postcopy-recover); neither is a step back, and every phase adds up.
+    src, dst = precopy_prefix()
+    src += [
+        mig(1_000_000, "postcopy-active"),
+        ev(1_000_100, "STOP"),
+        mig(1_000_200, "device"),
+        mig(1_300_000, "postcopy-paused"),
+        mig(4_300_000, "postcopy-recover-setup"),
+        mig(6_000_000, "postcopy-recover"),
+        mig(9_800_000, "postcopy-active"),
+        mig(10_000_000, "completed"),
+    ]
+    dst += [
+        mig(1_000_500, "postcopy-active"),
+        ev(1_100_000, "RESUME"),
+        mig(1_299_000, "postcopy-paused"),
+        mig(6_000_400, "postcopy-recover-setup"),
+        mig(6_001_000, "postcopy-recover"),
+        mig(9_799_000, "postcopy-active"),
+        mig(9_999_000, "completed"),
+    ]
+    tl = build_timeline({"src": src, "dst": dst})
+    assert tl.names() == PAUSED_PHASES
+    assert_adds_up(tl)
+    phases = {p.name: p for p in tl.phases[4:7]}
+    assert phases["postcopy-paused"].start_ns == at(1_299_000)
+    assert phases["postcopy-paused"].duration_ns == at(4_300_000) - at(1_299_000)
+    recover_setup = phases["postcopy-recover-setup"]
+    assert recover_setup.start_by.label() == "src+dst MIGRATION postcopy-recover-setup"
+    assert recover_setup.duration_ns == at(6_000_000) - at(4_300_000)
+    assert phases["postcopy-recover"].duration_ns == at(9_799_000) - at(6_000_000)
+    assert tl.phases[2].name == "switchover" and tl.phases[2].details["qemu_status"] == "device"
 
 
 # --------------------------------------------------------------------------- recorded runs
