@@ -4,12 +4,16 @@ It must stay idle until its go file exists, then announce itself and keep its pa
 dirty on the CPU it was given, in passes that leave the CPU mostly idle, until its stop
 file exists; a bad argument is one console line and exit status 2. What it wrote is read
 back from ``/proc/PID/mem`` (the test is its parent): the one byte it writes into every
-page flips between 0x55 and 0xAA from one pass to the next.
+page is the pass's stamp, which changes from one pass to the next. It checks its pages:
+an older stamp written into a page through ``/proc/PID/mem`` (a write the migration
+lost) is found, printed and counted in the verdict it leaves in its result file.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.lab.guest_workload import PAGE, parse_size
+from analysis.lab.guest_workload import PAGE, parse_size, stamp
 
 SCRIPT = Path(__file__).resolve().parent.parent / "analysis" / "lab" / "guest_workload.py"
 
@@ -83,12 +87,12 @@ def test_waits_for_the_go_file_then_dirties(tmp_path: Path) -> None:
         start = _working_set(proc.pid, 8 << 20)
         busy, t0 = _cpu_s(proc.pid), time.monotonic()
         seen: set[bytes] = set()
-        both = {b"\x55", b"\xaa"}  # the patterns of odd and even passes
+        stamps = {bytes([stamp(n)]) for n in range(255)}  # one byte per page, never 0
         deadline = time.monotonic() + 3.0
-        while seen != both and time.monotonic() < deadline:
+        while len(seen) < 4 and time.monotonic() < deadline:
             seen.update(_written(proc.pid, start, pages))
             time.sleep(0.013)  # not a divisor of the pass period: no aliasing
-        assert seen == both  # every page written, by passes of both patterns
+        assert len(seen) >= 4 and seen <= stamps, seen  # every page, written pass after pass
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
         # ... in passes (one every 50 ms) that leave the CPU mostly idle.
         assert _cpu_s(proc.pid) - busy < 0.3 * (time.monotonic() - t0)
@@ -128,3 +132,60 @@ def test_bad_arguments_are_one_line(tmp_path: Path) -> None:
         )
         assert out.returncode == 2 and not out.stderr
         assert out.stdout.startswith("tsprobe-lab: workload: ") and out.stdout.count("\n") == 1
+
+
+def _run_until_stopped(tmp_path: Path, corrupt: bool) -> tuple[str, dict[str, object]]:
+    """Run the workload on 4 MiB for about 0.6 s, corrupting one page when asked; its
+    console output after the first line and its verdict."""
+    go, stop, result = tmp_path / "go", tmp_path / "stop", tmp_path / "result"
+    go.touch()
+    cmd = [sys.executable, "-I", "-S", str(SCRIPT), "4M", "0", str(go), str(stop), str(result)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == f"tsprobe-lab: workload: {4 << 20} bytes dirty on CPU 0\n"
+        time.sleep(0.3)
+        if corrupt:
+            # Page 7 gets a stamp the workload wrote long ago: a lost write.
+            start = _working_set(proc.pid, 4 << 20)
+            with open(f"/proc/{proc.pid}/mem", "r+b", buffering=0) as mem:
+                mem.seek(start + 7 * PAGE)
+                page = mem.read(PAGE)
+                # The buffer starts a malloc header into the mapping: find the stamp byte.
+                nonzero = [i for i, b in enumerate(page) if b]
+                assert len(nonzero) == 1, nonzero
+                offset = nonzero[0]
+                mem.seek(start + 7 * PAGE + offset)
+                mem.write(bytes([(page[offset] + 100) % 255 + 1]))
+            time.sleep(0.3)
+        stop.touch()
+        assert proc.wait(5) == 0
+        out = proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    return out, json.loads(result.read_text())
+
+
+def test_verdict_on_intact_memory(tmp_path: Path) -> None:
+    out, verdict = _run_until_stopped(tmp_path, corrupt=False)
+    assert re.fullmatch(r"tsprobe-lab: workload: stopped after \d+ passes\n", out), out
+    pages = (4 << 20) // PAGE
+    assert verdict["ok"] is True and verdict["stopped"] == "workload"
+    assert verdict["pages"] == pages and verdict["bad_pages"] == 0
+    passes = int(str(verdict["passes"]))
+    assert passes >= 6  # 0.6 s at one pass every 50 ms
+    assert verdict["checks"] == (passes + 1) * pages  # every page before every pass, and last
+
+
+def test_a_lost_write_is_found(tmp_path: Path) -> None:
+    out, verdict = _run_until_stopped(tmp_path, corrupt=True)
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[-1].startswith("tsprobe-lab: workload: stopped after ")
+    # The page that held an older stamp is found on the next pass, counted once.
+    assert re.fullmatch(
+        r"tsprobe-lab: workload: bad memory: page \d+ held 0x[0-9a-f]{2} at pass \d+, "
+        r"not 0x[0-9a-f]{2} \(pass \d+'s\)",
+        lines[0],
+    ), lines[0]
+    assert verdict["bad_pages"] == 1

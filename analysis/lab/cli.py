@@ -78,6 +78,7 @@ Scenarios:
 Examples:
   tsprobe lab run --scenario precopy --out runs/precopy
   tsprobe lab run --scenario paused --hold 3s --out runs/paused
+  tsprobe lab run --scenario paused --qemu 10.0 --out runs/paused-10   # scripts/setup's
   tsprobe lab run --scenario stall --stall 300ms,1.2s --out runs/stall
   tsprobe lab run --scenario stall-vcpu --cpu 1 --stall 700ms --out runs/vcpu
   tsprobe lab run --scenario paused --out runs/p1 \\
@@ -113,10 +114,20 @@ exporter.
 )
 @click.option(
     "--accel",
-    type=click.Choice(["auto", "kvm", "tcg"]),
+    type=click.Choice(["auto", "kvm", "tcg", "tcg-single", "tcg-multi"]),
     default="auto",
     show_default=True,
-    help="auto: KVM if a smoke boot works, else TCG.",
+    help="auto: KVM if a smoke boot works, else TCG; TCG is multi-threaded for migrations "
+    "on QEMU >= 9.0 and for the stall scenarios, else single-threaded (tcg-single, "
+    "tcg-multi: force it).",
+)
+@click.option(
+    "--qemu",
+    default=None,
+    metavar="PATH|VERSION",
+    help="The QEMU binary: a path, a command, or a version that scripts/setup unpacked "
+    "(e.g. 10.0: /var/cache/tsprobe/qemu-10.0.*/qemu-system-x86_64).  "
+    "[default: qemu-system-x86_64 on PATH]",
 )
 @click.option(
     "--clock-step",
@@ -174,6 +185,7 @@ def run_cmd(
     workload_cpu: int,
     bandwidth: str,
     accel: str,
+    qemu: str | None,
     clock_step: str | None,
     listen: str | None,
     agent_listen: str | None,
@@ -213,6 +225,7 @@ def run_cmd(
         workload_cpu=workload_cpu,
         bandwidth=_size(bandwidth, "--bandwidth"),
         accel=accel,
+        qemu=qemu,
         clock_step_ns=step,
         listen=listen,
         agent_listen=agent_listen,

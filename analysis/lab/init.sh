@@ -74,11 +74,12 @@ export PYTHONPATH=/opt/tsprobe
 export PYTHONDONTWRITEBYTECODE=1
 GO=/run/tsprobe/workload-go
 STOP=/run/tsprobe/workload-stop
+RESULT=/run/tsprobe/workload-result
 if [ "$WSS" != "0" ]; then
     # Started first, while the guest is idle: it allocates and touches its pages now and
     # starts dirtying them once the agent is up (it waits for $GO), so that it neither
     # slows the agent's start under TCG nor pays for its own start under the samplers.
-    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" "$STOP" &
+    $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" "$STOP" "$RESULT" &
 fi
 # The lab's agent settings. Under TCG the guest's Python runs about 30 times slower than
 # natively. With the agent's defaults, the agent, its samplers and canaries and the 64 MiB
@@ -100,16 +101,27 @@ $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --events /run/tsprobe/events.jsonl --canaries "$CANARIES" $AGENT_EXTRA &
 # The lab hooks: a shell per connection reads the host's line; "workload stop" is
 # answered here (right after a migration the destination's fresh QEMU runs a Python start
-# slowly), anything else by one short-lived hooks.py (see its docstring).
+# slowly), anything else by one short-lived hooks.py (see its docstring). The answer to
+# "workload stop" is the workload's verdict on its memory ($RESULT, written once it has
+# checked every page), or after 30 s without one an answer that says so.
 # shellcheck disable=SC2016
 HOOK='read -r line
 case "$line" in
     "workload stop")
         touch "$STOP"
-        echo "{\"ok\": true, \"stopped\": \"workload\"}" ;;
+        i=0
+        while [ ! -e "$RESULT" ] && [ $i -lt 300 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        if [ -e "$RESULT" ]; then
+            cat "$RESULT"
+        else
+            echo "{\"ok\": true, \"stopped\": \"workload\", \"verdict\": \"none after 30 s\"}"
+        fi ;;
     *) printf "%s\n" "$line" | $PY /opt/tsprobe/lab/hooks.py once ;;
 esac'
-export PY STOP
+export PY STOP RESULT
 nc -ll -p 9467 -e sh -c "$HOOK" &
 # The agent's health on the console: a line when it first answers, and one whenever its
 # status, its down probes or its count of dropped events change (/healthz every 5 s).

@@ -9,14 +9,24 @@ unix sockets (``qmp-NAME.sock`` for the recorder, ``ctl-NAME.sock`` for the scen
 commands; each monitor serves one client). A destination gets ``-incoming defer`` and
 other host ports.
 
+The binary: ``--qemu`` names it (``resolve_qemu``): a path, a command on PATH, or a
+version such as ``10.0``, which names the QEMU that ``scripts/setup`` unpacked from
+Debian's bookworm-backports into ``QEMU_CACHE/qemu-VERSION/`` (an exec wrapper that
+points QEMU at its own firmware and modules); by default ``qemu-system-x86_64`` on PATH.
+Its version comes from ``PATH --version`` (``qemu_version``); the recorder also stores
+QMP's ``query-version`` in meta.json (``versions.qemu``).
+
 Accelerators:
 
-- ``tcg``: ``-accel tcg,thread=single``. Multi-threaded TCG corrupted guests in 6 of 10
-  precopy runs on this kind of machine, and on a destination alone it put the guest's
-  clock off at the switchover (``scenarios.MTTCG_SCENARIOS``); single-threaded TCG runs
-  every vCPU in one host thread, so every vCPU stalls at once.
-- ``tcg-multi``: ``-accel tcg,thread=multi``: a host thread per vCPU, used by
-  ``stall-vcpu`` (no migration) to freeze one vCPU, and by ``stall``.
+- ``tcg``: ``-accel tcg,thread=single``: every vCPU in one host thread, so every vCPU
+  stalls at once. Migrating scenarios use it on QEMU older than ``MTTCG_MIGRATION_MIN``:
+  there multi-threaded TCG loses guest writes during a migration (the dirty-bitmap
+  coherency bug fixed in QEMU 9.0, "physmem: Fix migration dirty bitmap coherency with
+  TCG memory access").
+- ``tcg-multi``: ``-accel tcg,thread=multi``: a host thread per vCPU. Used by the
+  scenarios that do not migrate (``stall``, ``stall-vcpu``) on every QEMU and by the
+  migrating ones on QEMU ``MTTCG_MIGRATION_MIN`` or newer, source and destination alike
+  (``tcg_accel``, the one rule).
 - ``kvm``: ``-accel kvm``. ``auto`` picks KVM only after a smoke boot reached the guest's
   init within ``KVM_SMOKE_S`` (a stock kernel fails on some hosts with emulation errors
   or hangs); the verdict is kept for the host's boot (its ``boot_id``), so only the first
@@ -34,6 +44,7 @@ import atexit
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,7 +64,9 @@ QEMU_BINARY = "qemu-system-x86_64"
 AGENT_GUEST_PORT = 9466
 HOOKS_GUEST_PORT = 9467
 KVM_SMOKE_S = 10.0
-ACCELS = ("auto", "kvm", "tcg", "tcg-multi")
+#: ``--accel``: ``tcg`` lets the scenario and the QEMU version pick the threading
+#: (``tcg_accel``); ``tcg-single`` and ``tcg-multi`` force it.
+ACCELS = ("auto", "kvm", "tcg", "tcg-single", "tcg-multi")
 #: The console line the guest's init prints first (the smoke boot waits for it).
 INIT_MARK = "tsprobe-lab: init at"
 AGENT_UP_MARK = "tsprobe-lab: agent up at"
@@ -76,8 +89,16 @@ def free_port() -> int:
             return port
 
 
+#: Where scripts/setup unpacks other QEMU versions (``qemu-VERSION/qemu-system-x86_64``).
+QEMU_CACHE = Path(os.environ.get("TSPROBE_QEMU_CACHE", "/var/cache/tsprobe"))
+#: The first QEMU whose multi-threaded TCG keeps a migrating guest's memory intact.
+MTTCG_MIGRATION_MIN = (9, 0)
+_VERSION_RE = re.compile(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?")
+_VERSION_ARG = re.compile(r"\d+(?:\.\d+){0,2}")
+
+
 def qemu_binary() -> str:
-    """The path of qemu-system-x86_64.
+    """The path of qemu-system-x86_64 on PATH.
 
     :raise QemuError: when it is not installed.
     """
@@ -85,6 +106,119 @@ def qemu_binary() -> str:
     if path is None:
         raise QemuError(f"{QEMU_BINARY} is not installed (apt-get install qemu-system-x86)")
     return path
+
+
+def cached_qemus(root: Path | None = None) -> dict[str, Path]:
+    """The QEMUs scripts/setup unpacked: version (``10.0.2``) -> wrapper, oldest first."""
+    root = QEMU_CACHE if root is None else root
+    found: list[tuple[tuple[int, ...], str, Path]] = []
+    with suppress(OSError):
+        for entry in root.iterdir():
+            wrapper = entry / QEMU_BINARY
+            version = entry.name.removeprefix("qemu-")
+            if entry.name.startswith("qemu-") and os.access(wrapper, os.X_OK):
+                digits = tuple(int(d) for d in re.findall(r"\d+", version))
+                found.append((digits, version, wrapper))
+    return {version: wrapper for _, version, wrapper in sorted(found)}
+
+
+def resolve_qemu(name: str | None, root: Path | None = None) -> str:
+    """The QEMU binary ``--qemu`` names.
+
+    :param name: None (``qemu-system-x86_64`` on PATH), a version (``10.0``, ``10.0.2``:
+        the newest cached QEMU whose version starts with it), a path, or a command on
+        PATH.
+    :param root: the cache (default ``QEMU_CACHE``).
+    :raise QemuError: when there is no such binary.
+    """
+    if name is None:
+        return qemu_binary()
+    if _VERSION_ARG.fullmatch(name):
+        cached = cached_qemus(root)
+        matching = [w for v, w in cached.items() if v == name or v.startswith(name + ".")]
+        if not matching:
+            have = ", ".join(cached) or "none"
+            raise QemuError(
+                f"--qemu {name}: no QEMU {name} in {root or QEMU_CACHE} (unpacked: {have}; "
+                "scripts/setup unpacks 10.0 on Debian 12)"
+            )
+        return str(matching[-1])
+    path = Path(name) if "/" in name else None
+    if path is None:
+        found = shutil.which(name)
+        if found is None:
+            raise QemuError(f"--qemu {name}: no such command on PATH")
+        return found
+    if not path.is_file():
+        raise QemuError(f"--qemu {name}: no such file")
+    if not os.access(path, os.X_OK):
+        raise QemuError(f"--qemu {name}: not executable")
+    return str(path.resolve())
+
+
+@dataclass(frozen=True)
+class QemuVersion:
+    """What ``BINARY --version`` says: ``text`` is its first line."""
+
+    binary: str
+    major: int
+    minor: int
+    micro: int
+    text: str
+
+    @property
+    def number(self) -> str:
+        """``10.0.2``."""
+        return f"{self.major}.{self.minor}.{self.micro}"
+
+    def at_least(self, version: tuple[int, int]) -> bool:
+        """Whether this QEMU is ``version`` or newer."""
+        return (self.major, self.minor) >= version
+
+
+def parse_version(binary: str, text: str) -> QemuVersion:
+    """Parse ``qemu-system-x86_64 --version`` output.
+
+    :raise QemuError: when it names no QEMU version.
+    """
+    match = _VERSION_RE.search(text)
+    if match is None:
+        first = (text.strip().splitlines() or ["no output"])[0]
+        raise QemuError(f"{binary} is not a QEMU (--version said: {first})")
+    major, minor, micro = (int(g or 0) for g in match.groups())
+    return QemuVersion(binary, major, minor, micro, text.strip().splitlines()[0])
+
+
+def qemu_version(binary: str) -> QemuVersion:
+    """Run ``binary --version``.
+
+    :raise QemuError: when it cannot run or is no QEMU.
+    """
+    try:
+        proc = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise QemuError(f"cannot run {binary} --version: {err}") from err
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise QemuError(f"{binary} --version failed ({proc.returncode}): {last}")
+    return parse_version(binary, proc.stdout)
+
+
+def tcg_accel(migrates: bool, version: QemuVersion) -> tuple[str, str]:
+    """Single- or multi-threaded TCG for a scenario: the lab's one rule.
+
+    :param migrates: whether the scenario migrates the guest.
+    :param version: the QEMU it runs on.
+    :return: (``tcg`` or ``tcg-multi``, why, in a few words).
+    """
+    if not migrates:
+        return "tcg-multi", "no migration"
+    need = ".".join(map(str, MTTCG_MIGRATION_MIN))
+    if version.at_least(MTTCG_MIGRATION_MIN):
+        return "tcg-multi", f"QEMU {version.number} >= {need} migrates MTTCG guests intact"
+    return "tcg", f"QEMU {version.number} < {need}: MTTCG loses guest writes in migrations"
 
 
 def accel_args(accel: str) -> list[str]:
@@ -104,6 +238,7 @@ class QemuSpec:
 
     :param name: ``src`` or ``dst`` (names the files in ``workdir``).
     :param guest: the built guest.
+    :param binary: the QEMU binary (``resolve_qemu``); empty: the one on PATH.
     :param workdir: where the sockets and the serial log go.
     :param accel: ``kvm``, ``tcg`` or ``tcg-multi``.
     :param mem_mb: guest RAM in MiB.
@@ -115,6 +250,7 @@ class QemuSpec:
     name: str
     guest: Guest
     workdir: Path
+    binary: str = ""
     accel: str = "tcg"
     mem_mb: int = 512
     vcpus: int = 2
@@ -146,7 +282,7 @@ class QemuSpec:
             f"hostfwd=tcp:127.0.0.1:{self.hooks_port}-:{HOOKS_GUEST_PORT}"
         )
         cmd = [
-            qemu_binary(), "-name", f"tsprobe-lab-{self.name}", "-M", "q35",
+            self.binary or qemu_binary(), "-name", f"tsprobe-lab-{self.name}", "-M", "q35",
             *accel_args(self.accel),
             "-m", str(self.mem_mb), "-smp", str(self.vcpus),
             "-nodefaults", "-display", "none", "-no-user-config",
@@ -337,14 +473,16 @@ def _host_boot_id() -> str:
     return "unknown"
 
 
-def kvm_smoke_boot(guest: Guest, workdir: Path, timeout_s: float = KVM_SMOKE_S) -> str | None:
+def kvm_smoke_boot(
+    guest: Guest, workdir: Path, timeout_s: float = KVM_SMOKE_S, binary: str = ""
+) -> str | None:
     """Boot the guest under KVM until its init runs.
 
     :return: None when KVM works, else one line saying why not.
     """
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "/dev/kvm is missing or not accessible"
-    spec = QemuSpec("kvm-smoke", guest, workdir, accel="kvm", mem_mb=256, vcpus=1)
+    spec = QemuSpec("kvm-smoke", guest, workdir, binary, accel="kvm", mem_mb=256, vcpus=1)
     try:
         qemu = start(spec)
     except QemuError as err:
@@ -359,25 +497,29 @@ def kvm_smoke_boot(guest: Guest, workdir: Path, timeout_s: float = KVM_SMOKE_S) 
 
 
 def choose_accel(
-    requested: str, guest: Guest, workdir: Path, scenario_accel: str
+    requested: str, guest: Guest, workdir: Path, scenario_accel: str, binary: str = ""
 ) -> tuple[str, str]:
     """Resolve ``--accel`` into the accelerator a scenario runs with.
 
-    :param requested: ``auto``, ``kvm`` or ``tcg`` (``tcg-multi`` is accepted too).
+    :param requested: one of ``ACCELS``.
     :param guest: the guest (for the smoke boot).
     :param workdir: scratch directory for the smoke boot.
-    :param scenario_accel: what the scenario uses under TCG (``tcg`` or ``tcg-multi``).
+    :param scenario_accel: what the scenario uses under TCG (``tcg_accel``).
+    :param binary: the QEMU binary (empty: the one on PATH).
     :raise QemuError: for an unknown value.
-    :return: (accelerator, one-line note for the user, empty when nothing to say).
+    :return: (``kvm``, ``tcg`` or ``tcg-multi``; a one-line note for the user, empty when
+        nothing to say).
     """
     if requested not in ACCELS:
         raise QemuError(f"unknown accelerator {requested!r}: choose from {', '.join(ACCELS)}")
     if requested == "kvm":
         return "kvm", ""
-    if requested in ("tcg", "tcg-multi"):
-        return (scenario_accel if requested == "tcg" else requested), ""
+    if requested == "tcg":
+        return scenario_accel, ""
+    if requested in ("tcg-single", "tcg-multi"):
+        return ("tcg" if requested == "tcg-single" else requested), ""
     verdict_file = cache_dir() / "kvm-verdict.json"
-    key = f"{_host_boot_id()} {guest.key}"
+    key = f"{_host_boot_id()} {guest.key} {binary}".rstrip()
     verdict: dict[str, str | None] = {}
     with suppress(OSError, ValueError):
         verdict = json.loads(verdict_file.read_text())
@@ -385,7 +527,7 @@ def choose_accel(
         why = verdict.get("why")
         cached = " (smoke boot earlier on this host boot)"
     else:
-        why = kvm_smoke_boot(guest, workdir)
+        why = kvm_smoke_boot(guest, workdir, binary=binary)
         cached = ""
         with suppress(OSError):
             verdict_file.parent.mkdir(parents=True, exist_ok=True)

@@ -145,14 +145,18 @@ MIGRATING = frozenset({"precopy", "postcopy", "paused", "paused-stop"})
 POSTCOPY = frozenset({"postcopy", "paused", "paused-stop"})
 DEFAULT_WORKLOAD = {"postcopy": "64M", "paused": "64M", "paused-stop": "64M"}
 FREEZER = Path("/sys/fs/cgroup/freezer")
-#: Console patterns that make a guest unhealthy: the kernel's, a failed module load, and
-#: a program of init's that crashed (busybox sh prints "Segmentation fault").
+#: Console patterns that make a guest unhealthy: the kernel's, a failed module load, a
+#: program of init's that crashed (busybox sh prints "Segmentation fault"), and a page of
+#: the memory workload that lost a write.
 OOPS = re.compile(
     r"Oops|BUG:|Kernel panic|general protection fault|WARNING: CPU|soft lockup|"
     r"hard LOCKUP|blocked for more than|segfault at|Call Trace|tsprobe-lab: insmod|"
-    r"Segmentation fault"
+    r"Segmentation fault|tsprobe-lab: workload: bad memory"
 )
 BOOT_TIMEOUT_S = 120.0
+#: How long the guest's hooks may take to answer ``workload stop``: they wait up to 30 s
+#: for the workload's verdict on its memory.
+WORKLOAD_VERDICT_S = 40.0
 #: stall-vcpu keeps a freeze only if every other vCPU thread slept (went idle and was
 #: woken again) at least FREEZE_MIN_SLEEPS times in its first FREEZE_CHECK_NS: the
 #: guest's 1 ms samplers make an unhindered vCPU do so about once per ms (seen: 7 to 52
@@ -173,14 +177,14 @@ CANARY_DRAIN_S = 5.0
 #: Seconds before freezing again after a freeze that blocked another vCPU past its start.
 FREEZE_LATE_RETRY_S = 1.5
 MIGRATION_TIMEOUT_S = 120.0
-#: Scenarios that run multi-threaded TCG (a host thread per vCPU) where others run
-#: single-threaded: they do not migrate. ``stall`` SIGSTOPs every thread at once, so it
-#: measures the same freeze; its guest gets both host CPUs (boot 10.1 to 11.8 s and the
-#: agent's first answer after a freeze 0.2 to 0.4 s, against 10.8 to 20 s and 0.5 to
-#: 1.3 s single-threaded). A migration's destination stays single-threaded: on
-#: multi-threaded TCG the precopy clock lag missed the STOP -> RESUME interval by 10 to 92
-#: ms in 3 of 6 runs (once it shrank by 58 ms for 33.6 ms stopped).
-MTTCG_SCENARIOS = frozenset({"stall", "stall-vcpu"})
+#: Threading of TCG (``analysis.lab.qemu.tcg_accel``, the one rule): the scenarios that
+#: do not migrate run multi-threaded TCG (a host thread per vCPU) on every QEMU; the
+#: migrating ones on QEMU 9.0 and newer, source and destination alike, and
+#: single-threaded on older QEMU, whose multi-threaded TCG loses guest writes during a
+#: migration. ``stall`` SIGSTOPs every thread at once, so it measures the same freeze
+#: either way; multi-threaded, its guest gets both host CPUs. The memory workload checks
+#: its pages on every pass and at its end (``guest_workload.py``); a bad page makes the
+#: run unhealthy.
 
 Say = Callable[[str], None]
 
@@ -200,6 +204,9 @@ class LabOptions:
     workload_cpu: int = 0
     bandwidth: int = 50 * 1024 * 1024
     accel: str = "auto"
+    #: ``--qemu``: a path, a command, or a version of a QEMU scripts/setup unpacked
+    #: (``analysis.lab.qemu.resolve_qemu``); None: qemu-system-x86_64 on PATH.
+    qemu: str | None = None
     clock_step_ns: int | None = None
     #: ``HOST:PORT`` for the host migration exporter (``tsprobe record --listen``), or None.
     listen: str | None = None
@@ -253,6 +260,7 @@ class LabOptions:
             raise LabError("--kmsg must be one non-empty line")
         if (self.out / rundir.META).exists():
             raise LabError(f"{self.out} already holds a recording: choose a new --out")
+        lq.qemu_version(lq.resolve_qemu(self.qemu))  # a QEMU that runs, before booting
 
     @property
     def workload_size(self) -> str:
@@ -445,6 +453,35 @@ PROBE_RECOVERY_S = 10.0
 HEALTH_READ_S = 3.0
 
 
+def memory_problem(verdict: dict[str, Any] | None) -> str:
+    """The health problem in the workload's verdict on its memory (empty: none).
+
+    A verdict with bad pages is a problem, and so is none at all: the workload ran, so a
+    guest that cannot say its memory is intact is not known to be healthy.
+    """
+    if verdict is None:
+        return "memory: the workload was not stopped (no verdict on the guest's memory)"
+    if "bad_pages" not in verdict:
+        why = verdict.get("verdict") or "none"
+        return f"memory: the workload gave no verdict on the guest's memory ({why})"
+    if int(verdict["bad_pages"]):
+        return (
+            f"memory: {verdict['bad_pages']} of {verdict.get('pages')} workload pages lost "
+            f"a write (the guest's memory is corrupted)"
+        )
+    return ""
+
+
+def memory_line(verdict: dict[str, Any] | None) -> str:
+    """The verdict in a few words."""
+    if not verdict or "bad_pages" not in verdict:
+        return "no verdict"
+    return (
+        f"{verdict['bad_pages']} bad of {verdict.get('pages')} workload pages "
+        f"({verdict.get('checks')} page checks over {verdict.get('passes')} passes)"
+    )
+
+
 def _poll_health(
     port: int, probes: tuple[str, ...], on_answer: Callable[[], object] | None = None
 ) -> tuple[dict[str, Any], list[str], Exception | None, dict[str, float | None]]:
@@ -616,7 +653,12 @@ class Scenario:
         self.exporter_server: ExporterServer | None = None
         self.accel = "tcg"
         self.accel_note = ""
+        self.accel_why = ""
+        self.binary = ""
+        self.version: lq.QemuVersion | None = None
         self.boot_s: float | None = None
+        #: The memory workload's verdict (its answer to ``workload stop``), when it ran.
+        self.memory: dict[str, Any] | None = None
         self.steps: JsonlWriter | None = None
         self.sockdir = Path(tempfile.mkdtemp(prefix="tsprobe-lab-"))
         self.info: dict[str, Any] = {}
@@ -662,14 +704,17 @@ class Scenario:
 
     def boot(self) -> None:
         """Choose the accelerator, start the QEMUs, wait for the agent."""
-        scenario_accel = "tcg-multi" if self.opts.scenario in MTTCG_SCENARIOS else "tcg"
+        self.binary = lq.resolve_qemu(self.opts.qemu)
+        self.version = version = lq.qemu_version(self.binary)
+        scenario_accel, self.accel_why = lq.tcg_accel(self.migrates, version)
         self.accel, self.accel_note = lq.choose_accel(
-            self.opts.accel, self.guest, self.sockdir, scenario_accel
+            self.opts.accel, self.guest, self.sockdir, scenario_accel, self.binary
         )
         if self.accel_note:
             self.say(self.accel_note)
-        if self.migrates and self.accel == "tcg-multi":
-            self.say("note: multi-threaded TCG corrupted guests during precopy here")
+        self.say(f"QEMU {version.number} ({self.binary}): {self.accel_line()}")
+        if self.migrates and self.accel == "tcg-multi" and scenario_accel != "tcg-multi":
+            self.say(f"note: multi-threaded TCG forced ({self.accel_why})")
         cmdline = [f"tsprobe.canaries={','.join(self.opts.canaries) or 'none'}"]
         if self.opts.scenario == "stall-vcpu":
             # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
@@ -686,6 +731,7 @@ class Scenario:
         common = {
             "guest": self.guest,
             "workdir": self.sockdir,
+            "binary": self.binary,
             "accel": self.accel,
             "mem_mb": self.opts.mem_mb,
             "vcpus": self.opts.vcpus,
@@ -874,7 +920,8 @@ class Scenario:
             await asyncio.sleep(0.1)
 
     def _stop_workload(self) -> asyncio.Future[None] | None:
-        """Ask the final guest's hooks to stop the memory workload, in the background.
+        """Ask the final guest's hooks to stop the memory workload, in the background;
+        its answer is the workload's verdict on the guest's memory (``self.memory``).
 
         Its job ends with the migration, and on the destination (whose QEMU translates the
         guest's code anew) it delays the agent's answers to the health check: the first
@@ -887,7 +934,9 @@ class Scenario:
 
         async def stop() -> None:
             try:
-                await self._hooks(self.qemus[-1], "workload stop", "workload_stop")
+                self.memory = await self._hooks(
+                    self.qemus[-1], "workload stop", "workload_stop", WORKLOAD_VERDICT_S
+                )
             except ScenarioError as err:
                 self.say(f"the memory workload was not stopped: {err}")
                 steps.write_stamped({"type": "workload_stop", "ok": False, "error": str(err)})
@@ -900,14 +949,19 @@ class Scenario:
         self.say(f"writing to the guest's /dev/kmsg: {self.opts.kmsg}")
         await self._hooks(self.qemus[0], f"kmsg {self.opts.kmsg}", "kmsg")
 
-    async def _hooks(self, qemu: lq.Qemu, line: str, kind: str) -> None:
+    async def _hooks(
+        self, qemu: lq.Qemu, line: str, kind: str, timeout_s: float = 5.0
+    ) -> dict[str, Any]:
         """Send ``line`` to ``qemu``'s guest hooks; record the answer as a ``kind`` step.
 
+        :param timeout_s: how long the answer may take once the line was sent.
         :raise ScenarioError: when the hooks do not answer or refuse.
+        :return: the answer.
         """
-        reply = await asyncio.to_thread(hooks_command, qemu.spec.hooks_port, line)
+        reply = await asyncio.to_thread(hooks_command, qemu.spec.hooks_port, line, timeout_s)
         assert self.steps is not None
         self.steps.write_stamped({"type": kind, **reply})
+        return reply
 
     # -- the whole run ---------------------------------------------------------------------
 
@@ -1033,6 +1087,13 @@ class Scenario:
             health["problems"].append(f"/metrics failed: {error}")
             health["ok"] = False
             self.say(f"health: /metrics failed: {error}")
+        if workload_stop is not None:
+            health["memory"] = self.memory
+            problem = memory_problem(self.memory)
+            if problem:
+                health["problems"].append(problem)
+                health["ok"] = False
+            self.say(f"memory: {problem or memory_line(self.memory)}")
         else:
             (self.out / AGENT_METRICS).write_bytes(body)
         rundir.write_json_atomic(self.out / HEALTH, health)
@@ -1054,15 +1115,30 @@ class Scenario:
         if self.opts.agent_listen is not None:
             self.say(f"the guest's agent is at {self.forwarder.url}/metrics for the whole run")
 
+    def accel_line(self) -> str:
+        """The accelerator in a few words: ``tcg thread=multi (why)``."""
+        if self.accel == "kvm":
+            return "kvm"
+        threads = "multi" if self.accel == "tcg-multi" else "single"
+        forced = self.opts.accel in ("tcg-single", "tcg-multi")
+        why = f"--accel {self.opts.accel}" if forced else self.accel_why
+        return f"tcg thread={threads}" + (f" ({why})" if why else "")
+
     def lab_meta(self, started: float) -> dict[str, Any]:
         """The ``lab`` section of meta.json."""
         opts = asdict(self.opts)
         opts["out"] = str(self.opts.out)
+        version = self.version
         return {
             "options": opts,
             "migrates": self.migrates,
             "accel": self.accel,
             "accel_note": self.accel_note,
+            "accel_line": self.accel_line(),
+            "tcg_threads": {"tcg": "single", "tcg-multi": "multi"}.get(self.accel),
+            "qemu_binary": self.binary,
+            "qemu_version": None if version is None else version.number,
+            "qemu_version_text": None if version is None else version.text,
             "vcpus": self.opts.vcpus,
             "mem_mb": self.opts.mem_mb,
             "workload": self.opts.workload_size,

@@ -418,6 +418,10 @@ def render(summary: dict[str, Any]) -> str:
     """The summary as a few lines of text."""
     lab = summary.get("lab", {})
     lines = [f"scenario {summary.get('scenario')}: {summary.get('run')}"]
+    if lab.get("qemu_version"):
+        lines.append(
+            f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
+        )
     lines.append(
         f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
         f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
@@ -495,6 +499,12 @@ def render(summary: dict[str, Any]) -> str:
         f"{state}, agent starts {cont['agent_starts']}"
     )
     health = summary.get("health") or {}
+    memory = health.get("memory")
+    if isinstance(memory, dict) and "bad_pages" in memory:
+        lines.append(
+            f"  memory: {memory['bad_pages']} bad of {memory.get('pages')} workload pages "
+            f"({memory.get('checks')} page checks over {memory.get('passes')} passes)"
+        )
     lines.append(
         f"  health: {'ok' if health.get('ok') else 'NOT OK'}"
         + (f" ({'; '.join(health.get('problems', []))})" if health.get("problems") else "")
