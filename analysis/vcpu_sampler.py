@@ -9,7 +9,12 @@ the vCPU's current interval or closes it and opens the next. A closed interval i
      "start_mono_ns": ..., "end_mono_ns": ..., "start_real_ns": ..., "end_real_ns": ...,
      "wchan": "handle_userfault", "samples": 12}
 
-plus ``futex`` (the word's address in hex) for futex waits.
+plus ``futex`` (the word's address in hex) for futex waits, and for a ``lock-wait``
+``also_waiting``: the other threads seen waiting on the same futex object during the
+interval (``main`` for QEMU's main loop thread, ``vcpu N`` for another vCPU). The main loop
+thread (tid = pid) is read every pass too, though not classified: when it waits on the word
+a vCPU waits on, that word is a lock the main loop takes, the big QEMU lock above all, and
+no vCPU's own halt condition.
 
 Timing: an interval starts at the first reading that saw its state and ends (exclusive) at
 the first reading that saw another, so each boundary is late by at most one poll period plus
@@ -42,7 +47,14 @@ from pathlib import Path
 from typing import Any
 
 from analysis.rundir import JsonlWriter, host_now
-from analysis.vcpu_threads import HomeFutex, Reading, ThreadFiles, ThreadGone, classify
+from analysis.vcpu_threads import (
+    HomeFutex,
+    Reading,
+    ThreadFiles,
+    ThreadGone,
+    classify,
+    same_object,
+)
 
 #: A pass that starts this many periods late counts as late.
 LATE_PERIODS = 3
@@ -57,6 +69,7 @@ class _Interval:
     wchan: str
     futex: int | None
     samples: int = 1
+    also_waiting: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -64,6 +77,7 @@ class _Endpoint:
     name: str
     pid: int
     threads: dict[int, int]
+    main: int
     vm_running: bool = True
     files: dict[int, ThreadFiles] = field(default_factory=dict)
     previous: dict[int, Reading] = field(default_factory=dict)
@@ -98,7 +112,7 @@ class VcpuSampler:
         self._proc = Path(proc)
         self._on_note = on_note
         self._lock = threading.Lock()
-        self._pending: dict[str, tuple[int, dict[int, int]]] = {}
+        self._pending: dict[str, tuple[int, dict[int, int], int]] = {}
         self._running: dict[str, bool] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._unavailable: dict[str, dict[str, Any]] = {}
@@ -112,14 +126,18 @@ class VcpuSampler:
 
     # -- the recorder's side (any thread) -----------------------------------------------
 
-    def watch(self, endpoint: str, pid: int, threads: Mapping[int, int]) -> None:
+    def watch(
+        self, endpoint: str, pid: int, threads: Mapping[int, int], main: int | None = None
+    ) -> None:
         """Sample ``endpoint``'s vCPU threads (vCPU index -> thread id) of process ``pid``.
 
         Calling it again with other ids replaces them at the next pass; the same ids change
         nothing.
+
+        :param main: the thread read as QEMU's main loop (default: ``pid``'s own thread).
         """
         with self._lock:
-            self._pending[endpoint] = (pid, dict(threads))
+            self._pending[endpoint] = (pid, dict(threads), pid if main is None else main)
             self._unavailable.pop(endpoint, None)
 
     def set_vm_running(self, endpoint: str, running: bool) -> None:
@@ -218,22 +236,25 @@ class VcpuSampler:
         real, mono = host_now()
         for name, spec in pending.items():
             ep = self._endpoints.get(name)
-            pid, threads = spec
-            if ep is not None and ep.pid == pid and ep.threads == threads and ep.note is None:
+            pid, threads, main = spec
+            if ep is not None and (ep.pid, ep.threads, ep.main) == spec and ep.note is None:
                 continue
             if ep is not None:
                 self._drop(ep, real, mono)
-            self._endpoints[name] = self._open_endpoint(name, pid, threads)
+            self._endpoints[name] = self._open_endpoint(name, pid, threads, main)
         for name, ep in self._endpoints.items():
             ep.vm_running = running.get(name, True)
 
-    def _open_endpoint(self, name: str, pid: int, threads: dict[int, int]) -> _Endpoint:
-        ep = _Endpoint(name, pid, threads)
+    def _open_endpoint(self, name: str, pid: int, threads: dict[int, int], main: int) -> _Endpoint:
+        ep = _Endpoint(name, pid, threads, main)
         for tid in sorted(set(threads.values())):
             try:
                 ep.files[tid] = ThreadFiles(self._proc, pid, tid)
             except ThreadGone as err:
                 ep.note = f"cannot read vCPU thread: {err}"
+        if main not in ep.files:
+            with contextlib.suppress(ThreadGone):  # the main loop only adds detail
+                ep.files[main] = ThreadFiles(self._proc, pid, main)
         if ep.note is not None:
             self._say(f"{name}: {ep.note}")
         else:
@@ -249,14 +270,17 @@ class VcpuSampler:
             except ThreadGone as err:
                 files.close()
                 del ep.files[tid]
-                ep.note = str(err)
-                self._say(f"{ep.name}: {err}")
+                if tid != ep.main or tid in ep.threads.values():
+                    ep.note = str(err)
+                    self._say(f"{ep.name}: {err}")
             except (OSError, ValueError) as err:
                 ep.note = f"unreadable thread {tid}: {err}"
         ep.readings += 1
         words = Counter(r.futex for r in readings.values() if r.futex is not None)
         ep.shared.update(w for w, n in words.items() if n > 1)
         shared = frozenset(ep.shared)
+        names = {tid: f"vcpu {v}" for v, tid in sorted(ep.threads.items(), reverse=True)}
+        names.setdefault(ep.main, "main")
         for vcpu, tid in ep.threads.items():
             reading = readings.get(tid)
             if reading is None:
@@ -272,13 +296,20 @@ class VcpuSampler:
                 shared=shared,
             )
             current = ep.open.get(vcpu)
-            if current is not None and current.state == state and current.tid == tid:
-                current.samples += 1
-                current.wchan = reading.wchan
-                current.futex = reading.futex if reading.futex is not None else current.futex
-                continue
-            self._close(ep, vcpu, real, mono)
-            ep.open[vcpu] = _Interval(state, tid, mono, real, reading.wchan, reading.futex)
+            if current is None or current.state != state or current.tid != tid:
+                self._close(ep, vcpu, real, mono)
+                current = ep.open[vcpu] = _Interval(
+                    state, tid, mono, real, reading.wchan, reading.futex, samples=0
+                )
+            current.samples += 1
+            current.wchan = reading.wchan
+            current.futex = reading.futex if reading.futex is not None else current.futex
+            if state == "lock-wait" and reading.futex is not None:
+                current.also_waiting.update(
+                    names[other]
+                    for other, r in readings.items()
+                    if other != tid and r.futex is not None and same_object(r.futex, reading.futex)
+                )
         ep.previous = readings
 
     def _close(self, ep: _Endpoint, vcpu: int, real: int, mono: int) -> None:
@@ -299,6 +330,8 @@ class VcpuSampler:
         }
         if interval.futex is not None and interval.state in ("lock-wait", "halted"):
             record["futex"] = hex(interval.futex)
+        if interval.also_waiting:
+            record["also_waiting"] = sorted(interval.also_waiting)
         try:
             self._writer.write(record)
         except (OSError, ValueError) as err:

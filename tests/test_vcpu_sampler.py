@@ -5,9 +5,10 @@ Known workloads (threads of this process or a child, blocked in the kernel for r
 - a thread blocked on a userfaultfd-registered missing page for 300 ms and for 80 ms
   reads back as one ``userfault`` interval of that length;
 - the seed's case: two "vCPU" threads idle on their own futex words while the "VM" is
-  stopped, then run, then vCPU 0 faults on a missing page while vCPU 1 waits on a word
-  other than its own for 400 ms: ``stopped``, then ``halted``/``running``, then
-  ``userfault`` and ``lock-wait`` of that length;
+  stopped, then run, then vCPU 0 faults on a missing page while vCPU 1 and a "main loop"
+  thread wait on a word other than vCPU 1's own for 400 ms: ``stopped``, then
+  ``halted``/``running``, then ``userfault`` and ``lock-wait`` (with ``main`` also
+  waiting) of that length;
 - a busy child process SIGSTOPped for 250 ms reads ``running``, ``stopped`` (250 ms),
   ``running``.
 
@@ -135,13 +136,18 @@ def test_seed_case_one_vcpu_on_a_missing_page_the_other_waiting_on_a_lock(
         else:
             words.wait(2)
 
+    def main_loop() -> None:  # takes the same lock as vCPU 1 once the fault happened
+        fault_now.wait()
+        words.wait(2)
+
     threads = [threading.Thread(target=vcpu, args=(i,), daemon=True) for i in (0, 1)]
+    threads.append(threading.Thread(target=main_loop, daemon=True))
     for t in threads:
         t.start()
-    tids = {i: t.native_id or 0 for i, t in enumerate(threads)}
+    tids = {i: t.native_id or 0 for i, t in enumerate(threads[:2])}
     try:
         run.sampler.set_vm_running("q", False)
-        run.sampler.watch("q", os.getpid(), tids)
+        run.sampler.watch("q", os.getpid(), tids, main=threads[2].native_id)
         run.sampler.start()
         time.sleep(0.2)
         stopped_until = time.monotonic_ns()
@@ -183,6 +189,8 @@ def test_seed_case_one_vcpu_on_a_missing_page_the_other_waiting_on_a_lock(
     fault = next(r for r in per_vcpu[0] if r["state"] == "userfault")
     lock = next(r for r in per_vcpu[1] if r["state"] == "lock-wait")
     assert lock["futex"] == hex(words.address(2))
+    assert lock["also_waiting"] == ["main"]  # the "main loop" waited on the same lock
+    assert "also_waiting" not in fault
     for record, start in ((fault, began[0]), (lock, began[1])):
         assert abs(length(record) - (released - start)) <= TOL_NS, (record, released - start)
     assert not [r for r in records if r["state"] == "lock-wait" and r["vcpu"] == 0]

@@ -5,7 +5,9 @@ records (stat, wchan, schedstat, syscall, comm) with the QMP replies taken at th
 (qmp.json): a KVM guest whose firmware halted both vCPUs (``kvm_vcpu_block`` inside
 ``ioctl(KVM_RUN)``, syscall 16 with request 0xae80), a multi-threaded TCG guest running,
 a multi-threaded TCG ``-incoming`` destination, and a multi-threaded TCG guest whose vCPU 1
-thread the cgroup v1 freezer froze in place (state ``D``, still in ``futex_do_wait``).
+thread the cgroup v1 freezer froze in place (state ``D``, still in ``futex_do_wait``), and
+a QEMU 10.0 multi-threaded TCG destination 1 s into postcopy-paused, vCPU 0 blocked on a
+missing page, vCPU 1 and the main loop waiting on one mutex (the big QEMU lock).
 """
 
 from __future__ import annotations
@@ -160,18 +162,29 @@ def snapshot(name: str) -> tuple[Path, int, dict[int, int], bool]:
     return root, int(pid_dir.name), threads, bool(qmp["query-status"]["running"])
 
 
+def read_thread(root: Path, pid: int, tid: int) -> Reading:
+    files = ThreadFiles(root, pid, tid)
+    try:
+        return files.read()
+    finally:
+        files.close()
+
+
 def classify_snapshot(name: str) -> dict[int, str]:
+    """Each vCPU's state from one reading, as the sampler's first pass would give it.
+
+    Words that two of the read threads (the vCPUs and the main loop, tid = pid) wait on
+    are shared; a vCPU's home is what this one reading shows.
+    """
     root, pid, threads, running = snapshot(name)
+    readings = {tid: read_thread(root, pid, tid) for tid in {*threads.values(), pid}}
+    words = [r.futex for r in readings.values() if r.futex is not None]
+    shared = frozenset(w for w in words if words.count(w) > 1)
     out: dict[int, str] = {}
     for vcpu, tid in threads.items():
-        files = ThreadFiles(root, pid, tid)
-        try:
-            reading = files.read()
-        finally:
-            files.close()
         home = HomeFutex()
-        home.observe(reading, running)
-        out[vcpu] = classify(reading, None, vm_running=running, home=home.home)
+        home.observe(readings[tid], running)
+        out[vcpu] = classify(readings[tid], None, vm_running=running, home=home.home, shared=shared)
     return out
 
 
@@ -207,6 +220,20 @@ def test_a_vcpu_frozen_in_place_is_stopped_and_its_sibling_halted() -> None:
     files.close()
     assert (frozen.letter, frozen.wchan) == ("D", "futex_do_wait") and frozen.futex
     assert classify_snapshot("mttcg-vcpu1-frozen") == {0: "halted", 1: "stopped"}
+
+
+def test_qemu10_paused_one_vcpu_on_a_missing_page_the_other_on_the_main_loops_lock() -> None:
+    """QEMU 10.0, MTTCG, 1 s into postcopy-paused: the seed's case, seen on real threads."""
+    root, pid, threads, _running = snapshot("qemu10-mttcg-paused-bql")
+    main = read_thread(root, pid, pid)
+    blocked, waiting = (read_thread(root, pid, threads[v]) for v in (0, 1))
+    assert blocked.wchan == "handle_userfault"
+    syscall = (root / str(pid) / "task" / str(threads[0]) / "syscall").read_text()
+    assert parse_syscall(syscall) is None  # a fault in user mode, outside any syscall
+    assert waiting.futex is not None and waiting.futex == main.futex  # one mutex ...
+    task = root / str(pid) / "task" / str(threads[1])
+    assert (task / "syscall").read_text().split()[2] == "0x80"  # ... FUTEX_WAIT_PRIVATE
+    assert classify_snapshot("qemu10-mttcg-paused-bql") == {0: "userfault", 1: "lock-wait"}
 
 
 def test_every_vcpu_of_a_snapshot_waits_on_its_own_word() -> None:
