@@ -236,6 +236,8 @@ class StallHost:
     :param cause: the dominant state, or None without host truth over the stall.
     :param others: the other vCPUs of the runner over the same stall.
     :param text: the plain-words sentence.
+    :param lock_shared_with: for a stall whose vCPU waited on a lock, the other threads
+        seen waiting on the same lock over it (``main``: QEMU's main loop; ``vcpu N``).
     """
 
     row: int
@@ -246,6 +248,7 @@ class StallHost:
     cause: str | None
     others: tuple[OtherVcpu, ...]
     text: str
+    lock_shared_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -500,6 +503,7 @@ def _stall_rows(truth: HostTruth, run: Run, s_real: I64, e_real: I64, lane: I32)
         hint_code = int(run.stalls.cause[i]) if i < len(run.stalls) else -1
         hint = _hint(hint_code)
         label = run.lanes[int(lane[i])].label(several and len(run.agents) > 1)
+        sharers = _lock_sharers(run, v, eps, int(s[i]), int(e[i]))
         truth.stalls.append(
             StallHost(
                 i,
@@ -509,9 +513,27 @@ def _stall_rows(truth: HostTruth, run: Run, s_real: I64, e_real: I64, lane: I32)
                 max(0, length - int(times.sum())),
                 cause,
                 tuple(others),
-                stall_text(label, int(run.stalls.dur[i]), cause, others, hint),
+                stall_text(label, int(run.stalls.dur[i]), cause, others, hint, sharers),
+                sharers,
             )
         )
+
+
+def _lock_sharers(
+    run: Run, vcpu: int, endpoints: Sequence[str], start: int, end: int
+) -> tuple[str, ...]:
+    """Who else waited on the locks ``vcpu`` waited on over [start, end) (host monotonic)."""
+    names: set[str] = set()
+    for iv in run.vcpu_states:
+        if (
+            iv.vcpu == vcpu
+            and iv.state == "lock-wait"
+            and iv.endpoint in endpoints
+            and iv.start_mono_ns < end
+            and iv.end_mono_ns > start
+        ):
+            names.update(iv.also_waiting)
+    return tuple(sorted(names))
 
 
 def _hint(code: int) -> str:
@@ -519,7 +541,12 @@ def _hint(code: int) -> str:
 
 
 def stall_text(
-    label: str, dur_ns: int, cause: str | None, others: Sequence[OtherVcpu], hint: str
+    label: str,
+    dur_ns: int,
+    cause: str | None,
+    others: Sequence[OtherVcpu],
+    hint: str,
+    lock_shared_with: Sequence[str] = (),
 ) -> str:
     """``CPU 1 stalled 5.44s: its vCPU thread waited on a QEMU lock while vCPU 0 was
     blocked on a missing page (guest hint: vcpu-blocked)``.
@@ -528,7 +555,8 @@ def stall_text(
     page over the stall: that is when one vCPU's fault can hold up the others. When every
     vCPU shares this vCPU's host thread (single-threaded TCG) the sentence says so instead:
     the others' states are the same thread's, and ``running`` then means the thread ran
-    some vCPU, not necessarily this one.
+    some vCPU, not necessarily this one. A lock that QEMU's main loop waited on too is said
+    so (``lock_shared_with``: the main loop takes the big QEMU lock).
     """
     head = f"{label} stalled {format_duration(dur_ns)}: "
     if cause is None:
@@ -539,6 +567,8 @@ def stall_text(
         )
         return text + f" (guest hint: {hint})"
     text = head + f"its vCPU thread {STATE_WORDS[cause]}"
+    if cause == "lock-wait" and "main" in lock_shared_with:
+        text += " that QEMU's main loop waited for too"
     if cause == "userfault" or any(o.state == "userfault" for o in others):
         named = [o for o in others if o.state is not None]
         parts = [

@@ -202,6 +202,8 @@ class VcpuInterval:
     :param samples: readings that saw the state, None when not given.
     :param futex: the futex word's address (hex) of a futex wait; ``holder_hint`` a
         text about who holds it; ``syscall`` the system call number, when given.
+    :param also_waiting: for a lock wait, the other threads seen waiting on the same
+        futex object (``main``: QEMU's main loop; ``vcpu N``).
     :param line: the line in vcpu-states.jsonl.
     """
 
@@ -218,6 +220,7 @@ class VcpuInterval:
     futex: str | None = None
     holder_hint: str | None = None
     syscall: int | None = None
+    also_waiting: tuple[str, ...] = ()
     line: int = 0
 
     @property
@@ -229,6 +232,8 @@ class VcpuInterval:
 #: Bounds of ``vcpu-states.jsonl`` fields (QEMU's vCPU index; Linux's PID_MAX_LIMIT).
 MAX_VCPU = 1 << 16
 MAX_TID = 1 << 22
+#: At most this many names in ``also_waiting`` (more: the field is dropped).
+MAX_WAITERS = 256
 _MAX_NS = (1 << 63) - 1
 
 
@@ -265,6 +270,13 @@ def vcpu_interval(obj: Mapping[str, Any], line: int = 0) -> VcpuInterval | str:
         return "vCPU state ending (realtime) before it starts"
     wchan, samples = obj.get("wchan"), obj.get("samples")
     futex, hint, syscall = obj.get("futex"), obj.get("holder_hint"), obj.get("syscall")
+    waiting = obj.get("also_waiting")
+    if not (
+        isinstance(waiting, list)
+        and len(waiting) <= MAX_WAITERS
+        and all(isinstance(w, str) and 0 < len(w) <= 32 for w in waiting)
+    ):
+        waiting = []
     return VcpuInterval(
         endpoint=endpoint,
         vcpu=vcpu,
@@ -279,6 +291,7 @@ def vcpu_interval(obj: Mapping[str, Any], line: int = 0) -> VcpuInterval | str:
         futex=futex if isinstance(futex, str) else None,
         holder_hint=hint if isinstance(hint, str) else None,
         syscall=syscall if _is_int(syscall) else None,
+        also_waiting=tuple(waiting),
         line=line,
     )
 

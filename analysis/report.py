@@ -244,6 +244,7 @@ def _host(a: Analysis) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[
                 for o in x.others
             ],
             "text": x.text,
+            "lock_shared_with": list(x.lock_shared_with),
         }
         for x in order
     ]

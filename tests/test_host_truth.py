@@ -91,6 +91,7 @@ def build_host_run(
     qemu: str | None = "7.2.22 Debian 1:7.2+dfsg-7+deb12u18+b3",
     states: bool = True,
     blocktime: list[int] | None = None,
+    also_waiting: list[str] | None = None,
 ) -> Path:
     """The hand-built run plus host truth (see the module docstring)."""
     build_run(run)
@@ -108,6 +109,10 @@ def build_host_run(
             for (ep, vcpu), spans in STATES.items()
             for state, t0, t1 in spans
         ]
+        if also_waiting is not None:  # on dst vCPU 1's lock wait in postcopy-paused
+            for line in lines:
+                if (line["endpoint"], line["vcpu"], line["state"]) == ("dst", 1, "lock-wait"):
+                    line["also_waiting"] = also_waiting
         lines.sort(key=lambda r: r["end_mono_ns"])  # written as intervals end
         write_jsonl(run / "vcpu-states.jsonl", lines)
     (run / "meta.json").write_text(json.dumps(meta))
@@ -170,6 +175,24 @@ def test_intervals_are_clipped_at_phase_boundaries(host: Analysis) -> None:
     (done,) = [r for r in doc["host_vcpu"] if (r["phase"], r["endpoint"], r["vcpu"]) ==
                ("completed", "dst", 0)]  # fmt: skip
     assert done["state_ms"] == {"running": 500.0} and done["unsampled_ms"] == 500.0
+
+
+def test_a_lock_the_main_loop_waited_for_too_is_said(tmp_path: Path) -> None:
+    run = build_host_run(tmp_path / "run", also_waiting=["main"])
+    doc = build_summary(analyse(load_run(run, strict=True)))
+    by = {(s["cpu"], s["start_offset_ms"]): s for s in doc["host_stalls"]}
+    cpu1 = by[("CPU 1", 4000.0)]
+    assert cpu1["lock_shared_with"] == ["main"]
+    assert cpu1["text"] == (
+        "CPU 1 stalled 1s: its vCPU thread waited on a QEMU lock that QEMU's main loop waited "
+        "for too while vCPU 0 was blocked on a missing page (guest hint: vcpu-blocked)"
+    )
+    assert by[("CPU 0", 3900.0)]["lock_shared_with"] == []
+    bad = tmp_path / "bad"
+    build_host_run(bad, also_waiting=["main", 7])  # type: ignore[list-item]
+    doc = build_summary(analyse(load_run(bad, strict=True)))
+    by = {(s["cpu"], s["start_offset_ms"]): s for s in doc["host_stalls"]}
+    assert by[("CPU 1", 4000.0)]["lock_shared_with"] == []  # a malformed list is dropped
 
 
 def test_stall_cause_lock_wait_while_another_vcpu_faults(host: Analysis) -> None:
