@@ -9,6 +9,10 @@ and ``max-postcopy-bandwidth`` 10 MB/s make precopy last about 2.5 s and postcop
 
 Everything listens on 127.0.0.1 or on unix sockets under the test's tmp directory. The
 QEMUs are killed when the ``qemu_pair`` context exits, whatever happened.
+
+``QEMU`` is the system's qemu-system-x86_64; ``QEMU_PARAMS`` parametrizes a test over it
+and the QEMU 10.0 that scripts/setup unpacks on Debian 12 (skipped, with the reason, when
+absent); pass the parameter to ``qemu_pair(..., binary=...)``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from qemu.qmp import QMPClient
 
+from analysis.lab.qemu import QEMU_CACHE, cached_qemus
+
 QEMU = shutil.which("qemu-system-x86_64")
+_QEMU_10 = [str(w) for v, w in cached_qemus().items() if v.startswith("10.0.")]
+#: The QEMUs a real-QEMU test can run on: the system's, and the unpacked 10.0.
+QEMU_PARAMS = [
+    pytest.param(
+        QEMU,
+        id="qemu-system",
+        marks=pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed"),
+    ),
+    pytest.param(
+        _QEMU_10[-1] if _QEMU_10 else None,
+        id="qemu-10.0",
+        marks=pytest.mark.skipif(
+            not _QEMU_10,
+            reason=f"no QEMU 10.0 unpacked in {QEMU_CACHE} (scripts/setup does it on Debian 12)",
+        ),
+    ),
+]
 BLOB_SIZE = 48 * 1024 * 1024
 MAX_BANDWIDTH = 20 * 1024 * 1024
 MAX_POSTCOPY_BANDWIDTH = 10 * 1024 * 1024
@@ -79,7 +103,14 @@ class Qemu:
             self.proc.wait(5)
 
 
-def start_qemu(tmp: Path, name: str, blob: Path | None, incoming: bool, monitors: int = 1) -> Qemu:
+def start_qemu(
+    tmp: Path,
+    name: str,
+    blob: Path | None,
+    incoming: bool,
+    monitors: int = 1,
+    binary: str | None = None,
+) -> Qemu:
     """Start a bare QEMU with ``monitors`` QMP sockets; wait until they exist.
 
     :param tmp: directory for the sockets and the log.
@@ -87,11 +118,13 @@ def start_qemu(tmp: Path, name: str, blob: Path | None, incoming: bool, monitors
     :param blob: random bytes to load into RAM (the source), or ``None``.
     :param incoming: start with ``-incoming defer`` (the destination).
     :param monitors: how many ``-qmp`` sockets.
+    :param binary: the QEMU (default ``QEMU``).
     :return: the running QEMU.
     """
-    assert QEMU is not None, "qemu-system-x86_64 is not installed"
+    binary = binary or QEMU
+    assert binary is not None, "qemu-system-x86_64 is not installed"
     sockets = [tmp / f"{name}{i if i else ''}.qmp" for i in range(monitors)]
-    cmd = [QEMU, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128"]
+    cmd = [binary, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "128"]
     for sock in sockets:
         cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
     if blob is not None:
@@ -127,19 +160,22 @@ class Pair:
 
 
 @contextmanager
-def qemu_pair(tmp: Path, blob: Path, monitors: int = 2) -> Iterator[Pair]:
+def qemu_pair(
+    tmp: Path, blob: Path, monitors: int = 2, binary: str | None = None
+) -> Iterator[Pair]:
     """A source (RAM from ``blob``) and a ``-incoming defer`` destination; always killed.
 
     :param tmp: directory for sockets and logs.
     :param blob: the random RAM content.
     :param monitors: QMP sockets on each QEMU: the first for the test's controller, the
         second for the recorder.
+    :param binary: the QEMU of both (default ``QEMU``; see ``QEMU_PARAMS``).
     :return: the pair (as a context manager).
     """
     started: list[Qemu] = []
     try:
-        started.append(start_qemu(tmp, "src", blob, incoming=False, monitors=monitors))
-        started.append(start_qemu(tmp, "dst", None, incoming=True, monitors=monitors))
+        started.append(start_qemu(tmp, "src", blob, False, monitors, binary))
+        started.append(start_qemu(tmp, "dst", None, True, monitors, binary))
         yield Pair(started[0], started[1], free_port())
     finally:
         for qemu in started:

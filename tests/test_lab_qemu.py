@@ -1,17 +1,21 @@
 """The lab's QEMU choice (analysis.lab.qemu): ``--qemu`` resolved to a binary, its version
 read from ``--version``, the one threading rule of TCG, and the health check's verdict on
-the workload's memory (analysis.lab.scenarios)."""
+the workload's memory (analysis.lab.scenarios); and a bare machine on each QEMU installed."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 from analysis.lab import qemu as lq
 from analysis.lab.errors import QemuError
 from analysis.lab.scenarios import OOPS, memory_line, memory_problem
+from tests.qemu_helpers import QEMU_PARAMS, start_qemu
 
 V72 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright (c) 2003-2022"
 V100 = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n"
@@ -85,3 +89,32 @@ def test_memory_verdict_in_the_health_check() -> None:
     assert "not stopped" in memory_problem(None)
     line = "tsprobe-lab: workload: bad memory: page 7 held 0x10 at pass 9, not 0x09 (pass 8's)"
     assert OOPS.search(line)
+
+
+@pytest.mark.parametrize("binary", QEMU_PARAMS)
+def test_each_qemu_starts_and_answers_its_version(tmp_path: Path, binary: str) -> None:
+    """A bare q35 machine starts on every QEMU installed (the unpacked 10.0 finds its own
+    SeaBIOS and option ROMs through the wrapper's -L) and QMP's query-version agrees with
+    ``--version``."""
+    version = lq.qemu_version(binary)
+    qemu = start_qemu(tmp_path, "vm", None, incoming=False, binary=binary)
+
+    async def ask() -> Any:
+        client = QMPClient("test")
+        await client.connect(str(qemu.qmp))
+        try:
+            return await client.execute("query-version")
+        finally:
+            await client.disconnect()
+
+    try:
+        reply = asyncio.run(ask())
+    finally:
+        qemu.kill()
+    got = reply["qemu"]
+    assert (got["major"], got["minor"], got["micro"]) == (
+        version.major,
+        version.minor,
+        version.micro,
+    )
+    assert qemu.log.read_text(errors="replace").strip() == ""  # no firmware complaints
