@@ -9,7 +9,9 @@ the vCPU's current interval or closes it and opens the next. A closed interval i
      "start_mono_ns": ..., "end_mono_ns": ..., "start_real_ns": ..., "end_real_ns": ...,
      "wchan": "handle_userfault", "samples": 12}
 
-plus ``futex`` (the word's address in hex) for futex waits, and for a ``lock-wait``
+plus ``futex`` (the word's address in hex) for futex waits (a wait on another futex object
+starts a new interval); for ``other`` the state
+``letter`` and the first ``stack`` frames seen when it began; and for a ``lock-wait``
 ``also_waiting``: the other threads seen waiting on the same futex object during the
 interval (``main`` for QEMU's main loop thread, ``vcpu N`` for another vCPU). The main loop
 thread (tid = pid) is read every pass too, though not classified: when it waits on the word
@@ -18,7 +20,9 @@ no vCPU's own halt condition.
 
 Timing: an interval starts at the first reading that saw its state and ends (exclusive) at
 the first reading that saw another, so each boundary is late by at most one poll period plus
-the time one pass of reads takes; a state shorter than a poll period can be missed.
+the time one pass of reads takes, plus the time the sampler waited for Python's GIL (at most
+the switch interval, 5 ms, when another thread of the recorder keeps it busy); a state
+shorter than a poll period can be missed.
 
 It runs in a thread of its own and never waits on QMP: the recorder hands it each endpoint's
 QEMU pid and vCPU thread ids (``watch``, from ``query-cpus-fast``, again whenever they can
@@ -70,6 +74,8 @@ class _Interval:
     futex: int | None
     samples: int = 1
     also_waiting: set[str] = field(default_factory=set)
+    letter: str = ""
+    stack: list[str] | None = None
 
 
 @dataclass
@@ -86,6 +92,15 @@ class _Endpoint:
     open: dict[int, _Interval] = field(default_factory=dict)
     readings: int = 0
     note: str | None = None
+
+
+def _continues(current: _Interval, state: str, tid: int, reading: Reading) -> bool:
+    """Whether a reading extends the open interval: same state, same thread, and for a futex
+    wait the same futex object (a wait on another lock or condition is a new interval)."""
+    if current.state != state or current.tid != tid:
+        return False
+    word, last = reading.futex, current.futex
+    return word is None or last is None or same_object(word, last)
 
 
 class VcpuSampler:
@@ -296,11 +311,14 @@ class VcpuSampler:
                 shared=shared,
             )
             current = ep.open.get(vcpu)
-            if current is None or current.state != state or current.tid != tid:
+            if current is None or not _continues(current, state, tid, reading):
                 self._close(ep, vcpu, real, mono)
                 current = ep.open[vcpu] = _Interval(
                     state, tid, mono, real, reading.wchan, reading.futex, samples=0
                 )
+                if state == "other":
+                    current.letter = reading.letter
+                    current.stack = ep.files[tid].stack() if tid in ep.files else None
             current.samples += 1
             current.wchan = reading.wchan
             current.futex = reading.futex if reading.futex is not None else current.futex
@@ -332,6 +350,10 @@ class VcpuSampler:
             record["futex"] = hex(interval.futex)
         if interval.also_waiting:
             record["also_waiting"] = sorted(interval.also_waiting)
+        if interval.state == "other":
+            record["letter"] = interval.letter
+            if interval.stack:
+                record["stack"] = interval.stack
         try:
             self._writer.write(record)
         except (OSError, ValueError) as err:

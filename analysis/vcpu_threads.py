@@ -55,12 +55,16 @@ the same moment is never a vCPU's own. Under KVM a running vCPU is in ``ioctl(KV
 in state ``R``; its halt is ``kvm_vcpu_block`` (``kvm_vcpu_halt`` on newer kernels), see
 the snapshots in ``tests/fixtures/proc-vcpu/``.
 
-Reading is apart from parsing: ``parse_state``, ``parse_schedstat`` and ``parse_syscall``
-are pure and tested on literal text; ``ThreadFiles`` keeps the files of one thread open and
-re-reads them with ``pread`` (the /proc seq files regenerate at offset 0), so a reading
-costs at most four ``pread`` calls and no ``open``, two for a thread that slept through. A
-thread that has exited reads ``ESRCH``: the
-reader raises ``ThreadGone``.
+What ``other`` was is kept for the reader: its state letter and, where the reader may read
+it (root), the first frames of the thread's kernel stack (``stack``, read once when an
+``other`` interval opens; a wchan of ``0`` on a sleeping thread means every frame was a
+scheduler function or the stack could not be unwound).
+
+Reading is apart from parsing: ``parse_state``, ``parse_schedstat``, ``parse_syscall``
+and ``parse_stack`` are pure and tested on literal text; ``ThreadFiles`` keeps the files of
+one thread open and re-reads them with ``pread`` (the /proc seq files regenerate at offset
+0), so a reading costs at most four ``pread`` calls and no ``open``, two for a thread that
+slept through. A thread that has exited reads ``ESRCH``: the reader raises ``ThreadGone``.
 """
 
 from __future__ import annotations
@@ -176,6 +180,22 @@ def parse_syscall(text: str) -> tuple[int, int | None] | None:
     return number, first
 
 
+def parse_stack(text: str, frames: int = 6) -> list[str]:
+    """The first ``frames`` function names of a ``/proc/.../stack`` dump, offsets dropped.
+
+    >>> parse_stack("[<0>] futex_do_wait+0x3c/0x80\\n[<0>] __futex_wait+0x8d/0x120\\n")
+    ['futex_do_wait', '__futex_wait']
+    """
+    names = []
+    for line in text.splitlines():
+        name = line.rpartition("] ")[2].split("+", 1)[0].strip()
+        if name:
+            names.append(name)
+        if len(names) == frames:
+            break
+    return names
+
+
 def _pread(fd: int) -> str:
     return os.pread(fd, 4096, 0).decode("ascii", "replace")
 
@@ -243,6 +263,15 @@ class ThreadFiles:
                 raise ThreadGone(f"thread {self.tid} of {self.pid} exited") from err
             raise
         return reading
+
+    def stack(self) -> list[str] | None:
+        """The first frames of the thread's kernel stack (``None``: not readable here)."""
+        path = self.proc / str(self.pid) / "task" / str(self.tid) / "stack"
+        try:
+            with open(path, encoding="ascii", errors="replace") as fh:
+                return parse_stack(fh.read(8192))
+        except OSError:
+            return None
 
     def close(self) -> None:
         """Close the files."""

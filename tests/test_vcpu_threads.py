@@ -13,6 +13,8 @@ missing page, vCPU 1 and the main loop waiting on one mutex (the big QEMU lock).
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,10 +27,12 @@ from analysis.vcpu_threads import (
     ThreadGone,
     classify,
     parse_schedstat,
+    parse_stack,
     parse_state,
     parse_syscall,
     same_object,
 )
+from tests.blocked_threads import FutexWords, wait_futex
 
 FIXTURES = Path(__file__).parent / "fixtures" / "proc-vcpu"
 HALT = 0x55F74492FAA8
@@ -298,3 +302,32 @@ def test_a_futex_wait_that_ended_between_two_reads_is_running(tmp_path: Path) ->
     assert reading.letter == "R" and classify(reading, None, vm_running=True, home=None) == (
         "running"
     )
+
+
+def test_parse_stack_keeps_the_first_function_names() -> None:
+    text = (
+        "[<0>] poll_schedule_timeout.constprop.0+0x37/0x90\n"
+        "[<0>] do_select+0x65c/0x940\n[<0>] core_sys_select+0x231/0x4d0\n"
+    )
+    assert parse_stack(text) == ["poll_schedule_timeout.constprop.0", "do_select",
+                                 "core_sys_select"]  # fmt: skip
+    assert parse_stack(text, frames=1) == ["poll_schedule_timeout.constprop.0"]
+    assert parse_stack("") == []
+
+
+def test_the_stack_of_a_real_sleeping_thread() -> None:
+    words = FutexWords(1)
+    waiter = threading.Thread(target=words.wait, args=(0,), daemon=True)
+    waiter.start()
+    try:
+        tid = waiter.native_id or 0
+        wait_futex(tid, words.address(0))
+        files = ThreadFiles(Path("/proc"), os.getpid(), tid)
+        stack = files.stack()
+        files.close()
+    finally:
+        words.wake(0)
+        waiter.join(5)
+    if stack is None:
+        pytest.skip("/proc/PID/task/TID/stack is not readable here (needs root)")
+    assert any(name.startswith("futex") for name in stack), stack
