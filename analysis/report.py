@@ -136,6 +136,7 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         "rundir": str(run.path),
         "scenario": run.meta.get("scenario"),
         "accel": run.accel,
+        "qemu": _qemu(run.meta),
         "phases_known": a.phases_known,
         "origin_ns": a.origin_ns,
         "labels": a.labels,
@@ -439,10 +440,28 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _qemu(meta: dict[str, Any]) -> dict[str, Any]:
+    """Which QEMU ran the guest and how: QMP's versions per endpoint, the lab's accelerator."""
+    versions = (meta.get("versions") or {}).get("qemu") or {}
+    lab = meta.get("lab")
+    accel = lab.get("accel_line") if isinstance(lab, dict) else None
+    return {
+        "versions": {str(k): str(v) for k, v in versions.items()}
+        if isinstance(versions, dict)
+        else {},
+        "accel": accel if isinstance(accel, str) else None,
+    }
+
+
 def _intro(doc: dict[str, Any]) -> list[str]:
     lines = [f"run: {doc['rundir']}"]
     if doc.get("scenario"):
         lines.append(f"scenario: {doc['scenario']}")
+    qemu = doc.get("qemu") or {}
+    named = sorted(set((qemu.get("versions") or {}).values()))
+    if named or qemu.get("accel"):
+        text = "QEMU " + (" / ".join(named) if named else "version unknown")
+        lines.append(text + (f"; {qemu['accel']}" if qemu.get("accel") else ""))
     m = doc.get("migration")
     if m:
         parts = [f"outcome: {m['outcome'] or 'not finished'}"]
