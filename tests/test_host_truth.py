@@ -419,3 +419,31 @@ def test_lab_stall_vcpu_freeze_reads_stopped_on_one_vcpu_only() -> None:
     assert (freeze["cpu"], freeze["host_cause"]) == ("CPU 1", "stopped")
     assert freeze["others"][0]["state"] != "stopped" and not freeze["others"][0]["same_thread"]
     assert all(c["ok"] is not False for c in doc["validation"])
+
+
+def test_recorded_qemu10_paused_run_one_vcpu_on_a_page_the_other_on_the_main_loops_lock() -> None:
+    """QEMU 10.0.2, multi-threaded TCG, 8 s hold: the seed's case, recorded end to end."""
+    doc = build_summary(analyse(load_run(RUNS / "vcpu-paused-qemu10.0", strict=True)))
+    paused = next(p for p in doc["phases"] if p["name"] == "postcopy-paused")
+    rows = {
+        r["vcpu"]: r["state_ms"]
+        for r in doc["host_vcpu"]
+        if (r["phase"], r["endpoint"]) == ("postcopy-paused", "dst")
+    }
+    assert rows == {0: {"lock-wait": paused["length_ms"]}, 1: {"userfault": paused["length_ms"]}}
+    long = {s["cpu"]: s for s in doc["host_stalls"] if s["phase"] == "postcopy-paused"}
+    assert long["CPU 0"]["host_cause"] == "lock-wait"
+    assert long["CPU 0"]["lock_shared_with"] == ["main"]
+    assert "its vCPU thread waited on a QEMU lock that QEMU's main loop waited for too while " \
+        "vCPU 1 was blocked on a missing page" in long["CPU 0"]["text"]  # fmt: skip
+    assert long["CPU 1"]["host_cause"] == "userfault"
+    assert doc["qemu"]["accel"].startswith("tcg thread=multi")
+    checks = {c["what"]: c for c in doc["validation"]}
+    for cpu in (0, 1):
+        c = checks[f"vCPU {cpu} blocked on the host (userfault, lock-wait, stopped) vs CPU {cpu} "
+                   "stalled in postcopy-paused"]  # fmt: skip
+        assert c["ok"] is True
+    # QEMU's blocktime counts missing-page time only: it cannot see vCPU 0's 8 s on the lock
+    bt0 = checks["QEMU cross-check: postcopy-vcpu-blocktime vCPU 0 vs CPU 0 stalled in postcopy"]
+    assert bt0["ok"] is None and bt0["host_ms"] < 1000 < 8000 < bt0["guest_ms"]
+    assert bt0["note"].startswith("QEMU's blocktime (10.0, known unreliable before 10.1)")
