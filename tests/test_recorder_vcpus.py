@@ -1,6 +1,7 @@
 """`tsprobe record`'s host truth per vCPU against real QEMU processes (no guest OS).
 
-Bare QEMUs under multi-threaded TCG with two vCPUs (a host thread each) whose firmware
+Bare QEMUs (each test on every QEMU installed: the system's, and the 10.0 that scripts/setup
+unpacks) under multi-threaded TCG with two vCPUs (a host thread each) whose firmware
 halts: the source runs, the destination waits with ``-incoming defer``. Checked:
 
 - the QEMU pid the recorder found from the monitor's peer credentials is the pid the test
@@ -32,22 +33,22 @@ import pytest
 from qemu.qmp import QMPClient
 
 from tests.blocked_threads import sigstop_for
-from tests.qemu_helpers import QEMU, free_port
+from tests.qemu_helpers import QEMU_PARAMS, free_port
 
-needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+#: Every test with a QEMU runs on each QEMU installed (the system's, and 10.0 when unpacked).
+on_each_qemu = pytest.mark.parametrize("binary", QEMU_PARAMS)
 TOL_NS = 15_000_000
 
 
 @contextmanager
 def bare_qemu(
-    tmp: Path, name: str, *, incoming: bool = False, tcp: int | None = None
+    tmp: Path, name: str, binary: str, *, incoming: bool = False, tcp: int | None = None
 ) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """A bare MTTCG QEMU with 2 vCPUs: (process, the recorder's monitor, the test's monitor)."""
-    assert QEMU is not None
     ctl = tmp / f"{name}-ctl.qmp"
     rec = f"127.0.0.1:{tcp}" if tcp else str(tmp / f"{name}.qmp")
     rec_arg = f"tcp:{rec},server=on,wait=off" if tcp else f"unix:{rec},server=on,wait=off"
-    cmd = [QEMU, "-M", "q35", "-accel", "tcg,thread=multi", "-smp", "2", "-m", "64",
+    cmd = [binary, "-M", "q35", "-accel", "tcg,thread=multi", "-smp", "2", "-m", "64",
            "-nodefaults", "-display", "none", "-qmp", rec_arg,
            "-qmp", f"unix:{ctl},server=on,wait=off"]  # fmt: skip
     if incoming:
@@ -93,11 +94,11 @@ def time_in(records: list[dict[str, Any]], endpoint: str, vcpu: int) -> dict[str
     return out
 
 
-@needs_qemu
-def test_both_qemus_sampled_with_the_pid_from_the_socket(tmp_path: Path) -> None:
+@on_each_qemu
+def test_both_qemus_sampled_with_the_pid_from_the_socket(tmp_path: Path, binary: str) -> None:
     with (
-        bare_qemu(tmp_path, "src") as (src, src_sock, _),
-        bare_qemu(tmp_path, "dst", incoming=True) as (dst, dst_sock, _),
+        bare_qemu(tmp_path, "src", binary) as (src, src_sock, _),
+        bare_qemu(tmp_path, "dst", binary, incoming=True) as (dst, dst_sock, _),
     ):
         done = record(tmp_path / "run", "--qmp", f"src={src_sock}", "--qmp", f"dst={dst_sock}",
                       "--duration", "1.5s")  # fmt: skip
@@ -138,10 +139,10 @@ async def _stop_cont(ctl: Path, hold_s: float) -> None:
     await client.disconnect()
 
 
-@needs_qemu
-def test_a_qmp_stop_reads_stopped_as_long_as_qemus_events_say(tmp_path: Path) -> None:
+@on_each_qemu
+def test_a_qmp_stop_reads_stopped_as_long_as_qemus_events_say(tmp_path: Path, binary: str) -> None:
     out = tmp_path / "run"
-    with bare_qemu(tmp_path, "src") as (_src, sock, ctl):
+    with bare_qemu(tmp_path, "src", binary) as (_src, sock, ctl):
         proc = subprocess.Popen(record_command(out, "--qmp", f"src={sock}", "--duration", "2s"))
         time.sleep(0.5)
         asyncio.run(_stop_cont(ctl, 0.4))
@@ -155,10 +156,10 @@ def test_a_qmp_stop_reads_stopped_as_long_as_qemus_events_say(tmp_path: Path) ->
         assert abs(held["end_mono_ns"] - resume) <= TOL_NS
 
 
-@needs_qemu
-def test_sigstopped_then_killed_qemu(tmp_path: Path) -> None:
+@on_each_qemu
+def test_sigstopped_then_killed_qemu(tmp_path: Path, binary: str) -> None:
     out = tmp_path / "run"
-    with bare_qemu(tmp_path, "src") as (qemu, sock, _):
+    with bare_qemu(tmp_path, "src", binary) as (qemu, sock, _):
         command = record_command(out, "--qmp", f"src={sock}", "--duration", "10s", "--grace", "0")
         proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         time.sleep(0.8)
@@ -181,10 +182,10 @@ def test_sigstopped_then_killed_qemu(tmp_path: Path) -> None:
     assert note and "exited" in note
 
 
-@needs_qemu
-def test_a_tcp_monitor_needs_the_pid(tmp_path: Path) -> None:
+@on_each_qemu
+def test_a_tcp_monitor_needs_the_pid(tmp_path: Path, binary: str) -> None:
     port = free_port()
-    with bare_qemu(tmp_path, "src", tcp=port) as (qemu, address, _):
+    with bare_qemu(tmp_path, "src", binary, tcp=port) as (qemu, address, _):
         plain = record(tmp_path / "plain", "--qmp", f"src={address}", "--duration", "0.5s")
         given = record(tmp_path / "given", "--qmp", f"src={address}", "--duration", "0.5s",
                        "--qemu-pid", f"src={qemu.pid}")  # fmt: skip
@@ -220,9 +221,9 @@ def test_bad_vcpu_options_are_one_line(tmp_path: Path, args: list[str], message:
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-@needs_qemu
-def test_vcpu_poll_zero_turns_the_sampler_off(tmp_path: Path) -> None:
-    with bare_qemu(tmp_path, "src") as (_qemu, sock, _):
+@on_each_qemu
+def test_vcpu_poll_zero_turns_the_sampler_off(tmp_path: Path, binary: str) -> None:
+    with bare_qemu(tmp_path, "src", binary) as (_qemu, sock, _):
         done = record(tmp_path / "run", "--qmp", f"src={sock}", "--duration", "0.3s",
                       "--vcpu-poll", "0")  # fmt: skip
     assert done.returncode == 0, done.stderr
