@@ -240,3 +240,14 @@ def run_cmd(
         raise click.ClickException(str(err)) from err
     if not (summary.get("health") or {}).get("ok"):
         raise click.ClickException("the guest was not healthy afterwards (see lab-summary.txt)")
+
+
+def _add_study_commands() -> None:
+    """``lab study`` and ``lab study-report`` (analysis.lab.study_cli; it imports lazily)."""
+    from analysis.lab.study_cli import STUDY_COMMANDS
+
+    for command in STUDY_COMMANDS:
+        lab.add_command(command)
+
+
+_add_study_commands()
