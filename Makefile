@@ -21,20 +21,20 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The main job: a real QEMU guest running the agent, migrated with postcopy and paused for
-# 3 s twice: vCPUs kept running (QEMU's behaviour) and vCPUs stopped (the proposed policy).
+# The main job: the policy study in small. A real QEMU guest running the agent, migrated
+# with postcopy and paused for 2 s and for 30 s, with the vCPUs kept running (QEMU's
+# behaviour, scenario paused) and stopped (the proposed policy, paused-stop): four runs,
+# each reported, and the study report comparing the policies (analysis/lab/study.py).
+# Each run takes the lab lock (/tmp/tsprobe-lab.lock), so it waits for any other lab.
 # A 5 s baseline: with the canaries a TCG guest answers /clock slowly, and the clock-lag
 # figures need samples from before the migration.
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 demo: setup
 	$(VENV)/bin/tsprobe lab build-guest
-	$(VENV)/bin/tsprobe lab run --scenario paused --baseline 5s --out $(DEMO_DIR)/paused
-	$(VENV)/bin/tsprobe lab run --scenario paused-stop --baseline 5s --out $(DEMO_DIR)/paused-stop
-	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused
-	$(VENV)/bin/tsprobe report $(DEMO_DIR)/paused-stop
-	$(VENV)/bin/tsprobe compare $(DEMO_DIR)/paused $(DEMO_DIR)/paused-stop --out $(DEMO_DIR)/comparison
-	@echo "demo: reports $(DEMO_DIR)/paused/report.html $(DEMO_DIR)/paused-stop/report.html"
-	@echo "demo: comparison $(DEMO_DIR)/comparison/comparison.html (and comparison.md)"
+	$(VENV)/bin/tsprobe lab study --scenario paused,paused-stop --hold 2s,30s --baseline 5s \
+		--out $(DEMO_DIR)
+	@echo "demo: study report $(DEMO_DIR)/study.html (and study.md, study.json)"
+	@echo "demo: each run's report under $(DEMO_DIR)/runs/*/report.html"
 
 # The agent alone on this machine, with a known 300 ms freeze of one sampler.
 agent-demo: setup

@@ -7,7 +7,9 @@ directory is required, so a crashed run still gives a cell:
 
 - ``outcome`` and ``evidence``: ``lab-outcome.json`` (the lab's guest outcome). Without
   it, the exit status of ``tsprobe lab run`` when it names an outcome (0 recovered,
-  3 degraded, 4 not-recovered) and the lab wrote its summary; otherwise ``lab-error``,
+  3 degraded, 4 not-recovered) and the lab wrote its summary; a lab from before
+  lab-outcome.json exits 1 for an unhealthy guest: with its summary saying the migration
+  completed and the health check failed, ``not-recovered``; otherwise ``lab-error``,
   with the evidence the runner kept (exit status, timeout, the last lines of the lab's
   output). A lab-error is about the lab, not the guest, and is left out of every figure.
 - figures from ``lab-summary.json`` (clock lag at resume = ``clock_lag.growth_ns``, the
@@ -135,6 +137,18 @@ def _outcome(
             [f"no lab-outcome.json: outcome from tsprobe lab run's exit status {code}"],
             None,
         )
+    elif record.exit_code == 1 and labsum is not None and _completed(labsum):
+        # A lab from before lab-outcome.json: its summary's health is the guest's state.
+        health = labsum.get("health") or {}
+        problems = [str(p) for p in health.get("problems") or []] or ["health check failed"]
+        return (
+            "not-recovered",
+            [
+                "no lab-outcome.json: from lab-summary.json, the migration completed and "
+                f"the guest's health check failed: {'; '.join(problems)}"
+            ],
+            None,
+        )
     else:
         evidence.append(f"tsprobe lab run exited with status {record.exit_code}")
     if doc is None:
@@ -142,6 +156,12 @@ def _outcome(
     lines = [line for line in record.tail if not line.startswith("$ ")][-3:]
     evidence += [f"lab output: {line.strip()}" for line in lines]
     return "lab-error", evidence, None
+
+
+def _completed(labsum: dict[str, Any]) -> bool:
+    """The lab summary's migration completed (and the health check ran)."""
+    timeline = labsum.get("timeline_summary") or {}
+    return timeline.get("outcome") == "completed" and bool(labsum.get("health"))
 
 
 def _warnings(outcome_doc: dict[str, Any] | None, labsum: dict[str, Any] | None) -> dict[str, int]:
@@ -875,11 +895,14 @@ def timeouts_png(doc: dict[str, Any]) -> bytes:
                     continue
                 ys = [m if m is not None else float("nan") for m in med]
                 label = f"T={_s(float(t))}" + (" peer" if field == "peer_timeouts" else "")
-                ax.plot(xs, ys, style, marker="o", color=colour, label=label)
+                # shrinking markers keep lines of equal counts visible under each other
+                size = max(9.0 - 1.5 * i, 3.0)
+                ax.plot(xs, ys, style, marker="o", ms=size, color=colour, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("hold (s)")
         ax.set_xticks(xs)
         ax.set_ylabel("timeouts (median per run)")
+        ax.set_ylim(bottom=0)
         handles, _ = ax.get_legend_handles_labels()
         if handles:
             ax.legend(fontsize=7)
