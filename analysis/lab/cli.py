@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -78,17 +79,27 @@ Scenarios:
 Examples:
   tsprobe lab run --scenario precopy --out runs/precopy
   tsprobe lab run --scenario paused --hold 3s --out runs/paused
+  tsprobe lab run --scenario paused --hold 27s --clocksource tsc --out runs/p27
   tsprobe lab run --scenario paused --qemu 10.0 --out runs/paused-10   # scripts/setup's
   tsprobe lab run --scenario stall --stall 300ms,1.2s --out runs/stall
   tsprobe lab run --scenario stall-vcpu --cpu 1 --stall 700ms --out runs/vcpu
   tsprobe lab run --scenario paused --out runs/p1 \\
       --agent-listen 127.0.0.1:9466 --listen 127.0.0.1:9467   # for Prometheus
 \b
+Exit status: the guest's outcome (lab-outcome.json; analysis/lab/outcome.py has the rules):
+  0  recovered      every CPU sampling again, the agent answering, no kernel warning
+  3  degraded       kernel warnings (soft lockup, RCU stall, hung task, clocksource
+                    unstable), a kernel oops, or guest time lost beyond the vCPU stops
+  4  not-recovered  within the settle time a CPU took no sample, the agent did not
+                    answer, the guest's clock stood still, or it panicked or rebooted
+  5  lab-error      QEMU died, the agent never came up, a migration failed
+  1  the tool's own error (bad options, no guest image); 2  usage error
+\b
 The run directory holds the recorder's files (meta.json, qmp-src.jsonl, qmp-dst.jsonl,
 guest-events.jsonl, clock-samples.jsonl), lab-steps.jsonl, lab-health.json, the serial
-consoles and lab-summary.txt/.json. --agent-listen and --listen give Prometheus fixed
-targets: the guest's agent (followed from source to destination) and the host migration
-exporter.
+consoles, lab-outcome.json and lab-summary.txt/.json, whatever the outcome.
+--agent-listen and --listen give Prometheus fixed targets: the guest's agent (followed
+from source to destination) and the host migration exporter.
 """
 
 
@@ -128,6 +139,14 @@ exporter.
     help="The QEMU binary: a path, a command, or a version that scripts/setup unpacked "
     "(e.g. 10.0: /var/cache/tsprobe/qemu-10.0.*/qemu-system-x86_64).  "
     "[default: qemu-system-x86_64 on PATH]",
+)
+@click.option(
+    "--clocksource",
+    default=None,
+    metavar="NAME",
+    help="The guest kernel's clocksource= (tsc, hpet, acpi_pm, ...; tsc also gets "
+    "tsc=reliable so that the kernel keeps it).  [default: the kernel's choice; hpet "
+    "under TCG]",
 )
 @click.option(
     "--clock-step",
@@ -186,6 +205,7 @@ def run_cmd(
     bandwidth: str,
     accel: str,
     qemu: str | None,
+    clocksource: str | None,
     clock_step: str | None,
     listen: str | None,
     agent_listen: str | None,
@@ -194,13 +214,21 @@ def run_cmd(
     baseline: str,
     linger: str,
 ) -> None:
-    """Run one lab scenario end to end and print its summary."""
-    from analysis.lab.scenarios import SCENARIOS, LabOptions, run_scenario
+    """Run one lab scenario end to end, print its summary, exit with the guest's outcome."""
+    from analysis.lab.scenarios import CLOCKSOURCES, SCENARIOS, LabOptions, run_scenario
 
     if scenario not in SCENARIOS:
         raise click.BadParameter(
             f"unknown scenario {scenario!r}: choose from {', '.join(SCENARIOS)}",
             param_hint="--scenario",
+        )
+    if clocksource == "default":
+        clocksource = None
+    if clocksource is not None and clocksource not in CLOCKSOURCES:
+        raise click.BadParameter(
+            f"{clocksource!r} is not a clocksource of the lab's x86 kernel (it would ignore "
+            f"it and keep its own): choose from {', '.join(CLOCKSOURCES)}, or default",
+            param_hint="--clocksource",
         )
     try:
         stalls = tuple(parse_duration_list(stall))
@@ -226,6 +254,7 @@ def run_cmd(
         bandwidth=_size(bandwidth, "--bandwidth"),
         accel=accel,
         qemu=qemu,
+        clocksource=clocksource,
         clock_step_ns=step,
         listen=listen,
         agent_listen=agent_listen,
@@ -238,8 +267,20 @@ def run_cmd(
         summary = run_scenario(opts)
     except LabError as err:
         raise click.ClickException(str(err)) from err
-    if not (summary.get("health") or {}).get("ok"):
-        raise click.ClickException("the guest was not healthy afterwards (see lab-summary.txt)")
+    click.get_current_context().exit(outcome_exit(summary, out))
+
+
+def outcome_exit(summary: dict[str, Any], out: Path) -> int:
+    """Say the guest's outcome in one line (stderr) and return its exit code."""
+    from analysis.lab.outcome import EXIT_CODES
+
+    outcome = summary.get("guest_outcome") or {}
+    name = str(outcome.get("outcome") or "lab-error")
+    evidence = outcome.get("evidence") or ["no outcome was written"]
+    click.echo(
+        f"tsprobe lab: guest outcome {name}: {evidence[0]} ({out}/lab-outcome.json)", err=True
+    )
+    return EXIT_CODES.get(name, EXIT_CODES["lab-error"])
 
 
 def _add_study_commands() -> None:

@@ -133,6 +133,13 @@ from analysis.qmp_endpoint import StatusChange
 from analysis.recorder import Recorder
 from analysis.rundir import JsonlWriter, host_now
 
+#: The clocksources an x86_64 Linux kernel registers (``clocksource=`` takes one of them;
+#: the kernel ignores any other name). Which are available depends on the machine:
+#: ``kvm-clock`` only under KVM; the lab's TCG guest has tsc, hpet and acpi_pm.
+CLOCKSOURCES = ("tsc", "hpet", "acpi_pm", "kvm-clock", "refined-jiffies", "jiffies")
+#: The console line of the guest's init that names the clocksource it booted with.
+CLOCKSOURCE_MARK = re.compile(r"tsprobe-lab: clocksource (\S+)")
+
 SCENARIOS: dict[str, str] = {
     "precopy": "precopy migration with a bandwidth limit",
     "postcopy": "precopy, then postcopy with a memory workload",
@@ -167,9 +174,11 @@ FREEZE_ATTEMPTS = 20
 #: ... and is not on CPU for FREEZE_SPIN_SHARE of FREEZE_SPIN_WINDOWS windows in a row.
 FREEZE_SPIN_SHARE = 0.95
 FREEZE_SPIN_WINDOWS = 2
-#: The health check waits up to this long for every CPU's sample count to advance (the
-#: samplers report it about once a second).
-SAMPLING_WAIT_S = 4.0
+#: The settle time: the health check waits up to this long (from the agent's first
+#: answer after the disturbance) for every CPU's sample count to advance (the samplers
+#: report it about once a second). A CPU that took no sample in it is a guest that did
+#: not recover (``analysis.lab.outcome``), so it must outlast a slow but live guest.
+SAMPLING_WAIT_S = 10.0
 #: The baseline goes on for up to this long past --baseline until a /clock sample came.
 BASELINE_WAIT_S = 5.0
 #: Seconds the recorder goes on after the guest settled, for the canaries' last events.
@@ -223,6 +232,9 @@ class LabOptions:
     #: Seconds to keep recording (and serving) after the guest settled.
     linger_s: float = 0.0
     postcopy_after_s: float = 1.0
+    #: ``--clocksource``: the guest kernel's ``clocksource=`` (``tsc`` also gets
+    #: ``tsc=reliable``); None: the kernel's own choice.
+    clocksource: str | None = None
     verbose: bool = True
 
     def check(self) -> None:
@@ -256,11 +268,35 @@ class LabOptions:
                     parse_listen(value)
                 except RecorderError as err:
                     raise LabError(str(err).replace("--listen", flag, 1)) from None
+        if self.clocksource is not None and self.clocksource not in CLOCKSOURCES:
+            raise LabError(
+                f"--clocksource {self.clocksource}: not a clocksource of the lab's x86 "
+                f"kernel (the kernel would ignore it and keep its own): choose from "
+                f"{', '.join(CLOCKSOURCES)}"
+            )
         if self.kmsg is not None and (not self.kmsg.strip() or "\n" in self.kmsg):
             raise LabError("--kmsg must be one non-empty line")
         if (self.out / rundir.META).exists():
             raise LabError(f"{self.out} already holds a recording: choose a new --out")
         lq.qemu_version(lq.resolve_qemu(self.qemu))  # a QEMU that runs, before booting
+
+    def kernel_args(self) -> list[str]:
+        """The words the lab appends to the guest's kernel command line (after
+        ``analysis.lab.guest.BASE_CMDLINE``): the agent's canaries, the clocksource, the
+        memory workload."""
+        words = [f"tsprobe.canaries={','.join(self.canaries) or 'none'}"]
+        if self.clocksource is not None:
+            words += clocksource_args(self.clocksource)
+        elif self.scenario == "stall-vcpu":
+            # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
+            # emulated under QEMU's big lock, which a frozen vCPU thread can keep from
+            # the others (see the module docstring; seen: CPU 0 stalled 250-700 ms in 3
+            # of 6 freezes of CPU 1 with the HPET). The TSC is read without leaving the
+            # translated code, so fewer freezes need a retry.
+            words += clocksource_args("tsc")
+        if self.workload_size not in ("0", ""):
+            words += [f"tsprobe.wss={self.workload_size}", f"tsprobe.wcpu={self.workload_cpu}"]
+        return words
 
     @property
     def workload_size(self) -> str:
@@ -531,11 +567,14 @@ def _get_or_error(url: str, timeout_s: float) -> tuple[bytes, Exception | None]:
         return b"", err
 
 
-def _sampling_rates(port: int, first: dict[str, float], cpus: int) -> dict[str, float]:
+def _sampling_rates(
+    port: int, first: dict[str, float], cpus: int, with_window: bool = False
+) -> dict[str, float]:
     """Read /healthz every 0.5 s until every CPU's sample count moved past ``first`` (or
     for ``SAMPLING_WAIT_S``); return each CPU's samples per second since ``first``.
 
-    A count that has not moved reads 0. The rates are rough: a sampler reports its count
+    A count that has not moved reads 0; ``with_window`` adds ``window_s``, the seconds
+    read. The rates are rough: a sampler reports its count
     about once a second, so a count sent before a stall and filed after it lands inside
     the window (above 1000/s at a 1 ms interval).
 
@@ -549,7 +588,7 @@ def _sampling_rates(port: int, first: dict[str, float], cpus: int) -> dict[str, 
         span = time.monotonic() - t0
         rates = {c: (n - first.get(c, 0)) / span for c, n in counts.items()}
         if all(rates.get(c, 0) > 0 for c in wanted) or span > SAMPLING_WAIT_S:
-            return rates
+            return {**rates, "window_s": span} if with_window else rates
 
 
 def check_health(
@@ -587,12 +626,14 @@ def check_health(
     if health and down:
         problems.append(f"probes down: {', '.join(down)}")
     rates: dict[str, float] = {}
+    window: float | None = None
     if health:
         # The poll's last answer is the first read: _poll_health returns right after it.
         try:
-            rates = _sampling_rates(port, _sample_counts(health), cpus)
+            rates = _sampling_rates(port, _sample_counts(health), cpus, with_window=True)
         except (OSError, ValueError) as err:
             problems.append(f"/healthz failed: {err}")
+        window = rates.pop("window_s", None)
         idle = [c for c in map(str, range(cpus)) if rates.get(c, 0) <= 0]
         if idle:
             problems.append(f"CPU {','.join(idle)} not sampling")
@@ -604,6 +645,8 @@ def check_health(
         "agent_status": health.get("status"),
         "probes_down": health.get("down"),
         "samples_per_s": {c: round(v, 1) for c, v in rates.items()},
+        "sampling_window_s": None if window is None else round(window, 2),
+        "settle_s": SAMPLING_WAIT_S,
         **times,
     }
 
@@ -715,19 +758,7 @@ class Scenario:
         self.say(f"QEMU {version.number} ({self.binary}): {self.accel_line()}")
         if self.migrates and self.accel == "tcg-multi" and scenario_accel != "tcg-multi":
             self.say(f"note: multi-threaded TCG forced ({self.accel_why})")
-        cmdline = [f"tsprobe.canaries={','.join(self.opts.canaries) or 'none'}"]
-        if self.opts.scenario == "stall-vcpu":
-            # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
-            # emulated under QEMU's big lock, which a frozen vCPU thread can keep from
-            # the others (see the module docstring; seen: CPU 0 stalled 250-700 ms in 3
-            # of 6 freezes of CPU 1 with the HPET). The TSC is read without leaving the
-            # translated code, so fewer freezes need a retry.
-            cmdline += ["clocksource=tsc", "tsc=reliable"]
-        if self.opts.workload_size not in ("0", ""):
-            cmdline += [
-                f"tsprobe.wss={self.opts.workload_size}",
-                f"tsprobe.wcpu={self.opts.workload_cpu}",
-            ]
+        cmdline = self.opts.kernel_args()
         common = {
             "guest": self.guest,
             "workdir": self.sockdir,
@@ -761,6 +792,23 @@ class Scenario:
         if self.opts.workload_size not in ("0", ""):
             self.qemus[0].wait_console("tsprobe-lab: workload:", 30)
         self.say(f"guest agent up, sampling every CPU {self.boot_s} s after QEMU started")
+        self._note_clocksource()
+
+    def _note_clocksource(self) -> None:
+        """Record the clocksource asked for and the one the guest booted with (its init
+        prints it), and say so in one line when the kernel did not keep the one asked for."""
+        found = CLOCKSOURCE_MARK.search(self.qemus[0].console())
+        used = found.group(1) if found else None
+        asked = self.opts.clocksource
+        self.info["clocksource_requested"] = asked
+        self.info["clocksource_used"] = used
+        if asked is not None and used != asked:
+            self.say(
+                f"--clocksource {asked}: the guest's kernel did not keep it; "
+                f"the guest uses {used or 'an unknown clocksource'}"
+            )
+        else:
+            self.say(f"clocksource {used} ({'asked for' if asked else 'the kernel choice'})")
 
     # -- the drivers -------------------------------------------------------------------------
 
@@ -1399,14 +1447,30 @@ def _freeze_thread(
     }
 
 
+def clocksource_args(name: str) -> list[str]:
+    """The kernel command line words for ``--clocksource NAME``.
+
+    ``tsc`` also gets ``tsc=reliable``, which keeps the kernel from demoting it: without
+    it the kernel does not trust an emulated CPU's TSC at boot and its clocksource
+    watchdog may later mark the TSC unstable against the HPET.
+    """
+    return [f"clocksource={name}", *(["tsc=reliable"] if name == "tsc" else [])]
+
+
 def run_scenario(opts: LabOptions, say: Say | None = None) -> dict[str, Any]:
     """Run one scenario end to end and write its run directory.
 
+    What the guest lived through is a result, not an error: a guest that did not recover
+    still gets a complete run directory, its summary and ``lab-outcome.json``
+    (``analysis.lab.outcome``). So does a run the lab could not carry out once it began
+    booting the guest (QEMU died, the agent never came up, a command failed): its outcome
+    is ``lab-error`` and the error is a ``lab_error`` record in lab-steps.jsonl.
+
     :param opts: the options.
     :param say: progress lines (default: print with a ``lab:`` prefix and the elapsed time).
-    :raise LabError: on bad options, a guest that does not boot, or a failed step; every
-        process started is killed whatever happens.
-    :return: the summary (also in lab-summary.json).
+    :raise LabError: on bad options or a guest that cannot be built; every process
+        started is killed whatever happens.
+    :return: the summary (also in lab-summary.json), with ``guest_outcome``.
     """
     opts.check()
     t0 = time.monotonic()
@@ -1424,16 +1488,29 @@ def run_scenario(opts: LabOptions, say: Say | None = None) -> dict[str, Any]:
         finally:
             await scenario.close()
 
+    error: LabError | None = None
     with lq.handle_signals():
         try:
             lab_meta = asyncio.run(main())
+        except (QemuError, ScenarioError) as err:
+            error = err
+            lab_meta = scenario.lab_meta(t0)
         finally:
             lq.kill_all()
+    opts.out.mkdir(parents=True, exist_ok=True)
+    if error is not None:
+        say(f"lab error: {error}")
+        steps = JsonlWriter(opts.out / STEPS)
+        try:
+            steps.write_stamped({"type": "lab_error", "error": str(error)})
+        finally:
+            steps.close()
     meta_path = opts.out / rundir.META
+    meta: dict[str, Any] = {"scenario": opts.scenario}
     with contextlib.suppress(OSError, ValueError):
         meta = json.loads(meta_path.read_text())
-        meta["lab"] = lab_meta
-        rundir.write_json_atomic(meta_path, meta)
+    meta["lab"] = lab_meta
+    rundir.write_json_atomic(meta_path, meta)
     summary = write_summary(opts.out)
     say("summary:\n" + render(summary))
     return summary
