@@ -26,7 +26,10 @@
   counters from its last /metrics (``agent-metrics.prom``, kept by the health check):
   ``tsprobe_timeout_expirations_total`` and ``tsprobe_kernel_warnings_total``;
 - clock steps the guest reported; whether the agent's ``seq`` is continuous (no event
-  lost) from one agent; the health checks (``lab-health.json``).
+  lost) from one agent; the health checks (``lab-health.json``);
+- the guest's outcome (``analysis.lab.outcome``), rendered first. Without a stall the text
+  never says "none above the threshold" when the guest could not have measured one (its
+  clock stood still or lost time, or its CPUs stopped sampling).
 
 The result is a JSON-ready dict (``lab-summary.json``) and a text rendering
 (``lab-summary.txt``). ``summary.json`` is left to ``tsprobe report``.
@@ -414,10 +417,39 @@ def _ms(ns: Any) -> str:
     return "-" if ns is None else f"{int(ns) / 1e6:.1f} ms"
 
 
+def _no_stalls(outcome: dict[str, Any]) -> str:
+    """What "no stall" means: nothing happened, or the guest could not measure it."""
+    details = outcome.get("details") or {}
+    blind = []
+    if details.get("standstills"):
+        blind.append("its clock stood still while it ran")
+    lost = details.get("time_lost_ms")
+    if lost is not None and lost > 1000:
+        blind.append(f"its clock lost {lost / 1000:.1f} s that QEMU did not stop it for")
+    if any(float(v) <= 0 for v in (details.get("samples_per_s") or {}).values()):
+        blind.append("CPUs stopped sampling")
+    if not blind:
+        return "none above the threshold"
+    return "none reported, and the guest could not have seen them: " + "; ".join(blind)
+
+
 def render(summary: dict[str, Any]) -> str:
     """The summary as a few lines of text."""
     lab = summary.get("lab", {})
-    lines = [f"scenario {summary.get('scenario')}: {summary.get('run')}"]
+    outcome = summary.get("guest_outcome") or {}
+    lines = []
+    if outcome:
+        cs = outcome.get("clocksource") or {}
+        lines.append(
+            f"guest outcome: {outcome['outcome']} (clocksource {cs.get('used') or '?'}, "
+            f"{'asked for' if cs.get('requested') else 'the kernel choice'})"
+        )
+        lines += [f"  - {e}" for e in outcome.get("evidence", [])]
+        warnings = outcome.get("kernel_warnings") or {}
+        if warnings:
+            lines.append("  kernel warnings: " + ", ".join(f"{k} {n}" for k, n in warnings.items()))
+        lines += [f"  clock: {n}" for n in (outcome.get("details") or {}).get("clock_notes", [])]
+    lines.append(f"scenario {summary.get('scenario')}: {summary.get('run')}")
     if lab.get("qemu_version"):
         lines.append(
             f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
@@ -450,7 +482,7 @@ def render(summary: dict[str, Any]) -> str:
                 + " > ".join(stall["phases_overlapped"])
             )
     if not summary["stalls_per_cpu_phase"]:
-        lines.append("  stalls: none above the threshold")
+        lines.append("  stalls: " + _no_stalls(outcome))
     for inj in summary["injected"]:
         got = ", ".join(
             f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
@@ -513,11 +545,17 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def write_summary(run: Path) -> dict[str, Any]:
-    """Summarize ``run`` and write lab-summary.json and lab-summary.txt into it.
+    """Summarize ``run``, classify the guest's outcome (``analysis.lab.outcome``) and write
+    lab-summary.json (with ``guest_outcome``), lab-summary.txt and lab-outcome.json.
 
     :return: the summary.
     """
+    from analysis.lab.outcome import classify, write_outcome
+
     summary = summarize(run)
+    outcome = classify(run, summary)
+    write_outcome(run, outcome)
+    summary["guest_outcome"] = outcome.to_json()
     rundir.write_json_atomic(run / SUMMARY_JSON, summary)
     (run / SUMMARY_TXT).write_text(render(summary) + "\n")
     return summary
