@@ -1,7 +1,10 @@
 """The analysis in plain words: one sentence per thing a migration engineer should know.
 
-``findings(analysis)`` returns ``Finding`` objects, most important first:
+``findings(analysis, outcome)`` returns ``Finding`` objects, most important first:
 
+- ``outcome``: with a lab run's ``lab-outcome.json`` (``analysis.lab.outcome``), the
+  guest's outcome, then its evidence, then what the guest's clock did (a freeze is not a
+  stall: what the guest could and could not see of it), before anything else;
 - ``label``: how to read the run (single-threaded TCG: symmetric stalls by construction;
   phases unknown for a spool-only run);
 - ``stall``: the longest stall of each phase, with its CPU, and asymmetric stalls ("CPU 1
@@ -23,15 +26,19 @@ Sizes are written with ``probe.durations.format_duration`` (``4.2s``, ``101ms``)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from analysis.attribution import Analysis
 from probe.durations import format_duration
 
 ASYM_MIN_NS = 50_000_000
+#: A clock-lag step longer than its stop windows by more than this (and three error
+#: bounds) says so: the stop explains only part of it.
+UNEXPLAINED_LAG_NS = 100_000_000
 
-Category = Literal["label", "stall", "clock", "timeout", "check", "input"]
+Category = Literal["outcome", "label", "stall", "clock", "timeout", "check", "input"]
 
 
 @dataclass(frozen=True)
@@ -51,13 +58,38 @@ def _at(a: Analysis, t: int) -> str:
     return f"+{format_duration(max(0, t - a.origin_ns))}"
 
 
-def findings(a: Analysis) -> list[Finding]:
+def outcome_findings(outcome: Mapping[str, Any]) -> list[Finding]:
+    """The guest's outcome, its evidence and the clock notes of a ``lab-outcome.json``.
+
+    :param outcome: the document (``analysis.lab.outcome.Outcome.to_json``).
+    :return: the findings (``warn`` unless the guest recovered).
+    """
+    name = str(outcome.get("outcome"))
+    warn = name != "recovered"
+    cs = outcome.get("clocksource") or {}
+    head = f"guest outcome: {name}"
+    if cs.get("used"):
+        head += f" (clocksource {cs['used']}{', asked for' if cs.get('requested') else ''})"
+    out = [Finding("outcome", head, warn)]
+    out += [Finding("outcome", str(e), warn) for e in outcome.get("evidence") or []]
+    warnings = outcome.get("kernel_warnings") or {}
+    if warnings:
+        text = ", ".join(f"{kind} {n}" for kind, n in warnings.items())
+        out.append(Finding("outcome", f"kernel warnings after boot: {text}", warn))
+    notes = (outcome.get("details") or {}).get("clock_notes") or []
+    out += [Finding("clock", str(n)) for n in notes]
+    return out
+
+
+def findings(a: Analysis, outcome: Mapping[str, Any] | None = None) -> list[Finding]:
     """The plain-word findings of an analysis (see the module docstring).
 
     :param a: what ``analyse`` returned.
-    :return: the findings, labels first.
+    :param outcome: the run's ``lab-outcome.json``, when it has one.
+    :return: the findings, the outcome first, then labels.
     """
-    out: list[Finding] = [Finding("label", text) for text in a.labels]
+    out: list[Finding] = outcome_findings(outcome) if outcome else []
+    out += [Finding("label", text) for text in a.labels]
     run = a.run
     if not a.phases_known:
         if run.timeline is None:
@@ -167,7 +199,15 @@ def _clock_findings(a: Analysis) -> list[Finding]:
                 f"{w.stopped_by} STOP -> {w.resumed_by} RESUME {_d(w.length_ns)}"
                 for w in step.windows
             )
-            text += f": the vCPUs were stopped ({what}); the guest's clocks did not advance"
+            stopped = sum(w.length_ns for w in step.windows)
+            unexplained = step.lag_ns - stopped
+            if unexplained > max(3 * step.error_ns, UNEXPLAINED_LAG_NS):
+                text += (
+                    f": the vCPUs were stopped only {_d(stopped)} ({what}); the other "
+                    f"{_d(unexplained)} the guest's clock lost while QEMU ran the guest"
+                )
+            else:
+                text += f": the vCPUs were stopped ({what}); the guest's clocks did not advance"
         else:
             text += ": no vCPU stop explains it"
         out.append(Finding("clock", text, step.error_ns < abs(step.size_ns)))

@@ -6,6 +6,10 @@ same document into tables. The HTML file is self-contained: inline CSS, plots em
 base64 PNG (``analysis.report_plots``), no script, nothing fetched: it opens offline and
 can be attached to a ticket. ``write_report`` writes all three.
 
+A lab run's guest outcome (``lab-outcome.json``, ``analysis.lab.outcome``) leads all three:
+summary.json ``guest_outcome``, and the outcome with its evidence above everything else in
+report.md and report.html, followed among the findings by what the guest's clock did.
+
 Every table comes from ``build_summary``, so the three files never disagree: phases;
 stalls per phase x CPU; asymmetry; with host truth (``vcpu-states.jsonl``), the host
 states per phase x vCPU and the longest stalls with their host cause; timeout
@@ -30,6 +34,9 @@ from analysis.report_plots import sensitivity_png, timeline_png
 from probe.durations import format_duration
 
 SCHEMA_VERSION = 1
+#: The lab's outcome file (``analysis.lab.outcome.OUTCOME_FILE``; the lab's modules are
+#: not imported by the report).
+OUTCOME_FILE = "lab-outcome.json"
 MAX_ISSUES = 50
 #: Stalls listed with their host truth in summary.json (the longest, in time order).
 MAX_HOST_STALLS = 200
@@ -127,6 +134,7 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         }
         for b in a.alignment.boots.values()
     ]
+    outcome = guest_outcome(run.path)
     errs = [e for e in a.placed.err.tolist() if e == e]  # drop NaN
     summary = tl.summary().to_dict() if tl is not None else None
     host_vcpu, host_truth, host_stalls = _host(a)
@@ -182,7 +190,10 @@ def build_summary(a: Analysis) -> dict[str, Any]:
             "max_error_ms": _ms(max(errs)) if errs else None,
             "stalls_near_boundary": int(a.placed.near.sum()),
         },
-        "findings": [{"category": f.category, "text": f.text, "warn": f.warn} for f in findings(a)],
+        "guest_outcome": outcome,
+        "findings": [
+            {"category": f.category, "text": f.text, "warn": f.warn} for f in findings(a, outcome)
+        ],
         "input": {
             "skipped": len(run.skips),
             "notes": len(run.notes),
@@ -203,6 +214,18 @@ def build_summary(a: Analysis) -> dict[str, Any]:
             ],
         },
     }
+
+
+def guest_outcome(path: Path) -> dict[str, Any] | None:
+    """A lab run's ``lab-outcome.json`` (``analysis.lab.outcome``), or None without one.
+
+    :param path: the run directory.
+    """
+    try:
+        doc = json.loads((path / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("outcome"), str) else None
 
 
 def _host(a: Analysis) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
@@ -498,11 +521,16 @@ def _intro(doc: dict[str, Any]) -> list[str]:
 def render_markdown(doc: dict[str, Any]) -> str:
     """report.md: the same tables as the HTML, for terminals and tickets."""
     out = ["# tsprobe report", ""]
+    lead = [f for f in doc["findings"] if f["category"] == "outcome"]
+    if lead:
+        out += [f"## {lead[0]['text'][0].upper()}{lead[0]['text'][1:]}", ""]
+        out += [f"- {f['text']}" for f in lead[1:]] + [""]
     out += [f"- {line}" for line in _intro(doc)]
     out += ["", "## Findings", ""]
     out += [
         f"- {'**' if f['warn'] else ''}{f['text']}{'**' if f['warn'] else ''}"
         for f in doc["findings"]
+        if f["category"] != "outcome"
     ]
     for title, header, rows in tables(doc):
         out += ["", f"## {title}", "", _md_table(header, rows).rstrip()]
@@ -564,6 +592,12 @@ def render_html(doc: dict[str, Any], a: Analysis) -> str:
         f"<style>{CSS}</style></head><body>",
         "<h1>tsprobe report</h1>",
     ]
+    lead = [f for f in doc["findings"] if f["category"] == "outcome"]
+    if lead:
+        cls = "warn" if lead[0]["warn"] else "good"
+        parts.append(f"<h2 class={cls}>{html.escape(lead[0]['text'])}</h2><ul>")
+        parts += [f"<li>{html.escape(f['text'])}</li>" for f in lead[1:]]
+        parts.append("</ul>")
     parts += [f"<div class=muted>{html.escape(line)}</div>" for line in _intro(doc)]
     parts += [f"<div class=label>{html.escape(label)}</div>" for label in doc["labels"]]
     if not doc["phases_known"]:
@@ -573,6 +607,8 @@ def render_html(doc: dict[str, Any], a: Analysis) -> str:
         )
     parts.append("<h2>Findings</h2><ul>")
     for f in doc["findings"]:
+        if f["category"] == "outcome":
+            continue
         cls = ' class="warn"' if f["warn"] else ""
         parts.append(f"<li{cls}>{html.escape(f['text'])}</li>")
     parts.append("</ul><h2>Timeline</h2>")
