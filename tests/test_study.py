@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -182,6 +183,11 @@ def test_resume_skips_complete_runs_and_moves_incomplete_ones_aside(
     fake.write_text("")
     run_study(more, out, resume=True, retry_errors=True, say=lambda _line: None)
     assert lab_runs(fake) == ["paused-stop-h2s-csdefault-auto-r1"]
+    # a smaller --repeat on resume keeps the study's repeats (and runs nothing)
+    fake.write_text("")
+    result = run_study(params, out, resume=True, say=lambda _line: None)
+    assert lab_runs(fake) == [] and result.skipped == 4
+    assert json.loads((out / "study.json").read_text())["params"]["repeat"] == 2
 
 
 def test_out_holding_a_study_needs_resume_and_the_same_parameters(
@@ -253,3 +259,33 @@ def test_cli_says_another_study_in_one_line(fake: Path, tmp_path: Path) -> None:
     assert only.exit_code == 0 and "study.html" in only.output
     help_text = CliRunner().invoke(lab, ["study", "--help"]).output
     assert "Examples:" in help_text and "--resume" in help_text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_the_run_and_keeps_study_json(
+    fake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sig: signal.Signals
+) -> None:
+    behave(monkeypatch, **{"paused-stop": "hang"})
+    out = tmp_path / "s"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsprobe.cli", "lab", "study", "--scenario", "paused,paused-stop",
+         "--hold", "1s", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while "paused-stop-h1s" not in (fake.read_text() if fake.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    doc = json.loads((out / "study.json").read_text())
+    assert doc["status"] == "interrupted"
+    assert [c["outcome"] for c in doc["cells"]] == ["recovered", "lab-error"]
+    assert "interrupted (Ctrl-C)" in doc["cells"][1]["evidence"][0]
+    assert (out / "study.html").exists()
+    hung = out / "runs" / "paused-stop-h1s-csdefault-auto-r1"
+    assert not is_complete(hung)
+    assert subprocess.run(["pgrep", "-f", str(hung)], capture_output=True).returncode == 1

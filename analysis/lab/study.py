@@ -53,7 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -442,7 +442,7 @@ def check_out(out: Path, params: StudyParams, resume: bool) -> StudyParams:
         )
     if not resume:
         raise LabError(f"{out} holds this study already: add --resume to continue it")
-    return params
+    return replace(params, repeat=max(params.repeat, old.repeat))
 
 
 def _eta(walls: list[float], left: int) -> str:
