@@ -68,6 +68,8 @@ OUTCOME_COLOURS = {
     "lab-error": "#bdbdbd",
 }
 BLOCKED = ("userfault", "lock-wait")
+#: Guest time lost beyond QEMU's stops worth a sentence in the verdict (ms).
+LOST_MS = 1000.0
 
 
 # -- reading one run -------------------------------------------------------------------------
@@ -306,6 +308,9 @@ def read_cell(out: Path, rundir: Path) -> dict[str, Any]:
         if lag.get("growth_ns") is not None
         else None,
         "vcpus_stopped_ms": _r((lag.get("vcpus_stopped_ns") or 0) / 1e6) if lag else None,
+        "time_lost_ms": _r(lag["growth_ns"] / 1e6 - (lag.get("vcpus_stopped_ns") or 0) / 1e6)
+        if lag.get("growth_ns") is not None
+        else None,
         "longest_stall_ms": longest,
         "stalled_ms": stalled,
         "some_stalled_ms": _r(sum(float(x.get("some_ms") or 0.0) for x in summary["asymmetry"]))
@@ -477,6 +482,7 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 },
                 "clock_lag_growth_ms": stats(c.get("clock_lag_growth_ms") for c in good),
                 "vcpus_stopped_ms": stats(c.get("vcpus_stopped_ms") for c in good),
+                "time_lost_ms": stats(c.get("time_lost_ms") for c in good),
                 "pause_ms": stats(c.get("pause_ms") for c in good),
                 "recovery_ms": stats(c.get("recovery_ms") for c in good),
                 "evidence": {c["rundir"]: [c["outcome"], *c["evidence"]] for c in members},
@@ -563,8 +569,20 @@ def _describe(agg: dict[str, Any]) -> str:
     if worst is not None:
         parts.append(f"longest guest stall {_s(worst)} (median over runs, worst CPU)")
     lag = _median(agg["clock_lag_growth_ms"])
+    lost = _median(agg["time_lost_ms"])
+    stopped = _median(agg["vcpus_stopped_ms"]) or 0.0
     if lag is not None:
         parts.append(f"guest clock fell {_s(lag)} behind the host")
+    if lost is not None and lost >= LOST_MS:
+        parts.append(
+            f"of which {_s(lost)} while QEMU ran the vCPUs: the guest's clock stood still, "
+            "so it could not see that stall on its own clocks"
+        )
+    elif lag is not None and stopped >= LOST_MS:
+        parts.append(
+            f"the vCPUs were stopped {_s(stopped)}: a freeze of the guest's clocks, "
+            "invisible inside, seen by a peer outside"
+        )
     big = [t for t in agg["timeouts"] if float(t) >= 1000]
     canary = {t: _median(agg["timeouts"][t]) for t in big}
     peer = {t: _median(agg["peer_timeouts"].get(t)) for t in big}
@@ -687,7 +705,12 @@ def result_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                 "; ".join(a["regimes"]) or "-",
                 a["outcome_text"],
                 stalls or "-",
-                _spread(a["clock_lag_growth_ms"]),
+                _spread(a["clock_lag_growth_ms"])
+                + (
+                    f" (lost while running: {_spread(a['time_lost_ms'])})"
+                    if (_median(a["time_lost_ms"]) or 0.0) >= LOST_MS
+                    else ""
+                ),
                 canary or "-",
                 peer or "-",
                 warns or "none",
