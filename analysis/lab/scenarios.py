@@ -1110,7 +1110,7 @@ class Scenario:
             )
             self.mark("health_checked")
             self.say(
-                f"health: {'ok' if health['ok'] else '; '.join(health['problems'])} "
+                f"lab health checks: {'ok' if health['ok'] else '; '.join(health['problems'])} "
                 f"(agent answered after {health['answer_s']} s, probes up after "
                 f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
             )
@@ -1142,7 +1142,7 @@ class Scenario:
                 health["problems"].append(problem)
                 health["ok"] = False
             self.say(f"memory: {problem or memory_line(self.memory)}")
-        else:
+        if body:
             (self.out / AGENT_METRICS).write_bytes(body)
         rundir.write_json_atomic(self.out / HEALTH, health)
         return self.lab_meta(started)

@@ -538,7 +538,8 @@ def render(summary: dict[str, Any]) -> str:
             f"({memory.get('checks')} page checks over {memory.get('passes')} passes)"
         )
     lines.append(
-        f"  health: {'ok' if health.get('ok') else 'NOT OK'}"
+        f"  lab health checks (the guest's outcome is above): "
+        f"{'ok' if health.get('ok') else 'NOT OK'}"
         + (f" ({'; '.join(health.get('problems', []))})" if health.get("problems") else "")
     )
     return "\n".join(lines)
