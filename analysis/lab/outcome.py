@@ -105,7 +105,8 @@ class Outcome:
     evidence: tuple[str, ...]
     #: Kernel warnings after boot by kind, each record once (``probe.kmsg_patterns``).
     kernel_warnings: dict[str, int]
-    #: The clocksource asked for (None: the kernel's choice) and the ones the guest used.
+    #: The clocksource asked for (None: the kernel's choice), the one the guest used (the
+    #: agent's /clock, else its init's console line) and every one /clock reported.
     clocksource: dict[str, Any] = field(default_factory=dict)
     #: Figures behind the evidence (JSON-ready).
     details: dict[str, Any] = field(default_factory=dict)
@@ -287,7 +288,7 @@ def _clocksource(lab: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str
         if isinstance(name, str) and name not in seen:
             seen.append(name)
     options = lab.get("options") or {}
-    used = lab.get("clocksource_used") or (seen[0] if seen else None)
+    used = seen[0] if seen else lab.get("clocksource_used")
     return {
         "requested": lab.get("clocksource_requested", options.get("clocksource")),
         "used": used,

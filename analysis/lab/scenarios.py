@@ -795,10 +795,16 @@ class Scenario:
         self._note_clocksource()
 
     def _note_clocksource(self) -> None:
-        """Record the clocksource asked for and the one the guest booted with (its init
-        prints it), and say so in one line when the kernel did not keep the one asked for."""
-        found = CLOCKSOURCE_MARK.search(self.qemus[0].console())
-        used = found.group(1) if found else None
+        """Record the clocksource asked for and the one the guest uses (its agent's /clock
+        says, else the line its init printed at boot), and say so in one line when the
+        kernel did not keep the one asked for."""
+        used = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            clock = json.loads(_get(f"http://127.0.0.1:{self.qemus[0].spec.agent_port}/clock"))
+            used = clock.get("clocksource")
+        if not isinstance(used, str):
+            found = CLOCKSOURCE_MARK.search(self.qemus[0].console())
+            used = found.group(1) if found else None
         asked = self.opts.clocksource
         self.info["clocksource_requested"] = asked
         self.info["clocksource_used"] = used
