@@ -18,6 +18,7 @@ and 1.5 more with QEMU 10.0.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -410,3 +411,38 @@ def test_cli_bad_qemu_is_one_line(tmp_path: Path, qemu: str, message: str) -> No
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"Error: {message}"), proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_stall_outcome_recovered_and_the_injected_warning_not_counted(
+    stall: dict[str, Any],
+) -> None:
+    # The lab wrote a soft lockup line to /dev/kmsg itself (facility 1): not a kernel
+    # warning of the guest's, so the guest recovered.
+    outcome = stall["guest_outcome"]
+    assert outcome["outcome"] == "recovered", outcome["evidence"]
+    assert "soft_lockup" not in outcome["kernel_warnings"], outcome
+    assert outcome["details"]["injected_warnings"] == 1
+    assert (Path(stall["run"]) / "lab-outcome.json").exists()
+
+
+def test_cli_exit_code_is_the_outcome_and_clocksource_reaches_the_guest(
+    tmp_path: Path, lab_guest: Guest
+) -> None:
+    # The one lab run of the exit codes (tests/test_outcome_cli.py maps every outcome):
+    # a short stall on the TSC, which the guest recovers from.
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tsprobe.cli", "lab", "run", "--scenario", "stall",
+         "--stall", "300ms", "--clocksource", "tsc", "--canaries", "none",
+         "--out", str(out)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    outcome = json.loads((out / "lab-outcome.json").read_text())
+    assert proc.returncode == 0, (outcome, proc.stderr[-2000:])
+    assert outcome["outcome"] == "recovered"
+    assert "guest outcome recovered" in proc.stderr
+    lab = json.loads((out / "meta.json").read_text())["lab"]
+    append = lab["qemu"]["src"][lab["qemu"]["src"].index("-append") + 1]
+    assert "clocksource=tsc tsc=reliable" in append
+    assert lab["clocksource_requested"] == "tsc" and lab["clocksource_used"] == "tsc"
+    assert outcome["clocksource"]["used"] == "tsc" and outcome["clocksource"]["seen"] == ["tsc"]
