@@ -116,3 +116,42 @@ def test_clocksource_reaches_the_kernel_command_line(
     command = spec.command()
     append = command[command.index("-append") + 1]
     assert append == " ".join([BASE_CMDLINE, *args])
+
+
+def test_a_run_the_lab_could_not_carry_out_is_a_complete_lab_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The guest's agent never came up: run_scenario records the error, completes the run
+    # directory and classifies it, instead of raising.
+    from analysis.lab.errors import QemuError
+
+    class NoAgent:
+        def __init__(self, opts: scenarios.LabOptions, guest: object, say: object) -> None:
+            self.opts = opts
+
+        async def run(self) -> dict[str, Any]:
+            raise QemuError("the guest's agent was not ready after 120 s (console: empty)")
+
+        async def close(self) -> None:
+            pass
+
+        def lab_meta(self, started: float) -> dict[str, Any]:
+            return {"migrates": True, "vcpus": 2}
+
+    monkeypatch.setattr(scenarios, "build_guest", lambda log: None)
+    monkeypatch.setattr(scenarios, "Scenario", NoAgent)
+    lines: list[str] = []
+    out = tmp_path / "r"
+    summary = scenarios.run_scenario(
+        scenarios.LabOptions(scenario="paused", out=out), say=lines.append
+    )
+    outcome = summary["guest_outcome"]
+    assert outcome["outcome"] == "lab-error"
+    assert outcome["evidence"] == [
+        "lab-steps.jsonl: the lab stopped: the guest's agent was not ready after 120 s "
+        "(console: empty)"
+    ]
+    for name in ("lab-outcome.json", "lab-summary.txt", "lab-summary.json", "meta.json"):
+        assert (out / name).exists(), name
+    assert lines[0].startswith("lab error: the guest's agent was not ready")
+    assert (out / "lab-summary.txt").read_text().startswith("guest outcome: lab-error")
