@@ -93,6 +93,11 @@ def test_timers_died_is_not_recovered(run: Path) -> None:
     assert still.startswith("clock-samples.jsonl: the guest's clock stood still: CLOCK_MONOTONIC")
     assert outcome.details["standstills"][0]["span_ns"] > 10_000_000_000
     assert outcome.details["time_lost_ms"] > 30_000
+    # What hurt it comes after what kept it from recovering.
+    assert outcome.evidence[-1].startswith("the guest clock lost 31.")
+    assert (
+        "s the vCPUs were stopped (clock-samples.jsonl: lag behind the host" in outcome.evidence[-1]
+    )
     assert outcome.kernel_warnings == {}
     notes = " ".join(outcome.details["clock_notes"])
     assert "stood still for" in notes and "time the guest never saw pass" in notes

@@ -420,9 +420,6 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
         broken.append(
             f"clock-samples.jsonl/guest-events.jsonl: {len(ids)} boot ids: the guest rebooted"
         )
-    if broken:
-        return Outcome("not-recovered", tuple(broken), warnings, clocksource, details)
-
     hurt: list[str] = []
     for kind, n in warnings.items():
         if kind in HURTING:
@@ -436,6 +433,8 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
             f"{int(lag['before']['lag_ns']) / 1e9:.2f} s before, "
             f"{int(lag['after']['lag_ns']) / 1e9:.2f} s after)"
         )
+    if broken:  # what hurt it too, after what kept it from recovering
+        return Outcome("not-recovered", tuple(broken + hurt), warnings, clocksource, details)
     if hurt:
         return Outcome("degraded", tuple(hurt), warnings, clocksource, details)
     fine = [
