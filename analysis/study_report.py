@@ -15,8 +15,9 @@ directory is required, so a crashed run still gives a cell:
 - figures from ``lab-summary.json`` (clock lag at resume = ``clock_lag.growth_ns``, the
   vCPU-stop time, the clocksource, kernel warnings) and from the run's report
   ``summary.json`` (per CPU the longest stall and the stalled time, the time some CPUs
-  stalled while others ran, the timeouts per ladder T: the guest's canaries, a stall
-  count, and a peer outside the guest from the clock-lag steps; the phases for the
+  stalled while others ran, the timeouts per ladder T from the switchover on (before it,
+  a TCG guest's late wake-ups are the lab's noise): the guest's canaries, a stall count,
+  and a peer outside the guest from the clock-lag steps; the phases for the
   QEMU-side recovery time: the end of the last ``postcopy-paused`` to ``completed``).
 - from ``vcpu-states.jsonl`` (host truth): ``host_ran_while_blocked_ms``, the time one of
   the guest's vCPU threads ran while another was blocked (userfault or lock-wait) on the
@@ -68,6 +69,9 @@ OUTCOME_COLOURS = {
     "lab-error": "#bdbdbd",
 }
 BLOCKED = ("userfault", "lock-wait")
+#: Phases before the migration disturbed the guest: their timeouts are the lab's own noise
+#: (a TCG guest wakes 1 to 20 ms late) and are left out of the study's counts.
+BEFORE_DISTURBANCE = ("before migration", "setup", "precopy")
 #: Guest time lost beyond QEMU's stops worth a sentence in the verdict (ms).
 LOST_MS = 1000.0
 
@@ -160,6 +164,14 @@ def _outcome(
     return "lab-error", evidence, None
 
 
+def _clocksource(outcome_doc: dict[str, Any] | None) -> str | None:
+    """The clocksource the guest used: lab-outcome.json's ``clocksource`` (``used``)."""
+    value = (outcome_doc or {}).get("clocksource")
+    if isinstance(value, dict):
+        value = value.get("used") or value.get("requested")
+    return value if isinstance(value, str) else None
+
+
 def _completed(labsum: dict[str, Any]) -> bool:
     """The lab summary's migration completed (and the health check ran)."""
     timeline = labsum.get("timeline_summary") or {}
@@ -191,7 +203,7 @@ def _stalls(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]
 
 
 def _timeouts(summary: dict[str, Any]) -> dict[str, Any]:
-    """Counts per T (ms key) over all phases: canaries (summed and each), stalls, peer."""
+    """Counts per T (ms key) from the switchover on: canaries (summed and each), stalls, peer."""
     ts = summary.get("timeout_sensitivity") or {}
     ladder = [float(t) for t in ts.get("ladder_ms") or []]
     canaries: dict[str, int] = {_t_key(t): 0 for t in ladder}
@@ -199,6 +211,8 @@ def _timeouts(summary: dict[str, Any]) -> dict[str, Any]:
     stalls: dict[str, int] = {_t_key(t): 0 for t in ladder}
     peer: dict[str, int] = {_t_key(t): 0 for t in ladder}
     for phase in ts.get("phases") or []:
+        if str(phase.get("phase")) in BEFORE_DISTURBANCE:
+            continue
         for i, t in enumerate(ladder):
             key = _t_key(t)
             for name, counts in (phase.get("canaries") or {}).items():
@@ -300,7 +314,7 @@ def read_cell(out: Path, rundir: Path) -> dict[str, Any]:
         "outcome": outcome,
         "evidence": evidence,
         "kernel_warnings": _warnings(outcome_doc, labsum),
-        "clocksource_used": (outcome_doc or {}).get("clocksource") or lag.get("clocksource"),
+        "clocksource_used": _clocksource(outcome_doc) or lag.get("clocksource"),
         "qemu_version": lab.get("qemu_version"),
         "accel_used": accel_line.split(" (")[0] if isinstance(accel_line, str) else None,
         "tcg_threads": lab.get("tcg_threads"),
@@ -367,7 +381,7 @@ def write_study_json(
         "aggregates": aggs,
         "verdicts": verdicts(aggs),
     }
-    write_json_atomic(out / "study.json", doc)
+    write_json_atomic(out / "study.json", doc, sort_keys=False)  # ladder order kept
     return doc
 
 
@@ -424,7 +438,16 @@ def _per_key(cells: list[dict[str, Any]], field: str) -> dict[str, dict[str, flo
         for k in c.get(field) or {}:
             if k not in keys:
                 keys.append(k)
+    keys.sort(key=_numeric_first)
     return {k: stats((c.get(field) or {}).get(k) for c in cells) for k in keys}
+
+
+def _numeric_first(key: str) -> tuple[float, str]:
+    """Sort ladder Ts and CPU numbers by value (``50`` before ``1000``)."""
+    try:
+        return (float(key), key)
+    except ValueError:
+        return (float("inf"), key)
 
 
 def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -566,8 +589,10 @@ def regime_claim(regimes: list[str], threads: list[str]) -> str:
 def _describe(agg: dict[str, Any]) -> str:
     parts = [f"{agg['policy']} ({agg['scenario']}): {agg['outcome_text']}"]
     worst = _worst_stall(agg)
-    if worst is not None:
+    if worst is not None and worst > 0:
         parts.append(f"longest guest stall {_s(worst)} (median over runs, worst CPU)")
+    elif worst is not None:
+        parts.append("no stall seen by the guest")
     lag = _median(agg["clock_lag_growth_ms"])
     lost = _median(agg["time_lost_ms"])
     stopped = _median(agg["vcpus_stopped_ms"]) or 0.0
@@ -617,7 +642,15 @@ def _compare(run: dict[str, Any], stop: dict[str, Any]) -> str:
         lead = "Both policies left the guest in the same state"
     lead += f" ({stop['outcome_text']} stopped, against {run['outcome_text']} running)."
     stall_run, stall_stop = _worst_stall(run), _worst_stall(stop)
+    lost_run = _median(run["time_lost_ms"])
     extra = ""
+    if lost_run is not None and lost_run >= LOST_MS:
+        extra += (
+            f" With the vCPUs running the guest's clock stood still for {_s(lost_run)} "
+            "while QEMU ran it: the guest could not measure that stall (it saw "
+            f"{_s(stall_run or 0.0)} at most), and its timers could not fire meanwhile."
+        )
+        stall_run = None
     if stall_run is not None and stall_stop is not None:
         extra = (
             f" The guest's CPUs stalled {_s(stall_run)} with the vCPUs running and "
@@ -925,6 +958,7 @@ def timeouts_png(doc: dict[str, Any]) -> bytes:
         ax.set_xlabel("hold (s)")
         ax.set_xticks(xs)
         ax.set_ylabel("timeouts (median per run)")
+        ax.set_yscale("symlog", linthresh=1)
         ax.set_ylim(bottom=0)
         handles, _ = ax.get_legend_handles_labels()
         if handles:

@@ -164,3 +164,60 @@ def recorded(tmp_path: Path) -> Path:
     result = CliRunner().invoke(lab, ["study-report", str(out)])
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_recorded_study_cells(recorded: Path) -> None:
+    doc = json.loads((recorded / "study.json").read_text())
+    assert doc["kind"] == "tsprobe-study" and doc["runs_done"] == 4
+    by_run = {c["rundir"].removeprefix("runs/"): c for c in doc["cells"]}
+    assert {k: c["outcome"] for k, c in by_run.items()} == {
+        "paused-h2s-csdefault-auto-r1": "recovered",
+        "paused-stop-h2s-csdefault-auto-r1": "recovered",
+        "paused-h30s-csdefault-auto-r1": "not-recovered",
+        "paused-stop-h30s-csdefault-auto-r1": "recovered",
+    }
+    dead = by_run["paused-h30s-csdefault-auto-r1"]
+    # the guest's clock (hpet) stood still: no stall seen, 31.2 s of guest time lost
+    assert dead["longest_stall_ms"] == {"0": 0.0, "1": 0.0}
+    assert dead["clock_lag_growth_ms"] == pytest.approx(31403.475)
+    assert dead["time_lost_ms"] == pytest.approx(31202.811)
+    assert any("took no sample" in e for e in dead["evidence"])
+    assert dead["clocksource_used"] == "hpet" and dead["qemu_version"] == "7.2.22"
+    assert dead["accel_used"] == "tcg thread=single"
+    assert dead["pause_ms"] == pytest.approx(30023.501)
+    assert dead["recovery_ms"] == pytest.approx(242.845)
+    assert list(dead["timeouts"]) == ["50", "100", "1000", "5000", "30000"]
+    stopped = by_run["paused-stop-h30s-csdefault-auto-r1"]
+    assert stopped["vcpus_stopped_ms"] == pytest.approx(30370.961)
+    assert stopped["time_lost_ms"] == pytest.approx(104.39)
+    assert stopped["peer_timeouts"]["30000"] == 1 and stopped["timeouts"]["1000"] == 0
+    running = by_run["paused-h2s-csdefault-auto-r1"]
+    assert running["longest_stall_ms"] == {"0": 2354.396, "1": 2318.377}
+    assert running["timeouts"]["1000"] == 2
+    # single-threaded TCG: the vCPUs share one thread, never one running while one waits
+    assert all(c["host_ran_while_blocked_ms"] == 0.0 for c in doc["cells"])
+
+
+def test_recorded_study_aggregates_and_verdicts(recorded: Path) -> None:
+    doc = json.loads((recorded / "study.json").read_text())
+    rows = {(a["scenario"], a["hold_ms"]): a for a in doc["aggregates"]}
+    assert rows[("paused", 30000.0)]["outcome_text"] == "1 of 1 not-recovered"
+    assert rows[("paused-stop", 30000.0)]["outcome_text"] == "1 of 1 recovered"
+    assert rows[("paused", 2000.0)]["longest_stall_ms"]["0"] == {
+        "median": 2354.396, "min": 2354.396, "max": 2354.396, "n": 1,
+    }  # fmt: skip
+    assert rows[("paused", 30000.0)]["regimes"] == ["QEMU 7.2.22, tcg thread=single"]
+    two, thirty = doc["verdicts"]
+    assert two["title"] == "Hold 2s, clocksource the kernel's choice (hpet), accel auto"
+    assert two["comparison"].startswith("Both policies left the guest in the same state")
+    assert "stalled 2.35 s with the vCPUs running and 691 ms with them stopped" in two["comparison"]
+    assert thirty["comparison"].startswith("Stopping the vCPUs left the guest in a better state")
+    assert "clock stood still for 31.2 s" in thirty["comparison"]
+    assert "no stall seen by the guest" in thirty["policies"][0]
+    assert "cannot show CPUs running while others wait" in thirty["regime"]
+    md = (recorded / "study.md").read_text()
+    assert "| vCPUs kept running (paused) | 30s | default (hpet) |" in md
+    assert "31.4 s (lost while running: 31.2 s)" in md
+    page = (recorded / "study.html").read_text()
+    assert page.count("<img ") == 2 and "data:image/png;base64," in page
+    assert "http" not in page.replace("http-equiv", "")  # nothing fetched

@@ -256,10 +256,10 @@ class RunRecord:
             return None
 
 
-def write_json_atomic(path: Path, doc: Any) -> None:
+def write_json_atomic(path: Path, doc: Any, sort_keys: bool = True) -> None:
     """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=sort_keys) + "\n")
     os.replace(tmp, path)
 
 
@@ -445,10 +445,12 @@ def check_out(out: Path, params: StudyParams, resume: bool) -> StudyParams:
     return replace(params, repeat=max(params.repeat, old.repeat))
 
 
-def _eta(walls: list[float], left: int) -> str:
-    if not walls or left <= 0:
+def _eta(overheads: list[float], left: list[RunSpec]) -> str:
+    """Time left: per remaining run, the mean run time beyond its hold so far plus its hold."""
+    if not overheads or not left:
         return "0s"
-    seconds = int(sum(walls) / len(walls) * left)
+    mean = sum(overheads) / len(overheads)
+    seconds = int(sum(mean + spec.hold_ns / 1e9 for spec in left))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
@@ -494,7 +496,7 @@ def run_study(
         say(f"study: {skipped} of {len(plan)} runs already complete in {out}, skipped")
     state = {"status": "running", "started_real_ns": time.time_ns()}
     study_report.write_study_json(out, params, plan, state)
-    walls: list[float] = []
+    overheads: list[float] = []
     failed: list[str] = []
     interrupted = False
     ran = 0
@@ -502,7 +504,7 @@ def run_study(
         for i, spec in enumerate(todo, start=1):
             outcome, wall = _one_run(params, spec, runs_dir, lock, run_timeout)
             ran += 1
-            walls.append(wall)
+            overheads.append(max(wall - spec.hold_ns / 1e9, 0.0))
             if outcome == "lab-error":
                 failed.append(spec.name)
             done_cells = _cells_done(plan, runs_dir, spec)
@@ -511,7 +513,7 @@ def run_study(
             say(
                 f"study: run {skipped + i}/{len(plan)} {spec.describe()}: {outcome} in "
                 f"{wall:.1f} s{note}; cells done {done_cells}/{cells_total}; "
-                f"ETA {_eta(walls, len(todo) - i)}"
+                f"ETA {_eta(overheads, todo[i:])}"
             )
     except Interrupted:
         interrupted = True
