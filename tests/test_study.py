@@ -238,6 +238,7 @@ def test_a_study_started_under_flock_holds_the_inherited_lock(fake: Path, tmp_pa
         (["--scenario", "paused", "--hold", "2s", "--accel", "qemu"], "'qemu': choose from"),
         (["--scenario", "paused", "--hold", "2s", "--repeat", "0"], "--repeat"),
         (["--hold", "2s"], "--scenario and --hold are required"),
+        (["--scenario", "paused", "--hold", "2s", "--clocksource", "default,tcs"], "'tcs' is not"),
     ],
 )
 def test_bad_input_is_one_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -289,3 +290,19 @@ def test_interrupt_stops_the_run_and_keeps_study_json(
     hung = out / "runs" / "paused-stop-h1s-csdefault-auto-r1"
     assert not is_complete(hung)
     assert subprocess.run(["pgrep", "-f", str(hung)], capture_output=True).returncode == 1
+
+
+def test_every_option_the_runner_passes_is_an_option_of_lab_run() -> None:
+    from analysis.lab.cli import run_cmd
+
+    known = {opt for p in run_cmd.params for opt in p.opts}
+    params = StudyParams(
+        ("paused",), (2_000_000_000,), qemu="10.0",
+        extra=("--workload", "8M", "--vcpus", "2", "--mem", "512M", "--baseline", "5s",
+               "--canaries", "none", "--bandwidth", "50M"),
+    )  # fmt: skip
+    cmd = lab_command(params, RunSpec("paused", 2_000_000_000, "tsc", "tcg-multi", 1), Path("R"))
+    flags = [arg for arg in cmd[cmd.index("run") + 1 :] if arg.startswith("--")]
+    assert set(flags) <= known, set(flags) - known
+    result = CliRunner().invoke(lab, ["run", *cmd[cmd.index("run") + 1 :], "--help"])
+    assert result.exit_code == 0, result.output

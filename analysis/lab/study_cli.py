@@ -153,13 +153,20 @@ def study_cmd(
                 param_hint="--scenario",
             )
     sources = _list(clocksources, "--clocksource")
-    for cs in sources:
-        if not CLOCKSOURCE.match(cs):
-            raise click.BadParameter(f"not a clocksource name: {cs!r}", param_hint="--clocksource")
     if any(cs != "default" for cs in sources) and not _run_has_option("--clocksource"):
         raise click.ClickException(
             "this tsprobe's lab run has no --clocksource yet: use --clocksource default"
         )
+    import analysis.lab.scenarios as lab_scenarios
+
+    known: tuple[str, ...] = getattr(lab_scenarios, "CLOCKSOURCES", ())
+    for cs in sources:
+        if not CLOCKSOURCE.match(cs) or (known and cs != "default" and cs not in known):
+            raise click.BadParameter(
+                f"{cs!r} is not a clocksource of the lab's kernel: choose from "
+                f"default, {', '.join(known)}",
+                param_hint="--clocksource",
+            )
     accel_list = _list(accels, "--accel")
     for a in accel_list:
         if a not in ACCELS:
