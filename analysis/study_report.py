@@ -934,7 +934,7 @@ def timeouts_png(doc: dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     series = _series(doc)
-    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(9, 3.4), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(12, 3.4), dpi=100, squeeze=False)
     ladder: list[str] = []
     for a in doc["aggregates"]:
         for t in a["timeouts"]:
@@ -962,7 +962,7 @@ def timeouts_png(doc: dict[str, Any]) -> bytes:
         ax.set_ylim(bottom=0)
         handles, _ = ax.get_legend_handles_labels()
         if handles:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("Timeouts per T: guest canaries (solid), a peer outside (dashed)", fontsize=10)
     fig.tight_layout()
     return _png(fig)
