@@ -531,9 +531,10 @@ def _median(st: dict[str, float | int] | None) -> float | None:
 def _spread(st: dict[str, float | int] | None) -> str:
     if st is None:
         return "-"
-    if st["n"] == 1 or st["min"] == st["max"]:
+    low, high = _s(float(st["min"])), _s(float(st["max"]))
+    if st["n"] == 1 or low == high:
         return _s(float(st["median"]))
-    return f"{_s(float(st['median']))} ({_s(float(st['min']))}-{_s(float(st['max']))})"
+    return f"{_s(float(st['median']))} ({low}-{high})"
 
 
 def _count_spread(st: dict[str, float | int] | None) -> str:
