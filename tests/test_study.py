@@ -258,6 +258,11 @@ def test_cli_says_another_study_in_one_line(fake: Path, tmp_path: Path) -> None:
     assert "holds another study" in again.output and "--resume" in again.output
     only = CliRunner().invoke(lab, ["study-report", out])
     assert only.exit_code == 0 and "study.html" in only.output
+    again = CliRunner().invoke(lab, ["study", "--report-only", "--out", out])
+    assert again.exit_code == 0 and "study.html" in again.output
+    none = CliRunner().invoke(lab, ["study", "--report-only", "--out", str(tmp_path / "no")])
+    assert none.exit_code == 1 and "holds no study.json" in none.output
+    assert "study-report" in CliRunner().invoke(lab, ["--help"]).output
     help_text = CliRunner().invoke(lab, ["study", "--help"]).output
     assert "Examples:" in help_text and "--resume" in help_text
 
