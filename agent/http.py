@@ -41,19 +41,32 @@ from __future__ import annotations
 import json
 import socket
 import socketserver
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from agent.errors import ListenError
 from agent.eventlog import Page
+from probe.addresses import split_host_port
+from probe.errors import AddressError
 
 DEFAULT_LISTEN = "0.0.0.0:9466"
 DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
+#: The largest ``since``/``limit`` accepted (a ``seq`` is a signed 64-bit integer).
+MAX_QUERY_INT = 2**63 - 1
+MAX_DIGITS = len(str(MAX_QUERY_INT))
+#: The listen backlog: a burst of connects (a Prometheus restart, a recorder's /clock
+#: burst) waits in the kernel's queue instead of having its SYNs dropped (the client
+#: retries a dropped SYN after 1 s, then 3 s).
+LISTEN_BACKLOG = 1024
+#: Least time between two log lines about clients that dropped their connection.
+ERROR_LOG_INTERVAL_S = 10.0
 #: Longest MONOTONIC..MONOTONIC bracket ``read_clocks`` accepts before retrying.
 MAX_BRACKET_NS = 50_000
 
@@ -131,19 +144,14 @@ def parse_listen(text: str) -> tuple[str, int]:
     """Split ``host:port`` (``[v6addr]:port`` for IPv6) into its parts.
 
     :param text: e.g. ``0.0.0.0:9466``, ``127.0.0.1:0``, ``[::]:9466``, ``:9466``.
-    :raise ListenError: when the text is not of that form or the port is out of range.
+    :raise ListenError: when the text is not of that form or the port is out of range
+        (the rules of ``probe.addresses``).
     :return: (host, port); an empty host means every IPv4 address.
     """
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise ListenError(f"invalid listen address {text!r}: expected HOST:PORT, e.g. 0.0.0.0:9466")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ListenError(f"invalid listen address {text!r}: write IPv6 as [ADDR]:PORT")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise ListenError(f"invalid listen address {text!r}: the port must be 0..65535")
-    return host or "0.0.0.0", int(port_text)
+    try:
+        return split_host_port(text, "0.0.0.0", allow_zero=True)
+    except AddressError as err:
+        raise ListenError(f"invalid listen address {err} (e.g. 0.0.0.0:9466)") from None
 
 
 class QueryError(ValueError):
@@ -154,7 +162,8 @@ def parse_events_query(query: str) -> tuple[int, int]:
     """Validate the /events query string.
 
     :param query: the raw query, e.g. ``since=10&limit=100``.
-    :raise QueryError: for an unknown or repeated parameter or a bad number.
+    :raise QueryError: for an unknown or repeated parameter or a bad number (ASCII digits
+        only, at most ``MAX_QUERY_INT``: ``since=²`` and a 5,000-digit ``since`` are 400s).
     :return: (since, limit), the limit capped at ``MAX_PAGE``.
     """
     try:
@@ -172,11 +181,16 @@ def parse_events_query(query: str) -> tuple[int, int]:
         if len(values) > 1:
             raise QueryError(f"parameter {name!r} given more than once")
         text = values[0].strip()
-        if not text.isdigit():
-            raise QueryError(f"{name} must be an integer >= {minimum}, got {values[0]!r}")
+        shown = text if len(text) <= 40 else f"{text[:40]}...({len(text)} characters)"
+        if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+            raise QueryError(
+                f"{name} must be an integer from {minimum} to {MAX_QUERY_INT}, got {shown!r}"
+            )
         value = int(text)
-        if value < minimum:
-            raise QueryError(f"{name} must be an integer >= {minimum}, got {values[0]!r}")
+        if not minimum <= value <= MAX_QUERY_INT:
+            raise QueryError(
+                f"{name} must be an integer from {minimum} to {MAX_QUERY_INT}, got {shown!r}"
+            )
         return value
 
     since = number("since", 0, 0)
@@ -192,6 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "tsprobe"
     #: Seconds a client may take to send its request before its thread gives up.
     timeout = 30
+    #: Responses are buffered and sent when complete (the handler flushes after each
+    #: request): status line, headers and body leave in one send up to this size, instead
+    #: of the headers alone first, which with Nagle's algorithm and the client's delayed
+    #: ACK held every kept-alive answer back by about 40 ms. TCP_NODELAY (``setup``)
+    #: covers larger bodies.
+    wbufsize = 1 << 16
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silence per-request logging."""
@@ -214,16 +234,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
+    def setup(self) -> None:
+        """Answer at once: no Nagle delay between a response and the next one."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def _route(self, head: bool) -> None:
-        url = urlsplit(self.path)
+        # The request target is split by hand: urlsplit raises on targets such as
+        # "//[" (an unclosed IPv6 netloc), and the routes are plain paths.
+        path, _, query = self.path.partition("#")[0].partition("?")
         backend = self.server.backend
         try:
-            if url.path == "/metrics":
+            if path == "/metrics":
                 body, content_type = backend.metrics_body()
                 self._send(200, body, content_type, head=head)
-            elif url.path == "/events":
-                self._events(url.query, head)
-            elif url.path == "/clock":
+            elif path == "/events":
+                self._events(query, head)
+            elif path == "/clock":
                 info = backend.clock_info()
                 reading = read_clocks()
                 payload = {
@@ -234,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
                     **info,
                 }
                 self._send(200, _json(payload), JSON_TYPE, head=head)
-            elif url.path == "/healthz":
+            elif path == "/healthz":
                 self._send(200, _json(backend.health_report()), JSON_TYPE, head=head)
             else:
                 self._send(
@@ -243,8 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "text/plain",
                     head=head,
                 )
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError as err:  # the client went away mid-answer
             self.close_connection = True
+            self.server.note_client_error(self.client_address, err)
         except Exception as err:
             self.close_connection = True
             self._send(500, f"internal error: {err!r}\n".encode(), "text/plain", head=head)
@@ -289,6 +317,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+def _say_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _peer(client_address: Any) -> str:
+    try:
+        host, port = client_address[:2]
+    except (TypeError, ValueError):
+        return str(client_address)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 def _json(obj: Any) -> bytes:
     return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
@@ -303,11 +343,18 @@ class AgentHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, listen: str, backend: Backend) -> None:
+    def __init__(
+        self, listen: str, backend: Backend, say: Callable[[str], None] | None = None
+    ) -> None:
         host, port = parse_listen(listen)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.backend = backend
+        self._say = say or _say_stderr
+        self._error_lock = threading.Lock()
+        self._last_error_log = -ERROR_LOG_INTERVAL_S
+        self._errors_unsaid = 0
         self._thread: threading.Thread | None = None
         try:
             super().__init__((host, port), _Handler)
@@ -320,6 +367,29 @@ class AgentHTTPServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request that failed outside ``_route`` (the client reset the connection while
+        its request was read): one line, not socketserver's traceback."""
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            self.note_client_error(client_address, err)
+        else:
+            self._say(f"tsprobe: http: request from {_peer(client_address)} failed: {err!r}")
+
+    def note_client_error(self, client_address: Any, err: OSError) -> None:
+        """Say that a client dropped its connection: at most one line per
+        ``ERROR_LOG_INTERVAL_S``, counting the ones not said."""
+        now = time.monotonic()
+        with self._error_lock:
+            if now - self._last_error_log < ERROR_LOG_INTERVAL_S:
+                self._errors_unsaid += 1
+                return
+            more, self._errors_unsaid = self._errors_unsaid, 0
+            self._last_error_log = now
+        also = f" ({more} more since the last such line)" if more else ""
+        reason = err.strerror or type(err).__name__
+        self._say(f"tsprobe: http: client {_peer(client_address)}: {reason}{also}")
 
     @property
     def port(self) -> int:

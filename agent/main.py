@@ -364,7 +364,7 @@ class Agent:
             keep_spools=config.spool_keep,
             warn=lambda line: self.say(f"tsprobe: {line}"),
         )
-        self._server = server = AgentHTTPServer(config.listen, self)
+        self._server = server = AgentHTTPServer(config.listen, self, say=self.say)
         self._metrics = self._build_metrics()
         log.subscribe(self._metrics.observe)
         self._start_mono_ns, _ = now_pair()

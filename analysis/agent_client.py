@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 
 from analysis.errors import RecorderError
 from analysis.rundir import JsonlWriter, host_now
+from probe.addresses import MAX_HOST, parse_port
+from probe.errors import AddressError
 
 #: Events asked for per page.
 PAGE_LIMIT = 1000
@@ -64,13 +66,23 @@ def check_agent_url(url: str) -> str:
     :raise RecorderError: when it is not an http URL with a host.
     :return: the URL without a trailing slash.
     """
-    parts = urlsplit(url.strip())
-    if parts.scheme != "http" or not parts.hostname:
-        raise RecorderError(f"invalid agent URL {url!r}: expected http://HOST:PORT")
+    shown = url if len(url) <= 80 else f"{url[:60]}...({len(url)} characters)"
     try:
-        _ = parts.port
-    except ValueError as err:
-        raise RecorderError(f"invalid agent URL {url!r}: bad port") from err
+        parts = urlsplit(url.strip())
+    except ValueError as err:  # an unclosed [ of an IPv6 address
+        raise RecorderError(f"invalid agent URL {shown!r}: {err}") from None
+    if parts.scheme != "http" or not parts.hostname:
+        raise RecorderError(f"invalid agent URL {shown!r}: expected http://HOST:PORT")
+    hostport = parts.netloc.rpartition("@")[2]
+    after_host = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    _host, sep, port = after_host.partition(":")
+    if sep:
+        try:
+            parse_port(port)
+        except AddressError as err:
+            raise RecorderError(f"invalid agent URL {shown!r}: {err}") from None
+    if len(parts.hostname) > MAX_HOST:
+        raise RecorderError(f"invalid agent URL {shown!r}: the host name is too long")
     return url.strip().rstrip("/")
 
 

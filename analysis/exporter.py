@@ -79,6 +79,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from analysis.errors import RecorderError
 from analysis.timeline import KNOWN_STATUSES
+from probe.addresses import split_host_port
+from probe.errors import AddressError
 
 #: ``tsprobe_migration_status_code`` values, in the order a migration goes through them.
 STATUS_CODES: dict[str, int] = {
@@ -447,15 +449,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     """Split a ``--listen`` value.
 
     :param text: ``HOST:PORT``, ``[IPv6]:PORT`` or ``:PORT`` (all addresses).
-    :raise RecorderError: when the port is missing or not a number.
+    :raise RecorderError: when the port is missing or out of range (``probe.addresses``).
     :return: (host, port).
     """
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise RecorderError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9467")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)
+    try:
+        return split_host_port(text.strip(), "0.0.0.0", allow_zero=True)
+    except AddressError as err:
+        raise RecorderError(f"--listen {err}; expected HOST:PORT, e.g. 127.0.0.1:9467") from None
 
 
 def _status_order(status: str) -> tuple[int, str]:

@@ -55,6 +55,8 @@ from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError, 
 
 from analysis.errors import RecorderError
 from analysis.rundir import JsonlWriter, host_now
+from probe.addresses import split_host_port
+from probe.errors import AddressError
 
 #: Commands polled every period, in this order.
 POLL_COMMANDS = ("query-migrate", "query-status")
@@ -85,14 +87,15 @@ def parse_address(text: str) -> Address:
         spec = spec[len("tcp:") :]
     if not spec:
         raise RecorderError(f"invalid QMP address {text!r}: empty")
-    host, sep, port = spec.rpartition(":")
+    _host, sep, _port = spec.rpartition(":")
     if not is_tcp and ("/" in spec or not sep):
         return spec
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise RecorderError(f"invalid QMP address {text!r}: expected a socket path or HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return (host or "127.0.0.1", int(port))
+    try:
+        return split_host_port(spec, "127.0.0.1")
+    except AddressError as err:
+        raise RecorderError(
+            f"invalid QMP address {err}; expected a socket path or HOST:PORT"
+        ) from None
 
 
 def format_address(address: Address) -> str:

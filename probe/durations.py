@@ -4,6 +4,12 @@ Internally every duration is an integer number of nanoseconds, like CLOCK_MONOTO
 readings, so arithmetic on timestamps never loses precision. A bare number is rejected
 (``"10"`` is ambiguous); ``0`` alone is accepted.
 
+Bounds, so that no typed value can overflow a timer, a sleep or a float further on: the
+number is ASCII digits (``²`` and ``١`` are digits to ``str.isdigit`` but not here), at
+most ``MAX_DIGITS`` of them, and the duration at most ``MAX_DURATION_NS`` (366 days; no
+setting of tsprobe means more). A caller names its option in front of the message
+(``--poll: invalid duration ...``).
+
 >>> parse_duration("1.5s")
 1500000000
 >>> format_duration(2_500_000)
@@ -28,14 +34,22 @@ NS_PER_UNIT = {
     "h": 3_600_000_000_000,
 }
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)\s*$")
+#: The longest duration accepted: 366 days.
+MAX_DURATION_NS = 366 * 24 * 3_600_000_000_000
+#: The most distinct durations a list (the timeout ladder, lab stalls) may hold.
+MAX_LIST = 100
+#: The most digits (with the decimal point) a duration's number may have.
+MAX_DIGITS = 30
+
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ns|us|µs|ms|s|m|h)\s*$")
 
 
 def parse_duration(text: str) -> int:
     """Parse a duration such as ``2ms`` into nanoseconds.
 
     :param text: a number followed by one of ns, us, ms, s, m, h.
-    :raise DurationError: when the text is not such a duration.
+    :raise DurationError: when the text is not such a duration, or longer than
+        ``MAX_DURATION_NS``.
     :return: the duration in nanoseconds (rounded to the nearest nanosecond).
     """
     if text.strip() == "0":
@@ -43,25 +57,42 @@ def parse_duration(text: str) -> int:
     match = _DURATION.match(text)
     if match is None:
         raise DurationError(
-            f"invalid duration {text!r}: expected a number with a unit, e.g. 500us, 2ms, 1.5s, 2m"
+            f"invalid duration {_shorten(text)!r}: expected a number with a unit,"
+            " e.g. 500us, 2ms, 1.5s, 2m"
         )
     number, unit = match.groups()
-    return round(float(number) * NS_PER_UNIT[unit])
+    if len(number) > MAX_DIGITS:
+        raise DurationError(f"invalid duration {_shorten(text)!r}: more than {MAX_DIGITS} digits")
+    value = float(number) * NS_PER_UNIT[unit]
+    if not value <= MAX_DURATION_NS:
+        raise DurationError(
+            f"invalid duration {_shorten(text)!r}: longer than the maximum, 366 days"
+        )
+    return round(value)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def parse_duration_list(text: str) -> list[int]:
     """Parse a comma-separated list of durations (the timeout ladder), sorted, no duplicates.
 
     :param text: e.g. ``"10ms,100ms,1s"``.
-    :raise DurationError: when an item does not parse or the list is empty.
+    :raise DurationError: when an item does not parse, the list is empty, or it holds
+        more than ``MAX_LIST`` distinct durations.
     :return: the durations in nanoseconds, ascending.
     """
     items = [item for item in (part.strip() for part in text.split(",")) if item]
     if not items:
-        raise DurationError(f"invalid duration list {text!r}: it is empty")
+        raise DurationError(f"invalid duration list {_shorten(text)!r}: it is empty")
     values = sorted({parse_duration(item) for item in items})
     if values[0] <= 0:
-        raise DurationError(f"invalid duration list {text!r}: durations must be positive")
+        raise DurationError(f"invalid duration list {_shorten(text)!r}: durations must be positive")
+    if len(values) > MAX_LIST:
+        raise DurationError(
+            f"invalid duration list {_shorten(text)!r}: more than {MAX_LIST} durations"
+        )
     return values
 
 

@@ -7,6 +7,7 @@ One root, so callers can catch everything the library raises on purpose::
      ├── ParseError         a /proc, /sys or /dev record that does not have the expected shape
      ├── EventFormatError   an event-log line that is not a valid event
      ├── LogSpecError       a --watch-log PATH:REGEX[:NAME] that does not parse
+ ├── AddressError       a HOST:PORT (--listen, a QMP or agent address) that does not parse
      └── ProbeUnavailable   a probe whose source is missing here (no /dev/kmsg, no ptp_kvm)
 
 Errors keep their cause (``raise ParseError(...) from err``) and their message is one line
@@ -34,6 +35,10 @@ class EventFormatError(ProbeError, ValueError):
 
 class LogSpecError(ProbeError, ValueError):
     """A log-watch specification (``PATH:REGEX[:NAME]``) is malformed or its regex is bad."""
+
+
+class AddressError(ProbeError, ValueError):
+    """A ``HOST:PORT`` address or a port does not parse or is out of range."""
 
 
 class ProbeUnavailable(ProbeError):

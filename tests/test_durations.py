@@ -57,3 +57,29 @@ def test_format_and_labels() -> None:
         "5.0",
         "30.0",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("1" * 400 + "s", "more than 30 digits"),
+        ("0." + "0" * 400 + "1s", "more than 30 digits"),
+        ("1" * 20 + "ns", "longer than the maximum"),
+        ("8785h", "longer than the maximum"),
+        ("²s", "expected a number"),
+        ("١٢٣ms", "expected a number"),
+    ],
+)
+def test_parse_bounds_digits_and_length(text: str, reason: str) -> None:
+    """Issue 18: a 400-digit duration raised OverflowError; Unicode digits passed \\d."""
+    with pytest.raises(DurationError, match=reason) as info:
+        parse_duration(text)
+    assert len(str(info.value)) < 200
+    assert parse_duration("8784h") == 366 * 24 * 3_600_000_000_000
+
+
+def test_ladder_is_bounded() -> None:
+    with pytest.raises(DurationError, match="more than 100 durations"):
+        parse_duration_list(",".join(f"{n}ms" for n in range(1, 200)))
+    with pytest.raises(DurationError, match="more than 30 digits"):
+        parse_duration_list("1" * 400 + "s,1s")
