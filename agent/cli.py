@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -41,6 +41,8 @@ else:
     _AnyBase = _NamesBase = _TextBase = click.ParamType
 
 ROOT_SPOOL = "/var/lib/tsprobe/events.jsonl"
+#: The most events --events-ring may keep in memory (a few hundred bytes each).
+MAX_RING = 10_000_000
 USER_SPOOL = "tsprobe-events.jsonl"
 
 
@@ -108,6 +110,34 @@ def _check_listen(ctx: click.Context, param: click.Parameter, value: str) -> str
     except ListenError as err:
         raise click.BadParameter(str(err), ctx, param) from err
     return value
+
+
+def check_spool_path(path: str) -> str:
+    """Check an explicit --events path before anything starts: its directory must exist
+    (only the default spool's directory is created), and it must not be a directory.
+
+    :param path: the --events value.
+    :raise click.BadParameter: naming --events, in one line.
+    :return: the path.
+    """
+    shown = path if len(path) <= 80 else f"{path[:60]}...({len(path)} characters)"
+
+    def fail(reason: str) -> NoReturn:
+        raise click.BadParameter(f"{shown!r}: {reason}", param_hint="--events")
+
+    if not path.strip():
+        fail("empty (write 'none' to keep events in memory only)")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            fail(f"{parent[:80]!r} is not a directory")
+        if not os.path.isdir(parent):
+            fail(f"the directory {parent[:80]!r} does not exist (it is not created)")
+        if os.path.isdir(path):
+            fail("is a directory; give a file name")
+    except OSError as err:  # ENAMETOOLONG and the like
+        fail(err.strerror or str(err))
+    return path
 
 
 def default_spool_path() -> str:
@@ -303,7 +333,7 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 )
 @click.option(
     "--events-ring",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_RING),
     default=100_000,
     show_default=True,
     help="Newest events kept in memory for /events.",
@@ -441,7 +471,7 @@ def agent(
     elif events.strip().lower() == "none":
         events_path = None
     else:
-        events_path = events
+        events_path = check_spool_path(events)
     config = AgentConfig(
         cpus=cpus,
         interval_ns=interval,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from analysis.options import OutDir
 from analysis.report_cli import load_or_exit
 
 
@@ -21,7 +22,7 @@ from analysis.report_cli import load_or_exit
     "--out",
     "out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=OutDir(),
     help="Directory for comparison.html, .md and .json.",
 )
 @click.option("--name", "names", multiple=True, help="A short name per run, in order.")

@@ -17,8 +17,10 @@ from typing import NoReturn
 
 import click
 
+from analysis.agent_client import check_agent_url
 from analysis.errors import RecorderError
 from analysis.exporter import ExporterServer, MigrationExporter
+from analysis.qmp_endpoint import parse_address
 from analysis.recorder import Recorder, check_name
 from probe.durations import parse_duration
 from probe.errors import DurationError
@@ -77,6 +79,10 @@ def _agents(values: tuple[str, ...]) -> dict[str, str]:
             name, url = ("guest" if unnamed == 1 else f"guest{unnamed}"), value
         if name in out:
             _fail(f"--agent: the name {name!r} is given twice", 2)
+        try:
+            check_agent_url(url)
+        except RecorderError as err:
+            _fail(f"--agent: {err}", 2)
         out[name] = url
     return out
 
@@ -208,9 +214,14 @@ def record(
     query-status every --poll, the agents' events and /clock samples. One status line is
     printed per migration phase change.
     """
-    if not out:
-        _fail("--out RUNDIR is required", 2)
+    if not out or not out.strip():
+        _fail("--out RUNDIR is required (and must not be blank)", 2)
     qmp_map = _pairs(qmp, "--qmp", "SOCKET")
+    for name, target in qmp_map.items():
+        try:
+            parse_address(target)
+        except RecorderError as err:
+            _fail(f"--qmp {name}: {err}", 2)
     libvirt_map = _libvirt(libvirt)
     agent_map = _agents(agents)
     poll_ns = _duration(poll, "--poll")

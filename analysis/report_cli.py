@@ -15,6 +15,7 @@ import click
 
 from analysis.errors import AnalysisError, RecordFormatError, RunDirError
 from analysis.loader import Run, load_run
+from analysis.options import OutDir
 
 SHOW = 20
 
@@ -100,7 +101,7 @@ def prometheus_report(
 @click.option(
     "--out",
     "out",
-    type=click.Path(path_type=Path),
+    type=OutDir(),
     default=None,
     help="Directory for the report (default: RUNDIR).",
 )

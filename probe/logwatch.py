@@ -21,7 +21,8 @@ The specification: ``PATH:REGEX[:NAME]`` (``parse_log_spec``, pure)
        ``/var/log/app.log:timeout:rpc`` is the regex ``timeout`` named ``rpc``. A regex
        that must end in a colon and a word is written with ``\\:`` (``re`` reads ``\\:``
        as a colon): ``/var/log/app.log:status\\:failed``. A trailing colon with nothing
-       after it is an error, as are an empty PATH or REGEX and a regex ``re`` rejects.
+       after it is an error, as are an empty PATH or REGEX, a REGEX longer than
+       ``MAX_PATTERN`` characters and a regex ``re`` rejects (or nested too deep for it).
 
 Following a file (``Follower``, the ``tail -F`` rules)
     - A file that exists at start is read from its end: lines written before the agent
@@ -70,6 +71,9 @@ from probe.events import RawEvent
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_ -]*")
 #: The longest line kept; the rest of a longer line is skipped.
 MAX_LINE = 64 * 1024
+#: The longest REGEX a specification may hold (a regex nested thousands of groups deep
+#: would exhaust re's recursive parser; one this long is not a log pattern).
+MAX_PATTERN = 4096
 #: Longest ``line`` field of an event.
 LINE_MAX = 512
 #: Bytes read from one file in one poll at most (a fast writer cannot starve the others).
@@ -99,8 +103,9 @@ def parse_log_spec(text: str) -> LogSpec:
     """Parse ``PATH:REGEX[:NAME]`` (the rule is in the module docstring).
 
     :param text: the specification.
-    :raise LogSpecError: on a missing part, a trailing colon or a regex ``re`` rejects; the
-        message is one line naming the specification.
+    :raise LogSpecError: on a missing part, a trailing colon, a regex longer than
+        ``MAX_PATTERN`` or one ``re`` rejects (nested too deep included); the message is
+        one line naming the specification.
     :return: the specification.
     """
     path, sep, rest = text.partition(":")
@@ -120,12 +125,23 @@ def parse_log_spec(text: str) -> LogSpec:
         if _NAME.fullmatch(tail) and not tail.endswith(" "):
             pattern, name = head, tail
     if not pattern:
-        raise LogSpecError(f"{text!r}: empty REGEX")
+        raise LogSpecError(f"{_short(text)!r}: empty REGEX")
+    if len(pattern) > MAX_PATTERN:
+        raise LogSpecError(
+            f"{_short(text)!r}: the REGEX is {len(pattern)} characters, at most {MAX_PATTERN}"
+        )
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise LogSpecError(f"{text!r}: bad regex {pattern!r}: {err}") from err
+        raise LogSpecError(f"{_short(text)!r}: bad regex {_short(pattern)!r}: {err}") from err
+    except (RecursionError, OverflowError, MemoryError) as err:
+        # re's parser recurses per nested group: a few hundred levels exhaust the stack
+        raise LogSpecError(f"{_short(text)!r}: regex too complex ({type(err).__name__})") from None
     return LogSpec(path, regex, name or pattern, text)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def _last_separator(text: str) -> int:

@@ -129,11 +129,18 @@ def parse_steal(text: str, cpu: int, tick_ns: int = TICK_NS) -> int:
     return ticks * tick_ns
 
 
+#: The largest CPU number a list may name: Linux's NR_CPUS is at most 8192 on x86-64
+#: (CONFIG_MAXSMP). A list is checked against this before it is expanded, so
+#: ``0-999999999`` is one clear error, not a billion-element set.
+MAX_CPU = 8191
+
+
 def parse_cpu_list(text: str) -> list[int]:
     """Parse a kernel CPU list such as ``0-3,5`` (``/sys/devices/system/cpu/online``).
 
     :param text: the list; surrounding whitespace and a trailing newline are allowed.
-    :raise ParseError: on an empty list, a non-number or a range that runs backwards.
+    :raise ParseError: on an empty list, a non-number (ASCII digits only), a range that
+        runs backwards, or a CPU above ``MAX_CPU``.
     :return: the CPU numbers, ascending, without duplicates.
     """
     body = text.strip()
@@ -142,15 +149,23 @@ def parse_cpu_list(text: str) -> list[int]:
     cpus: set[int] = set()
     for item in body.split(","):
         low_text, dash, high_text = item.strip().partition("-")
-        try:
-            low = int(low_text)
-            high = int(high_text) if dash else low
-        except ValueError as err:
-            raise ParseError(f"cpu list: bad item {item!r} in {_shorten(text)!r}") from err
-        if low < 0 or high < low:
-            raise ParseError(f"cpu list: bad range {item!r} in {_shorten(text)!r}")
+        if not _is_number(low_text) or (dash and not _is_number(high_text)):
+            raise ParseError(f"cpu list: bad item {_shorten(item, 20)!r} in {_shorten(text)!r}")
+        low = int(low_text)
+        high = int(high_text) if dash else low
+        if high < low:
+            raise ParseError(f"cpu list: bad range {_shorten(item, 20)!r} in {_shorten(text)!r}")
+        if high > MAX_CPU:
+            raise ParseError(
+                f"cpu list: CPU {_shorten(str(high), 20)} in {_shorten(text)!r} is above"
+                f" the largest possible, {MAX_CPU}"
+            )
         cpus.update(range(low, high + 1))
     return sorted(cpus)
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 10
 
 
 def format_cpu_list(cpus: list[int] | tuple[int, ...] | set[int]) -> str:

@@ -83,9 +83,24 @@ def test_unwritable_events_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
     result = invoke("--events", str(tmp_path / "f" / "e.jsonl"), "--listen", "127.0.0.1:0",
                     *NO_PROBES, *ROOT_FLAGS)  # fmt: skip
-    assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot write the event spool ")
-    assert result.output.count("\n") == 1
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--events" in errors[0] and "is not a directory" in errors[0]
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "e.jsonl").mkdir()  # a directory where the spool file should be
+    result = invoke("--events", str(tmp_path / "ro" / "e.jsonl"), "--listen", "127.0.0.1:0",
+                    *NO_PROBES, *ROOT_FLAGS)  # fmt: skip
+    assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_events_in_a_missing_directory_is_refused_and_not_created(tmp_path: Path) -> None:
+    """Issue 18: --events /nonexistent/dir/x.jsonl created /nonexistent/dir (as root)."""
+    missing = tmp_path / "nonexistent" / "dir"
+    result = invoke("--events", str(missing / "x.jsonl"), "--listen", "127.0.0.1:0",
+                    *NO_PROBES, *ROOT_FLAGS)  # fmt: skip
+    assert result.exit_code == 2
+    assert "does not exist (it is not created)" in result.output
+    assert not (tmp_path / "nonexistent").exists()
 
 
 def test_a_short_run_with_every_probe_disabled(tmp_path: Path) -> None:

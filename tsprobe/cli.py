@@ -4,12 +4,24 @@ Each subcommand is registered as ``"module:attribute"``; the module is imported 
 the command is invoked or its ``--help`` is asked for. A command whose module cannot be
 imported (a guest without the host extras) fails with one line naming the missing package
 and the extra that provides it.
+
+Two rules hold for every command, here, once:
+
+- Every argument must be valid UTF-8. tsprobe writes what it is given into JSON and
+  reports (paths, names, command lines), which must be UTF-8; an argument that is not
+  (``sys.argv`` holds its bytes as lone surrogates) is a usage error naming its position.
+- An ``OSError`` that reaches the command line (a path too long for the kernel, a
+  directory where a file was expected, no permission) is one line, ``Error: PATH: reason``,
+  exit 1: the system said no, and its reason is the message. Commands still check their
+  options first; this is the net under them, not a substitute.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import Any
 
 import click
 
@@ -51,10 +63,45 @@ class LazyGroup(click.Group):
         assert isinstance(command, click.Command)
         return command
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        for position, arg in enumerate(args, 1):
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = arg.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+                raise click.UsageError(
+                    f"argument {position} ({shown[:60]!r}) is not valid UTF-8", ctx
+                ) from None
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise  # click's own handling: a closed stdout (| head) is not an error
+        except OSError as err:
+            raise click.ClickException(os_error_line(err)) from err
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: ``PATH: reason``, the path shortened.
+
+    :param err: the error.
+    :return: the line.
+    """
+    reason = err.strerror or str(err) or type(err).__name__
+    name = err.filename
+    if name is None:
+        return reason
+    text = os.fsdecode(name) if isinstance(name, bytes) else str(name)
+    if len(text) > 80:
+        text = f"{text[:60]}...({len(text)} characters)"
+    return f"{text}: {reason}"
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -10,20 +10,9 @@ import click
 from agent.cli import CanariesType
 from agent.main import DEFAULT_CANARIES
 from analysis.lab.errors import LabError
+from analysis.options import MAX_VCPUS, OutDir, parse_size
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import DurationError
-
-SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def _size(text: str, what: str) -> int:
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    scale = SIZE_UNITS.get(value[-1:], 1)
-    try:
-        number = float(value[:-1] if scale != 1 else value)
-    except ValueError:
-        raise click.BadParameter(f"not a size: {text!r} (e.g. 512M)", param_hint=what) from None
-    return int(number * scale)
 
 
 def _duration(text: str, what: str) -> int:
@@ -81,6 +70,7 @@ Examples:
   tsprobe lab run --scenario paused --hold 3s --out runs/paused
   tsprobe lab run --scenario paused --hold 27s --clocksource tsc --out runs/p27
   tsprobe lab run --scenario paused --qemu 10.0 --out runs/paused-10   # scripts/setup's
+  tsprobe lab run --scenario paused --via libvirt --out runs/paused-lv   # virsh
   tsprobe lab run --scenario stall --stall 300ms,1.2s --out runs/stall
   tsprobe lab run --scenario stall-vcpu --cpu 1 --stall 700ms --out runs/vcpu
   tsprobe lab run --scenario paused --out runs/p1 \\
@@ -105,21 +95,33 @@ from source to destination) and the host migration exporter.
 
 @lab.command("run", epilog=RUN_EPILOG)
 @click.option("--scenario", required=True, metavar="NAME", help="See the list below.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="New run directory.")
-@click.option("--vcpus", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--out", required=True, type=OutDir(), help="New run directory.")
+@click.option("--vcpus", type=click.IntRange(min=1, max=MAX_VCPUS), default=2, show_default=True)
 @click.option("--mem", default="512M", show_default=True, help="Guest RAM.")
 @click.option("--hold", default="3s", show_default=True, help="How long to stay paused.")
 @click.option(
     "--stall", default="300ms", show_default=True, help="Freeze length(s), comma-separated."
 )
-@click.option("--cpu", type=int, default=1, show_default=True, help="vCPU that stall-vcpu freezes.")
+@click.option(
+    "--cpu",
+    type=click.IntRange(0, MAX_VCPUS - 1),
+    default=1,
+    show_default=True,
+    help="vCPU that stall-vcpu freezes.",
+)
 @click.option(
     "--workload",
     default=None,
     help="Working set kept dirty in the guest (e.g. 64M; 0: none).  "
     "[default: 64M for the postcopy scenarios, else none]",
 )
-@click.option("--workload-cpu", type=int, default=0, show_default=True, help="Its vCPU.")
+@click.option(
+    "--workload-cpu",
+    type=click.IntRange(0, MAX_VCPUS - 1),
+    default=0,
+    show_default=True,
+    help="Its vCPU.",
+)
 @click.option(
     "--bandwidth", default="50M", show_default=True, help="max-bandwidth per second (bytes)."
 )
@@ -147,6 +149,14 @@ from source to destination) and the host migration exporter.
     help="The guest kernel's clocksource= (tsc, hpet, acpi_pm, ...; tsc also gets "
     "tsc=reliable so that the kernel keeps it).  [default: the kernel's choice; hpet "
     "under TCG]",
+)
+@click.option(
+    "--via",
+    type=click.Choice(["qemu", "libvirt"]),
+    default="qemu",
+    show_default=True,
+    help="Who drives the migration: the lab on QEMU's monitors, or two libvirt daemons "
+    "on this host and virsh (migrating scenarios, root; analysis/lab/libvirt.py).",
 )
 @click.option(
     "--clock-step",
@@ -206,6 +216,7 @@ def run_cmd(
     accel: str,
     qemu: str | None,
     clocksource: str | None,
+    via: str,
     clock_step: str | None,
     listen: str | None,
     agent_listen: str | None,
@@ -235,7 +246,7 @@ def run_cmd(
     except DurationError as err:
         raise click.BadParameter(str(err), param_hint="--stall") from None
     if workload is not None and workload.strip() != "0":
-        _size(workload, "--workload")
+        parse_size(workload, "--workload")
     step = None
     if clock_step is not None:
         negative = clock_step.strip().startswith("-")
@@ -245,16 +256,17 @@ def run_cmd(
         scenario=scenario,
         out=out,
         vcpus=vcpus,
-        mem_mb=_size(mem, "--mem") >> 20,
+        mem_mb=parse_size(mem, "--mem") >> 20,
         hold_ns=_duration(hold, "--hold"),
         stalls_ns=stalls,
         cpu=cpu,
         workload=workload,
         workload_cpu=workload_cpu,
-        bandwidth=_size(bandwidth, "--bandwidth"),
+        bandwidth=parse_size(bandwidth, "--bandwidth"),
         accel=accel,
         qemu=qemu,
         clocksource=clocksource,
+        via=via,
         clock_step_ns=step,
         listen=listen,
         agent_listen=agent_listen,

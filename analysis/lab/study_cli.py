@@ -18,6 +18,7 @@ from types import FrameType
 
 import click
 
+from analysis.options import MAX_VCPUS, OutDir
 from probe.durations import parse_duration
 from probe.errors import DurationError
 
@@ -44,11 +45,45 @@ DIR/study.md and study.html are written at the end. A lab crash, hang (timeout: 
 """
 
 
+#: The most --repeat, and the most runs a study may plan (cells x repeats): a study of
+#: 1,000 runs is days of lab time; a larger one is a typing mistake.
+MAX_REPEAT = 100
+MAX_RUNS = 1000
+
+
 def _list(text: str, what: str) -> tuple[str, ...]:
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    """A comma-separated list, blanks dropped, each value once (in the order given)."""
+    items = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     if not items:
         raise click.BadParameter("give at least one value", param_hint=what)
     return items
+
+
+def _check_passed(
+    workload: str | None,
+    mem: str | None,
+    baseline: str | None,
+    canaries: str | None,
+    bandwidth: str | None,
+) -> None:
+    """Check the options passed to every lab run the way lab run checks them, before the
+    first run, so a bad value is one usage line instead of a study of lab errors."""
+    from agent.cli import CanariesType
+    from analysis.options import parse_size
+
+    if workload is not None and workload.strip() != "0":
+        parse_size(workload, "--workload")
+    if mem is not None:
+        parse_size(mem, "--mem")
+    if bandwidth is not None:
+        parse_size(bandwidth, "--bandwidth")
+    if baseline is not None:
+        try:
+            parse_duration(baseline)
+        except DurationError as err:
+            raise click.BadParameter(str(err), param_hint="--baseline") from None
+    if canaries is not None:
+        CanariesType().convert(canaries, None, None)
 
 
 def _holds(text: str) -> tuple[int, ...]:
@@ -87,24 +122,33 @@ def _run_has_option(flag: str) -> bool:
     "--accel", "accels", default="auto", show_default=True, metavar="LIST", help="As lab run."
 )
 @click.option(
-    "--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="Runs per cell."
+    "--repeat",
+    type=click.IntRange(min=1, max=MAX_REPEAT),
+    default=1,
+    show_default=True,
+    help="Runs per cell.",
 )
 @click.option("--qemu", default=None, metavar="PATH|VERSION", help="As lab run --qemu (e.g. 10.0).")
 @click.option(
     "--out",
     required=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=OutDir(file_okay=False),
     help="Study directory.",
 )
 @click.option("--resume", is_flag=True, help="Continue the study in --out; skip complete runs.")
 @click.option("--retry-errors", is_flag=True, help="With --resume: run lab-error runs again.")
 @click.option("--report-only", is_flag=True, help="Only rebuild study.json/md/html of --out.")
 @click.option("--workload", default=None, help="Passed to lab run (e.g. 64M; 0: none).")
-@click.option("--vcpus", type=click.IntRange(min=1), default=None, help="Passed to lab run.")
+@click.option(
+    "--vcpus", type=click.IntRange(min=1, max=MAX_VCPUS), default=None, help="Passed to lab run."
+)
 @click.option("--mem", default=None, help="Passed to lab run (guest RAM).")
 @click.option("--baseline", default=None, help="Passed to lab run (e.g. 5s).")
 @click.option("--canaries", default=None, help="Passed to lab run (timer,heartbeat; none).")
 @click.option("--bandwidth", default=None, help="Passed to lab run.")
+@click.option(
+    "--via", type=click.Choice(["qemu", "libvirt"]), default=None, help="Passed to lab run."
+)
 @click.option(
     "--run-timeout",
     default=None,
@@ -128,6 +172,7 @@ def study_cmd(
     baseline: str | None,
     canaries: str | None,
     bandwidth: str | None,
+    via: str | None,
     run_timeout: str | None,
 ) -> None:
     """Run the policy study: scenario x hold x clocksource x accel, each --repeat times.
@@ -142,6 +187,7 @@ def study_cmd(
         return
     if not scenarios or not holds:
         raise click.UsageError("--scenario and --hold are required (or --report-only)")
+    from analysis.lab import qemu as lq
     from analysis.lab.scenarios import SCENARIOS
     from analysis.lab.study import StudyParams, run_study, run_timeout_s
 
@@ -173,6 +219,18 @@ def study_cmd(
             raise click.BadParameter(
                 f"{a!r}: choose from {', '.join(ACCELS)}", param_hint="--accel"
             )
+    _check_passed(workload, mem, baseline, canaries, bandwidth)
+    holds_ns = _holds(holds)
+    planned = len(names) * len(holds_ns) * len(sources) * len(accel_list) * repeat
+    if planned > MAX_RUNS:
+        raise click.UsageError(
+            f"the study would plan {planned} runs (scenarios x holds x clocksources x accels"
+            f" x --repeat), more than {MAX_RUNS}: split it"
+        )
+    try:
+        lq.qemu_version(lq.resolve_qemu(qemu))  # a QEMU that runs, before the first run
+    except LabError as err:
+        raise click.ClickException(str(err)) from err
     extra: list[str] = []
     for flag, value in (
         ("--workload", workload),
@@ -181,6 +239,7 @@ def study_cmd(
         ("--baseline", baseline),
         ("--canaries", canaries),
         ("--bandwidth", bandwidth),
+        ("--via", via),
     ):
         if value is not None:
             extra += [flag, str(value)]
@@ -196,7 +255,7 @@ def study_cmd(
 
     params = StudyParams(
         scenarios=names,
-        holds_ns=_holds(holds),
+        holds_ns=holds_ns,
         clocksources=sources,
         accels=accel_list,
         repeat=repeat,
