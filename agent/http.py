@@ -34,6 +34,14 @@ Endpoints (GET; HEAD answers the same headers without a body; other methods get 
     cost of rendering /metrics, which a loaded TCG guest takes 1 to 4 s for.
 
 The agent id and boot id headers are on every response.
+
+Connections: HTTP/1.1 keep-alive and pipelining. Each response leaves as one buffer and
+sockets have TCP_NODELAY, so a kept-alive connection answers as fast as a new one (with
+the headers sent apart from the body, Nagle's algorithm waited for the client's delayed
+ACK on every request). The listen backlog (``LISTEN_BACKLOG``) holds a burst of connects.
+Malformed requests get 400/414/431/405/404, never a 500; a client that resets its
+connection is one rate-limited line on stderr, not a traceback. The limits and their
+measurements are in docs/limits.md.
 """
 
 from __future__ import annotations

@@ -307,3 +307,21 @@ def test_a_missing_file_is_said_at_start_and_waited_for(tmp_path: Path) -> None:
     lines = result.output.splitlines()
     assert f"tsprobe: logwatch: {missing} does not exist yet; waiting for it to appear" in lines
     assert f"tsprobe: probe logwatch: down: waiting for {missing} to appear" in lines
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("(" * 5000 + "a" + ")" * 5000, "at most 4096"),
+        ("(" * 1000 + "a" + ")" * 1000, "too complex"),
+        ("a{99999999999}", "too complex"),
+        ("a" * 5000, "at most 4096"),
+    ],
+)
+def test_deep_or_long_regex_is_one_line(pattern: str, reason: str) -> None:
+    """Issue 18: --watch-log with a regex nested 5,000 deep raised RecursionError."""
+    from probe.logwatch import parse_log_spec
+
+    with pytest.raises(LogSpecError, match=reason) as info:
+        parse_log_spec("/var/log/app.log:" + pattern)
+    assert len(str(info.value)) < 250

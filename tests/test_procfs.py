@@ -166,3 +166,17 @@ def test_against_this_machine() -> None:
     after = read_schedstat(DEFAULT_ROOTS, os.getpid())
     assert after.run_ns > before.run_ns
     assert after.run_delay_ns >= before.run_delay_ns
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0-999999999", "0-" + "1" * 400, "8192", "²", "١", "1_0", "0 - 3", "0-8192"],
+)
+def test_cpu_list_is_bounded_before_it_is_expanded(text: str) -> None:
+    """Issue 18: --cpus 0-999999999 grew memory to 2.3 GB, then MemoryError."""
+    start = time.monotonic()
+    with pytest.raises(ParseError) as info:
+        parse_cpu_list(text)
+    assert time.monotonic() - start < 0.1
+    assert len(str(info.value)) < 200
+    assert parse_cpu_list("0-8191")[-1] == 8191
