@@ -22,8 +22,8 @@ Facts this parser relies on:
   ``host_real_ns`` is that time, and ``time_source`` says which clock it came from
   (``virsh`` or ``qemu``).
 - The details are the event's ``data`` member as JSON, or ``(null)`` for an event
-  without data (STOP, RESUME). ``--pretty`` spreads the JSON over several lines; those
-  are joined until the JSON is complete.
+  without data (STOP, RESUME; libvirt 9.0's virsh prints ``<null>``). ``--pretty``
+  spreads the JSON over several lines; those are joined until the JSON is complete.
 - Older libvirt prints the domain name bare, newer quotes it (``'vm1'``); both parse.
 - virsh's own lines (``event loop interrupted``, ``event loop timed out``, ``events
   received: N``) and blank lines are ignored, not counted as malformed.
@@ -150,7 +150,7 @@ class LibvirtParser:
     def _complete(self, header: _Header) -> dict[str, Any] | None:
         """The record if the header's details are complete JSON (or ``(null)``)."""
         text = "\n".join(header.details).strip()
-        if text == "(null)":
+        if text in ("(null)", "<null>"):
             return self._record(header, None, False)
         try:
             data = json.loads(text)

@@ -149,6 +149,8 @@ SCENARIOS: dict[str, str] = {
     "stall-vcpu": "freeze one vCPU thread (--cpu) for --stall with the cgroup freezer",
 }
 MIGRATING = frozenset({"precopy", "postcopy", "paused", "paused-stop"})
+#: ``--via``: who drives the migration.
+VIAS = ("qemu", "libvirt")
 POSTCOPY = frozenset({"postcopy", "paused", "paused-stop"})
 DEFAULT_WORKLOAD = {"postcopy": "64M", "paused": "64M", "paused-stop": "64M"}
 FREEZER = Path("/sys/fs/cgroup/freezer")
@@ -235,6 +237,9 @@ class LabOptions:
     #: ``--clocksource``: the guest kernel's ``clocksource=`` (``tsc`` also gets
     #: ``tsc=reliable``); None: the kernel's own choice.
     clocksource: str | None = None
+    #: ``--via``: ``qemu`` (the lab drives QEMU's monitors) or ``libvirt`` (two libvirt
+    #: daemons and virsh: ``analysis.lab.libvirt``).
+    via: str = "qemu"
     verbose: bool = True
 
     def check(self) -> None:
@@ -274,6 +279,16 @@ class LabOptions:
                 f"kernel (the kernel would ignore it and keep its own): choose from "
                 f"{', '.join(CLOCKSOURCES)}"
             )
+        if self.via not in VIAS:
+            raise LabError(f"--via {self.via}: choose from {', '.join(VIAS)}")
+        if self.via == "libvirt":
+            if self.scenario not in MIGRATING:
+                raise LabError(
+                    f"--via libvirt migrates: choose from {', '.join(sorted(MIGRATING))}"
+                )
+            from analysis.lab.libvirt import check_host
+
+            check_host()
         if self.kmsg is not None and (not self.kmsg.strip() or "\n" in self.kmsg):
             raise LabError("--kmsg must be one non-empty line")
         if (self.out / rundir.META).exists():
@@ -682,6 +697,10 @@ class _Freezer:
 class Scenario:
     """One run of a scenario (use ``run_scenario``)."""
 
+    #: Let the recorder wait for monitors that appear later (libvirt starts the
+    #: destination's QEMU only when the migration begins).
+    reconnect_monitors = False
+
     def __init__(self, opts: LabOptions, guest: Guest, say: Say) -> None:
         self.opts = opts
         self.guest = guest
@@ -1027,11 +1046,7 @@ class Scenario:
         # thread that started it ends, so a worker thread would take QEMU down with it.
         self.boot()
         self.steps = JsonlWriter(self.out / STEPS)
-        for q in self.qemus:
-            self.controls[q.spec.name] = Control(
-                q.spec.name, q.spec.ctl_socket, self.steps, self.say
-            )
-            await self.controls[q.spec.name].connect()
+        await self.connect_controls()
         await self._start_forwarder()
         assert self.forwarder is not None
         exporter = None
@@ -1056,7 +1071,9 @@ class Scenario:
             clock_period_ns=250_000_000,
             events_poll_ns=250_000_000,
             status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
-            command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario],
+            command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario]
+            + (["--via", self.opts.via] if self.opts.via != "qemu" else []),
+            reconnect=self.reconnect_monitors,
             extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
             on_record=None if exporter is None else exporter.observe,
         )
@@ -1152,6 +1169,15 @@ class Scenario:
             (self.out / AGENT_METRICS).write_bytes(body)
         rundir.write_json_atomic(self.out / HEALTH, health)
         return self.lab_meta(started)
+
+    async def connect_controls(self) -> None:
+        """Connect the scenario's own monitor of each QEMU."""
+        assert self.steps is not None
+        for q in self.qemus:
+            self.controls[q.spec.name] = Control(
+                q.spec.name, q.spec.ctl_socket, self.steps, self.say
+            )
+            await self.controls[q.spec.name].connect()
 
     async def _start_forwarder(self) -> None:
         """Start the agent's forwarder (on ``--agent-listen`` when given)."""
@@ -1487,6 +1513,10 @@ def run_scenario(opts: LabOptions, say: Say | None = None) -> dict[str, Any]:
     say = say or default_say
     guest = build_guest(log=lambda line: say(f"build-guest: {line}"))
     scenario = Scenario(opts, guest, say)
+    if opts.via == "libvirt":
+        from analysis.lab.libvirt import LibvirtScenario
+
+        scenario = LibvirtScenario(opts, guest, say)
 
     async def main() -> dict[str, Any]:
         try:
