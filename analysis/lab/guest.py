@@ -19,7 +19,9 @@ What goes in, and where it comes from:
   was), except ``os.py``'s landmark.
 - the agent's dependencies from this interpreter's site-packages (psutil,
   prometheus_client, click) and tsprobe's guest packages (probe, agent, tsprobe; never
-  analysis), under ``/opt/tsprobe``; the lab hooks as ``/opt/tsprobe/lab/hooks.py``
+  analysis), under ``/opt/tsprobe``, unpacked from the wheel built from this checkout
+  (``analysis.lab.wheel``: what a user would ``pip install``; manifest ``tsprobe_wheel``);
+  the lab hooks as ``/opt/tsprobe/lab/hooks.py``
   (``analysis/lab/guest_hooks.py``), the memory workload as ``/opt/tsprobe/lab/workload.py``
   (``analysis/lab/guest_workload.py``, builtins only) and ``/init``
   (``analysis/lab/init.sh``).
@@ -54,6 +56,7 @@ from typing import Any
 
 from analysis.lab import cpio, elf
 from analysis.lab.errors import GuestBuildError
+from analysis.lab.wheel import build_wheel, checkout_root, sha256, unpack_packages
 
 #: Bump when the layout of the guest changes in a way the inputs do not show.
 BUILD_FORMAT = 3
@@ -220,6 +223,7 @@ class Inputs:
         digest.update(_file_hash(Path(PYTHON)).encode())
         for path in (
             Path(__file__),
+            HERE / "wheel.py",
             INIT_SCRIPT,
             HOOKS_SCRIPT,
             WORKLOAD_SCRIPT,
@@ -346,10 +350,26 @@ def _copy_real(src: Path, dst: Path) -> None:
     shutil.copymode(src.resolve(), dst)
 
 
-def _stage_packages(inputs: Inputs, opt: Path) -> None:
-    for name, root in inputs.packages.items():
-        for path in _package_files(root):
-            _copy_real(path, opt / name / path.relative_to(root))
+def _stage_packages(inputs: Inputs, opt: Path, work: Path, log: Log) -> dict[str, str] | None:
+    """Stage the dependencies from site-packages and tsprobe's guest packages from the
+    wheel built from this checkout (``analysis.lab.wheel``; without a checkout, from the
+    installed packages).
+
+    :return: the wheel's name and SHA-256, or None when there was no checkout.
+    """
+    root = checkout_root()
+    for name, path in inputs.packages.items():
+        if root is not None and name in GUEST_PACKAGES:
+            continue
+        for file in _package_files(path):
+            _copy_real(file, opt / name / file.relative_to(path))
+    if root is None:
+        log("tsprobe: no checkout here: the guest gets the installed packages")
+        return None
+    wheel = build_wheel(root, work / "wheel")
+    files = unpack_packages(wheel, GUEST_PACKAGES, opt)
+    log(f"tsprobe: {wheel.name} built; {len(files)} files of {', '.join(GUEST_PACKAGES)}")
+    return {"wheel": wheel.name, "sha256": sha256(wheel)}
 
 
 _FIND_SPECS = """
@@ -559,7 +579,7 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
     log(f"modules: {' '.join(name for name, _ in order)} (load order)")
 
     opt = root / GUEST_OPT
-    _stage_packages(inputs, opt)
+    wheel = _stage_packages(inputs, opt, work, log)
     modules = _discover_stdlib(opt, log)
     _stage_python(root, modules, log)
     _bytecode_only(opt, "/" + GUEST_OPT)
@@ -592,6 +612,7 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
         "busybox": inputs.busybox_version,
         "python": PYTHON,
         "dependencies": inputs.versions,
+        "tsprobe_wheel": wheel,
         "modules": [name for name, _ in order],
         "sizes": sizes,
         "cmdline": BASE_CMDLINE,
