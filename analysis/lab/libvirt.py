@@ -52,7 +52,7 @@ stops answering about 1 s into the pause, and ``--postcopy-resume`` never gets t
 destination past postcopy-paused (80 s, then "Unable to read from monitor: Connection
 reset by peer" when the lab destroys the domain): the run is a lab-error. On QEMU 7.2.22
 under single-threaded TCG that happened in 3 of 5 ``paused`` runs (keeping the agent's
-requests off the destination during the pause did not prevent it) and in 2 of 2
+requests off the destination during the pause did not prevent it) and in 2 of 3
 ``paused-stop`` runs. The lab's own runs send ``migrate-recover`` out-of-band.
 
 ``paused-stop`` sends ``virsh suspend`` to the destination during the pause and records
