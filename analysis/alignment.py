@@ -58,6 +58,7 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis.loader import ClockSample, Run
+from analysis.timeline import event_time
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -325,12 +326,7 @@ def stop_windows(
         for rec in records:
             if rec.get("type") != "event" or rec.get("event") not in ("STOP", "RESUME"):
                 continue
-            stamp = rec.get("timestamp")
-            t = None
-            if isinstance(stamp, dict) and isinstance(stamp.get("seconds"), int):
-                t = stamp["seconds"] * 1_000_000_000 + int(stamp.get("microseconds", 0)) * 1000
-            elif isinstance(rec.get("host_real_ns"), int):
-                t = rec["host_real_ns"]
+            t = event_time(rec)
             if t is not None:
                 marks.append((t, 0 if rec["event"] == "STOP" else 1, name))
     marks.sort()

@@ -18,8 +18,14 @@ Guest events become numpy columns, not objects, because a long run holds million
 ``StallTable`` (lane, start, length, cause, segment, line) and ``TimeoutTable``; the rare
 kinds (``kernel_warning``, ``clock_step``, ``agent_start``, unknown kinds) stay dicts.
 A *lane* is one sampled CPU of one agent (``Lane``): with one agent, lane ``i`` is simply
-``CPU n``. Lines are parsed in chunks as one JSON array (fast), and a chunk that fails
-is parsed again line by line so that each bad line is found and reported.
+``CPU n``.
+
+Every file is read through ``analysis.jsonl`` (one line at a time, bounded, never blocking
+on a FIFO; its docstring has the rules) and every guest event is checked by its model in
+``analysis.guest_events``: duplicated ``seq`` values are skipped, seqs that go back or jump
+are noted, and a stall on a CPU the agent did not announce is skipped, never a lane. Most
+lines of a long run are stalls in the agent's own layout: ``guest_events.fast_stall``
+reads them without ``json.loads``, giving exactly what the checked path gives.
 
 Segments. Guest ``mono_ns`` values compare only within one boot: the loader splits each
 agent's events into ``Segment`` objects, one per ``(agent, boot_id)``; a new ``boot_id``
@@ -54,20 +60,30 @@ host time is counted twice.
 
 from __future__ import annotations
 
-import json
-import re
+import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeGuard, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from analysis import guest_events as ge
 from analysis import rundir
-from analysis.errors import RecordFormatError, RunDirError
-from analysis.timeline import Timeline, build_timeline
+from analysis.errors import RecordFormatError
+from analysis.jsonl import (
+    MAX_NS,
+    Issue,
+    Severity,
+    decode_record,
+    iter_records,
+    printable,
+    read_document,
+    read_lines,
+)
+from analysis.timeline import Timeline
 from probe.events import KNOWN_KINDS, STALL_CAUSES
 
 I64 = npt.NDArray[np.int64]
@@ -81,23 +97,7 @@ MEASURED_KINDS = frozenset({"stall", "timeout", "kernel_warning", "clock_step"})
 #: Kinds the loader understands (others are kept in ``Run.other`` with a note).
 HANDLED_KINDS = KNOWN_KINDS
 LAB_STEPS = "lab-steps.jsonl"
-#: Lines parsed per bulk ``json.loads`` call.
-CHUNK = 20_000
-
-Severity = Literal["skip", "note"]
-
-
-@dataclass(frozen=True)
-class Issue:
-    """A line passed over (``skip``) or worth pointing at (``note``), by file and line."""
-
-    path: str
-    line: int
-    reason: str
-    severity: Severity = "skip"
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+__all__ = ["Issue", "Severity"]  # re-exported: analysis.jsonl defines them
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,8 @@ class Segment:
     :param timeouts_ns: the agent's timeout ladder, empty when unknown.
     :param clocksource: the clocksource at agent start.
     :param first_mono_ns: earliest ``mono_ns`` seen; ``last_mono_ns`` the latest end.
+    :param announced: the CPUs the current agent start announced (None: not announced).
+    :param agent_id: the current agent start's id (events carry none of their own).
     """
 
     agent: str
@@ -142,6 +144,8 @@ class Segment:
     clocksource: str | None = None
     first_mono_ns: int | None = None
     last_mono_ns: int | None = None
+    announced: frozenset[int] | None = None
+    agent_id: str = ""
 
     def see(self, mono: int, end: int) -> None:
         """Widen the segment's guest-time span."""
@@ -234,7 +238,7 @@ MAX_VCPU = 1 << 16
 MAX_TID = 1 << 22
 #: At most this many names in ``also_waiting`` (more: the field is dropped).
 MAX_WAITERS = 256
-_MAX_NS = (1 << 63) - 1
+_MAX_NS = MAX_NS
 
 
 def vcpu_interval(obj: Mapping[str, Any], line: int = 0) -> VcpuInterval | str:
@@ -305,12 +309,9 @@ def read_vcpu_states(path: Path, issue: Callable[[Issue], None]) -> list[VcpuInt
     :raise RunDirError: when the file cannot be read.
     :return: the intervals (empty ones, after a cut, are left out).
     """
-    name = str(path)
+    name = printable(path)
     got: list[VcpuInterval] = []
-    for line_no, obj in iter_objects(path, issue):
-        if not isinstance(obj, dict):
-            issue(Issue(name, line_no, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
+    for line_no, obj in iter_records(path, issue, dedupe=True):
         checked = vcpu_interval(obj, line_no)
         if isinstance(checked, str):
             issue(Issue(name, line_no, checked))
@@ -478,7 +479,7 @@ def _meta_time(meta: Mapping[str, Any], key: str) -> int | None:
     part = meta.get(key)
     if isinstance(part, dict):
         value = part.get("real_ns")
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _ns(value):
             return value
     return None
 
@@ -487,76 +488,12 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# --------------------------------------------------------------------------- lines
-
-
-def iter_objects(path: Path, on_issue: Callable[[Issue], None]) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, decoded value) for every non-blank line of a JSONL file.
-
-    Lines are decoded ``CHUNK`` at a time as one JSON array; a chunk that does not
-    decode is decoded line by line, and each bad line is reported (``truncated last
-    line`` for a last line without its newline, else ``not JSON``).
-
-    :param path: the file.
-    :param on_issue: called with each line passed over.
-    :raise RunDirError: when the file cannot be read.
-    :return: the values with their 1-based line numbers (values may be any JSON type).
-    """
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise RunDirError(f"{path}: cannot read: {err.strerror or err}") from err
-    text = data.decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    ends_with_newline = text.endswith("\n")
-    if ends_with_newline:
-        lines.pop()
-    total = len(lines)
-    name = str(path)
-    for start in range(0, total, CHUNK):
-        chunk = lines[start : start + CHUNK]
-        numbered = [(start + i + 1, ln) for i, ln in enumerate(chunk) if ln.strip()]
-        if not numbered:
-            continue
-        try:
-            values = json.loads("[" + ",".join(ln for _, ln in numbered) + "]")
-            if len(values) != len(numbered):
-                raise ValueError("a line held more than one value")
-        except ValueError:
-            for line_no, ln in numbered:
-                try:
-                    yield line_no, json.loads(ln)
-                except ValueError as err:
-                    last = line_no == total and not ends_with_newline
-                    reason = "truncated last line" if last else f"not JSON: {err}"
-                    on_issue(Issue(name, line_no, reason))
-            continue
-        for (line_no, _), value in zip(numbered, values, strict=True):
-            yield line_no, value
+def _ns(value: object, signed: bool = False) -> TypeGuard[int]:
+    """An integer nanosecond value that fits int64 (non-negative unless ``signed``)."""
+    return _is_int(value) and (-MAX_NS if signed else 0) <= value <= MAX_NS
 
 
 # --------------------------------------------------------------------------- guest events
-
-
-#: The agent's own layout of a ``stall`` line (docs/events.md), matched whole: a line that
-#: matches is valid JSON by construction, so it skips ``json.loads`` (4x faster).
-STALL_LINE = re.compile(
-    r'\{"v":\d+,"seq":\d+,"boot_id":"([0-9A-Za-z_-]*)","kind":"stall","mono_ns":(\d+),'
-    r'"real_ns":-?\d+,"duration_ns":(\d+),"cpu":(\d+),"cause":"([a-z-]*)"'
-    r'(?:,"(?:run_delay_ns|steal_ns)":(?:-?\d+|null))*(?:,"mode":"[a-z]*")?\}\n?'
-)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) for each non-blank line; the text keeps its newline."""
-    try:
-        with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if line.strip():
-                    yield line_no, line
-    except OSError as err:
-        raise RunDirError(f"{path}: cannot read: {err.strerror or err}") from err
 
 
 class _GuestReader:
@@ -577,6 +514,7 @@ class _GuestReader:
         self.lifecycle: list[PointEvent] = []
         self.other: list[PointEvent] = []
         self.unknown: Counter[str] = Counter()
+        self.seqs = ge.SeqTracker()
 
     def lane(self, agent: str, cpu: int) -> int:
         key = (agent, cpu)
@@ -594,50 +532,41 @@ class _GuestReader:
         return self.segments[idx]
 
     def read_file(self, agent: str, path: Path) -> None:
-        name = str(path)
+        """Read one agent's events file (see the module docstring for what is skipped)."""
+        name = printable(path)
         current: Segment | None = None
-        fast = STALL_LINE.fullmatch
-        st_lane, st_mono, st_dur = self.st["lane"], self.st["mono"], self.st["dur"]
-        st_cause, st_seg, st_line = self.st["cause"], self.st["seg"], self.st_line
-        for line_no, line in _lines(path):
-            m = fast(line)
-            if m is not None and current is not None and m[1] == current.boot_id:
-                mono, dur, cpu = int(m[2]), int(m[3]), int(m[4])
-                st_lane.append(self.lane(agent, cpu))
-                st_mono.append(mono)
-                st_dur.append(dur)
-                st_cause.append(_CAUSE_CODE.get(m[5], 3))
-                st_seg.append(current.index)
-                st_line.append(line_no)
-                current.cpus.add(cpu)
-                current.see(mono, mono + dur)
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                reason = "truncated last line" if not line.endswith("\n") else f"not JSON: {err}"
-                self.issue(Issue(name, line_no, reason))
-                continue
-            if not isinstance(obj, dict):
-                self.issue(
-                    Issue(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
-                )
-                continue
-            kind = obj.get("kind")
-            boot = obj.get("boot_id")
-            mono_value = obj.get("mono_ns")
-            if not isinstance(kind, str) or not kind:
-                self.issue(Issue(name, line_no, "missing or empty field 'kind'"))
-                continue
-            if not isinstance(boot, str):
-                self.issue(Issue(name, line_no, f"{kind}: missing field 'boot_id'"))
-                continue
-            if not _is_int(mono_value):
-                self.issue(Issue(name, line_no, f"{kind}: missing or non-integer 'mono_ns'"))
-                continue
-            if not (_is_int(obj.get("seq")) and _is_int(obj.get("real_ns"))):
-                self.issue(Issue(name, line_no, f"{kind}: missing or non-integer 'seq'/'real_ns'"))
-                continue
+        back: list[tuple[int, int, int]] = []  # (line, from, to)
+        gaps: list[tuple[int, int, int]] = []  # (line, missing, seq)
+        restarts: list[tuple[int, int, int]] = []  # (line, highest before, seq)
+        for line_no, raw in read_lines(path, self.issue):
+            row = ge.fast_stall(raw)
+            obj: dict[str, Any] | None = None
+            start: ge.AgentStart | None = None
+            if row is not None:
+                kind, boot, seq = "stall", row.boot_id, row.seq
+            else:
+                decoded = decode_record(raw)
+                if isinstance(decoded, str):
+                    self.issue(Issue(name, line_no, decoded))
+                    continue
+                obj = decoded
+                head = ge.event_head(obj)
+                if isinstance(head, str):
+                    self.issue(Issue(name, line_no, head))
+                    continue
+                kind, boot, seq = head.kind, head.boot_id, head.seq
+                if kind == "stall":
+                    checked = ge.stall_row(obj)
+                    if isinstance(checked, str):
+                        self.issue(Issue(name, line_no, checked))
+                        continue
+                    row = checked
+                elif kind == "agent_start":
+                    got = ge.agent_start(obj)
+                    if isinstance(got, str):
+                        self.issue(Issue(name, line_no, got))
+                        continue
+                    start = got
             if current is None or current.boot_id != boot:
                 if current is not None:
                     self.issue(
@@ -650,35 +579,104 @@ class _GuestReader:
                         )
                     )
                 current = self.segment(agent, boot, name, line_no)
-            self.event(current, kind, obj, mono_value, line_no, name)
+            agent_id = start.agent_id if start is not None else current.agent_id
+            mono = row.mono_ns if row is not None else row_mono(obj or {})
+            verdict = self.seqs.see(current.index, agent_id, seq, start is not None, mono)
+            if verdict.duplicate:
+                self.issue(Issue(name, line_no, f"{kind}: seq {seq} seen before: left out"))
+                continue
+            if verdict.restart_after is not None:
+                restarts.append((line_no, verdict.restart_after, seq))
+            elif verdict.back_from is not None:
+                back.append((line_no, verdict.back_from, seq))
+            elif verdict.gap:
+                gaps.append((line_no, verdict.gap, seq))
+            if start is not None:
+                current.agent_id = start.agent_id
+                self._agent_start(current, start)
+            if row is not None:
+                self.stall(current, row, line_no, name)
+            else:
+                assert obj is not None
+                self.event(current, kind, obj, row_mono(obj), line_no, name)
+        for line, high, seq in restarts:
+            self.issue(
+                Issue(
+                    name,
+                    line,
+                    f"seq restarted ({high} -> {seq}) later in guest time without an "
+                    "agent_start: an agent restart whose start is missing; counted anew",
+                    "note",
+                )
+            )
+        self._seq_notes(name, back, gaps)
+
+    def _seq_notes(
+        self, name: str, back: list[tuple[int, int, int]], gaps: list[tuple[int, int, int]]
+    ) -> None:
+        if back:
+            line, high, seq = back[0]
+            n = len(back)
+            self.issue(
+                Issue(
+                    name,
+                    line,
+                    f"seq went back {n} time{'s' if n != 1 else ''} without an agent_start "
+                    f"(first {high} -> {seq}): events out of order, or an agent restart "
+                    "whose start is missing",
+                    "note",
+                )
+            )
+        if gaps:
+            line, missing, seq = gaps[0]
+            total = sum(g[1] for g in gaps)
+            self.issue(
+                Issue(
+                    name,
+                    line,
+                    f"seq jumped {len(gaps)} time{'s' if len(gaps) != 1 else ''} "
+                    f"(first to {seq}, {missing} missing): {total} events missing in all",
+                    "note",
+                )
+            )
+
+    def _unannounced(self, seg: Segment, cpu: int, kind: str, line: int, name: str) -> bool:
+        """Whether ``cpu`` is not one the agent announced (reported as a skip)."""
+        if seg.announced is None or cpu in seg.announced:
+            return False
+        cpus = ", ".join(str(c) for c in sorted(seg.announced)) or "none"
+        self.issue(
+            Issue(name, line, f"{kind} on CPU {cpu}, which the agent did not announce ({cpus})")
+        )
+        return True
+
+    def stall(self, seg: Segment, row: ge.StallRow, line: int, name: str) -> None:
+        if self._unannounced(seg, row.cpu, "stall", line, name):
+            return
+        self.st["lane"].append(self.lane(seg.agent, row.cpu))
+        self.st["mono"].append(row.mono_ns)
+        self.st["dur"].append(row.duration_ns)
+        self.st["cause"].append(_CAUSE_CODE.get(row.cause, 3))
+        self.st["seg"].append(seg.index)
+        self.st_line.append(line)
+        seg.cpus.add(row.cpu)
+        seg.see(row.mono_ns, row.mono_ns + row.duration_ns)
 
     def event(
         self, seg: Segment, kind: str, obj: dict[str, Any], mono: int, line: int, name: str
     ) -> None:
-        if kind == "stall":
-            cpu, dur = obj.get("cpu"), obj.get("duration_ns")
-            if not _is_int(cpu) or not _is_int(dur) or dur < 0 or cpu < 0:
-                self.issue(Issue(name, line, "stall without an integer 'cpu' and 'duration_ns'"))
-                return
-            self.st["lane"].append(self.lane(seg.agent, cpu))
-            self.st["mono"].append(mono)
-            self.st["dur"].append(dur)
-            self.st["cause"].append(_CAUSE_CODE.get(str(obj.get("cause")), 3))
-            self.st["seg"].append(seg.index)
-            self.st_line.append(line)
-            seg.cpus.add(cpu)
-            seg.see(mono, mono + dur)
-            return
         if kind == "timeout":
-            t = obj.get("timeout_ns")
-            if not _is_int(t) or t <= 0:
-                self.issue(Issue(name, line, "timeout without a positive integer 'timeout_ns'"))
+            head = ge.EventHead(kind, 0, seg.boot_id, mono, 0)
+            row = ge.timeout_row(obj, head)
+            if isinstance(row, str):
+                self.issue(Issue(name, line, row))
                 return
-            canary = str(obj.get("canary", "unknown"))
-            cpu = obj.get("cpu")
-            self.to["lane"].append(self.lane(seg.agent, cpu) if _is_int(cpu) else -1)
+            if row.cpu is not None and self._unannounced(seg, row.cpu, kind, line, name):
+                return
+            canary = row.canary
+            self.to["lane"].append(self.lane(seg.agent, row.cpu) if row.cpu is not None else -1)
             self.to["mono"].append(mono)
-            self.to["t"].append(t)
+            self.to["t"].append(row.timeout_ns)
             self.to["canary"].append(self.canaries.setdefault(canary, len(self.canaries)))
             self.to["seg"].append(seg.index)
             self.to_line.append(line)
@@ -691,8 +689,6 @@ class _GuestReader:
             self.clock_steps.append(point)
         elif kind in HANDLED_KINDS:
             self.lifecycle.append(point)
-            if kind == "agent_start":
-                self._agent_start(seg, obj)
         else:
             if not self.unknown[kind]:
                 self.issue(
@@ -704,24 +700,27 @@ class _GuestReader:
         seg.see(mono, mono)
 
     @staticmethod
-    def _agent_start(seg: Segment, obj: dict[str, Any]) -> None:
-        agent_id = obj.get("agent_id")
-        if isinstance(agent_id, str):
-            seg.agent_ids.append(agent_id)
-        cpus = obj.get("cpus")
-        if isinstance(cpus, list):
-            seg.cpus.update(c for c in cpus if _is_int(c))
-        if isinstance(obj.get("clocksource"), str):
-            seg.clocksource = obj["clocksource"]
-        config = obj.get("config")
-        if isinstance(config, dict):
-            if _is_int(config.get("threshold_ns")):
-                seg.threshold_ns = config["threshold_ns"]
-            if _is_int(config.get("interval_ns")):
-                seg.interval_ns = config["interval_ns"]
-            ladder = config.get("timeouts_ns")
-            if isinstance(ladder, list) and all(_is_int(t) for t in ladder):
-                seg.timeouts_ns = tuple(sorted(ladder))
+    def _agent_start(seg: Segment, start: ge.AgentStart) -> None:
+        if start.agent_id:
+            seg.agent_ids.append(start.agent_id)
+        if start.cpus is not None:
+            seg.announced = start.cpus
+            seg.cpus.update(start.cpus)
+        if start.clocksource is not None:
+            seg.clocksource = start.clocksource
+        if start.threshold_ns is not None:
+            seg.threshold_ns = start.threshold_ns
+        if start.interval_ns is not None:
+            seg.interval_ns = start.interval_ns
+        if start.timeouts_ns:
+            seg.timeouts_ns = start.timeouts_ns
+
+
+def row_mono(obj: Mapping[str, Any]) -> int:
+    """The ``mono_ns`` of an event whose head ``event_head`` accepted."""
+    mono = obj["mono_ns"]
+    assert isinstance(mono, int)
+    return mono
 
 
 def _stall_table(r: _GuestReader) -> StallTable:
@@ -751,19 +750,16 @@ def _timeout_table(r: _GuestReader) -> TimeoutTable:
 
 def _read_samples(path: Path, issue: Callable[[Issue], None]) -> list[ClockSample]:
     out: list[ClockSample] = []
-    name = str(path)
-    for line_no, obj in iter_objects(path, issue):
-        if not isinstance(obj, dict):
-            issue(Issue(name, line_no, "expected a JSON object"))
-            continue
+    name = printable(path)
+    for line_no, obj in iter_records(path, issue, dedupe=True):
         clock = obj.get("clock")
         send, recv = obj.get("host_send_real_ns"), obj.get("host_recv_real_ns")
-        if not isinstance(clock, dict) or not (_is_int(send) and _is_int(recv)):
+        if not isinstance(clock, dict) or not (_ns(send) and _ns(recv)):
             issue(Issue(name, line_no, "clock sample without 'clock' and host send/receive times"))
             continue
         mono, real = clock.get("monotonic_ns"), clock.get("realtime_ns")
-        if not (_is_int(mono) and _is_int(real)) or recv < send:
-            issue(Issue(name, line_no, "clock sample without integer guest clocks"))
+        if not (_ns(mono) and _ns(real, signed=True)) or recv < send:
+            issue(Issue(name, line_no, "clock sample without guest clocks in range (int64 ns)"))
             continue
         ptp = clock.get("host_offset_ns")
         bracket = clock.get("bracket_ns")
@@ -775,10 +771,10 @@ def _read_samples(path: Path, issue: Callable[[Issue], None]) -> list[ClockSampl
                 half_rtt_ns=(recv - send + 1) // 2,
                 guest_mono_ns=mono,
                 guest_real_ns=real,
-                bracket_ns=bracket if _is_int(bracket) else 0,
+                bracket_ns=bracket if _ns(bracket) else 0,
                 boot_id=str(clock.get("boot_id", "unknown")),
                 agent_id=str(clock.get("agent_id", "")),
-                ptp_offset_ns=ptp if _is_int(ptp) else None,
+                ptp_offset_ns=ptp if _ns(ptp, signed=True) else None,
                 line=line_no,
             )
         )
@@ -800,10 +796,10 @@ def guest_event_files(run: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
     agents = meta.get("agents")
     names = sorted(agents) if isinstance(agents, dict) else []
     single = run / rundir.GUEST_EVENTS
-    if single.exists():
+    if os.path.lexists(single):
         files[names[0] if len(names) == 1 else "guest"] = single
     for p in sorted(run.glob("guest-events-*.jsonl")):
-        files[p.name[len("guest-events-") : -len(".jsonl")]] = p
+        files[printable(p.name[len("guest-events-") : -len(".jsonl")])] = p
     if files:
         return files
     known = ("qmp-", "agent-", "clock-samples", "lab-", "vcpu-states")
@@ -827,33 +823,17 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
     issues: list[Issue] = []
     meta: dict[str, Any] = {}
     meta_path = run / rundir.META
-    if meta_path.exists():
-        try:
-            loaded = json.loads(meta_path.read_text(encoding="utf-8", errors="replace"))
-            if isinstance(loaded, dict):
-                meta = loaded
-            else:
-                issues.append(Issue(str(meta_path), 1, "meta.json is not a JSON object"))
-        except (OSError, ValueError) as err:
-            issues.append(Issue(str(meta_path), 1, f"meta.json unreadable: {err}"))
+    if os.path.lexists(meta_path):
+        meta = read_document(meta_path, issues.append) or {}
+        for when in ("start", "end"):
+            part = meta.get(when)
+            value = part.get("real_ns") if isinstance(part, dict) else None
+            if value is not None and not _ns(value):
+                issues.append(
+                    Issue(printable(meta_path), 0, f"{when}.real_ns not in [0, 2**63): ignored")
+                )
 
-    qmp: dict[str, list[dict[str, Any]]] = {}
-    qmp_lines: dict[str, tuple[Path, list[int]]] = {}
-    for name, qpath in rundir.qmp_endpoints(run).items():
-        records, lines = [], []
-        for line_no, obj in iter_objects(qpath, issues.append):
-            if isinstance(obj, dict):
-                records.append(obj)
-                lines.append(line_no)
-            else:
-                issues.append(Issue(str(qpath), line_no, "expected a JSON object"))
-        qmp[name], qmp_lines[name] = records, (qpath, lines)
-    timeline = build_timeline(qmp) if qmp else None
-    if timeline is not None:
-        for it in timeline.issues:
-            qpath, lines = qmp_lines[it.endpoint]
-            line = lines[it.index] if 0 <= it.index < len(lines) else 0
-            issues.append(Issue(str(qpath), line, it.message, it.severity))
+    qmp, timeline = rundir.read_qmp(run, issues.append)
 
     reader = _GuestReader(issues.append)
     for agent, gpath in guest_event_files(run, meta).items():
@@ -861,25 +841,28 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
 
     samples: list[ClockSample] = []
     cpath = run / rundir.CLOCK_SAMPLES
-    if cpath.exists():
+    if os.path.lexists(cpath):
         samples = _read_samples(cpath, issues.append)
 
     injects: list[dict[str, Any]] = []
     stop_requests: list[dict[str, Any]] = []
     lpath = run / LAB_STEPS
-    if lpath.exists():
-        for line_no, obj in iter_objects(lpath, issues.append):
-            if isinstance(obj, dict) and is_stop_command(obj):
-                stop_requests.append(obj)
-            elif isinstance(obj, dict) and obj.get("type") == "inject":
-                if _is_int(obj.get("host_start_ns")) and _is_int(obj.get("host_end_ns")):
+    if os.path.lexists(lpath):
+        for line_no, obj in iter_records(lpath, issues.append, dedupe=True):
+            if is_stop_command(obj):
+                if _ns(obj.get("host_real_ns")):
+                    stop_requests.append(obj)
+                else:
+                    issues.append(Issue(printable(lpath), line_no, "stop without host time"))
+            elif obj.get("type") == "inject":
+                if _ns(obj.get("host_start_ns")) and _ns(obj.get("host_end_ns")):
                     injects.append(obj)
                 else:
-                    issues.append(Issue(str(lpath), line_no, "inject without host times"))
+                    issues.append(Issue(printable(lpath), line_no, "inject without host times"))
 
     vcpu_states: list[VcpuInterval] = []
     vpath = run / rundir.VCPU_STATES
-    if vpath.exists():
+    if os.path.lexists(vpath):
         vcpu_states = read_vcpu_states(vpath, issues.append)
 
     keys = set(reader.lane_keys)
@@ -919,7 +902,7 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
         unknown_kinds=reader.unknown,
         stop_requests=stop_requests,
         vcpu_states=vcpu_states,
-        has_vcpu_states=vpath.exists(),
+        has_vcpu_states=os.path.lexists(vpath),
     )
     _drop_before_start(result)
     _note_unaligned(result)

@@ -30,6 +30,7 @@ from analysis import rundir
 from analysis.attribution import CAUSES_DOC, Analysis
 from analysis.findings import findings
 from analysis.host_vcpu import STATES, HostTruth, state_ms
+from analysis.jsonl import read_document_quietly
 from analysis.report_plots import sensitivity_png, timeline_png
 from probe.durations import format_duration
 
@@ -221,10 +222,7 @@ def guest_outcome(path: Path) -> dict[str, Any] | None:
 
     :param path: the run directory.
     """
-    try:
-        doc = json.loads((path / OUTCOME_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    doc = read_document_quietly(path / OUTCOME_FILE)
     return doc if isinstance(doc, dict) and isinstance(doc.get("outcome"), str) else None
 
 

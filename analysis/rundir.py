@@ -15,8 +15,13 @@ Every JSONL line is one record; each QMP record has ``type`` (``event``, ``reply
 ``timeout``, ``error``, ``closed``, ``connected``, ``note``), ``host_real_ns`` and
 ``host_mono_ns``; events add ``event``, ``data`` and QEMU's ``timestamp`` as sent, replies
 add ``command`` and ``return``. ``JsonlWriter`` flushes every record, so a crash loses at
-most the record being written. ``read_jsonl`` reports bad lines by file and line number
-and never raises for them.
+most the record being written.
+
+Reading goes through ``analysis.jsonl`` (its docstring has the rules: regular files only,
+line by line, bounded, bad lines reported by file and line number and never raised).
+``read_qmp`` is the one reader of the QMP records, used by ``tsprobe timeline``, the
+loader behind report and compare, and the Prometheus report, so that they all see the
+same records. File names are bytes: ``qmp_endpoints`` gives printable endpoint names.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from analysis.errors import RunDirError
+from analysis.jsonl import Issue, iter_records, printable
+from analysis.timeline import Timeline, build_timeline
 from probe.events import Skip
 
 META = "meta.json"
@@ -107,38 +114,23 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def read_jsonl_numbered(
-    path: str | Path, on_skip: Callable[[Skip], None] | None = None
+    path: str | Path, on_skip: Callable[[Skip], None] | None = None, dedupe: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each JSON object of a JSONL file, reporting bad lines.
-
-    Blank lines are ignored; a line that is not JSON, or not an object, is reported and
-    passed over; a last line without its newline that does not parse is reported as
-    truncated.
+    """Yield (line number, object) for each valid record of a JSONL file, reporting bad
+    lines (``analysis.jsonl.iter_records`` with ``Skip`` for each line passed over; a file
+    that cannot be read is one skip at line 0).
 
     :param path: the file.
     :param on_skip: called with each line passed over.
-    :raise OSError: when the file cannot be opened.
+    :param dedupe: pass over lines repeating an earlier one byte for byte.
     :return: the objects in file order with their 1-based line numbers.
     """
-    name = str(path)
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as err:
-                reason = "truncated last line" if not line.endswith("\n") else f"not JSON: {err}"
-                if on_skip is not None:
-                    on_skip(Skip(name, line_no, reason))
-                continue
-            if not isinstance(obj, dict):
-                if on_skip is not None:
-                    on_skip(
-                        Skip(name, line_no, f"expected a JSON object, got {type(obj).__name__}")
-                    )
-                continue
-            yield line_no, obj
+
+    def issue(it: Issue) -> None:
+        if on_skip is not None:
+            on_skip(Skip(it.path, it.line, it.reason))
+
+    yield from iter_records(Path(path), issue, dedupe)
 
 
 def read_jsonl(
@@ -162,16 +154,53 @@ def require_rundir(path: str | Path) -> Path:
     :return: the path.
     """
     run = Path(path)
-    if not run.exists():
-        raise RunDirError(f"{run}: no such run directory")
-    if not run.is_dir():
-        raise RunDirError(f"{run}: not a directory")
-    known = [p for p in run.iterdir() if p.name == META or p.name.endswith(".jsonl")]
+    name = printable(run)
+    if len(name) > 200:
+        name = name[:120] + f"...({len(name)} characters)"
+    try:
+        if not run.exists():
+            raise RunDirError(f"{name}: no such run directory")
+        if not run.is_dir():
+            raise RunDirError(f"{name}: not a directory")
+        known = [p for p in run.iterdir() if p.name == META or p.name.endswith(".jsonl")]
+    except OSError as err:
+        raise RunDirError(f"{name}: cannot read the run directory: {err.strerror or err}") from err
     if not known:
-        raise RunDirError(f"{run}: empty run directory (no meta.json and no .jsonl records)")
+        raise RunDirError(f"{name}: empty run directory (no meta.json and no .jsonl records)")
     return run
 
 
 def qmp_endpoints(run: Path) -> dict[str, Path]:
-    """The QMP record files of a run, keyed by endpoint name."""
-    return {p.name[len("qmp-") : -len(".jsonl")]: p for p in sorted(run.glob("qmp-*.jsonl"))}
+    """The QMP record files of a run, keyed by endpoint name (printable text)."""
+    return {
+        printable(p.name[len("qmp-") : -len(".jsonl")]): p for p in sorted(run.glob("qmp-*.jsonl"))
+    }
+
+
+def read_qmp(
+    run: Path, on_issue: Callable[[Issue], None]
+) -> tuple[dict[str, list[dict[str, Any]]], Timeline | None]:
+    """Read every ``qmp-NAME.jsonl`` of a run and build the timeline from the records.
+
+    Records repeating an earlier line byte for byte are duplicates (every record carries
+    the recorder's host times) and are skipped; the timeline's own skips and notes are
+    reported at the line of the record they concern.
+
+    :param run: the run directory.
+    :param on_issue: called with each line skipped or noted, by file and line.
+    :return: the records per endpoint and the timeline (None without QMP files).
+    """
+    records: dict[str, list[dict[str, Any]]] = {}
+    where: dict[str, tuple[str, list[int]]] = {}
+    for name, path in qmp_endpoints(run).items():
+        got = list(iter_records(path, on_issue, dedupe=True))
+        records[name] = [obj for _, obj in got]
+        where[name] = (printable(path), [line for line, _ in got])
+    if not records:
+        return records, None
+    timeline = build_timeline(records)
+    for it in timeline.issues:
+        file, lines = where[it.endpoint]
+        line = lines[it.index] if 0 <= it.index < len(lines) else 0
+        on_issue(Issue(file, line, it.message, it.severity))
+    return records, timeline

@@ -632,14 +632,37 @@ def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: Largest time in ns (int64), and so the largest QEMU timestamp's seconds.
+MAX_NS = (1 << 63) - 1
+_MAX_SECONDS = MAX_NS // 1_000_000_000 - 1
+
+
 def _qemu_ns(stamp: Any) -> int | None:
-    """QEMU's ``{"seconds": S, "microseconds": US}`` in ns, or None when unusable."""
+    """QEMU's ``{"seconds": S, "microseconds": US}`` in ns, or None when unusable (not
+    integers, negative, or past what int64 nanoseconds hold)."""
     if not isinstance(stamp, Mapping):
         return None
     sec, usec = stamp.get("seconds"), stamp.get("microseconds")
-    if not (_is_int(sec) and _is_int(usec)) or sec < 0 or not 0 <= usec < 1_000_000:
+    if not (_is_int(sec) and _is_int(usec)) or not 0 <= sec <= _MAX_SECONDS:
+        return None
+    if not 0 <= usec < 1_000_000:
         return None
     return int(sec) * 1_000_000_000 + int(usec) * 1_000
+
+
+def _host_ns(value: Any) -> int | None:
+    """A record's ``host_real_ns`` when it is a usable time (in (0, 2**63))."""
+    return int(value) if _is_int(value) and 0 < value <= MAX_NS else None
+
+
+def event_time(rec: Mapping[str, Any]) -> int | None:
+    """When a QMP event happened: QEMU's timestamp, else the recorder's receive time.
+
+    :param rec: a QMP record of type ``event``.
+    :return: host realtime in ns, None when neither time is usable.
+    """
+    stamp = _qemu_ns(rec.get("timestamp"))
+    return stamp if stamp is not None else _host_ns(rec.get("host_real_ns"))
 
 
 def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
@@ -657,8 +680,7 @@ def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
         if not isinstance(kind, str) or not kind:
             skip("record without a 'type'")
             continue
-        host = rec.get("host_real_ns")
-        host_ns = int(host) if _is_int(host) and host > 0 else None
+        host_ns = _host_ns(rec.get("host_real_ns"))
         if kind == "event":
             _parse_event(ep, rec, index, host_ns, skip)
             continue

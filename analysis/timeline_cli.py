@@ -13,11 +13,15 @@ table (or, with ``--json``, as one JSON document)::
 
 Offsets count from the run's first record. Bad input never ends in a traceback:
 
-- a missing run directory, or one with nothing to read: one line, exit status 2;
+- a missing run directory, or one with nothing to read (or a path the system refuses,
+  such as one too long): one line, exit status 2;
 - a line that is not JSON (a garbage line, a last line cut short by a crash), not an
-  object, or a record missing what its type needs: one line on stderr,
+  object, out of bounds, a copy of an earlier line, or a record missing what its type
+  needs, and a QMP file that is not a regular file: one line on stderr,
   ``tsprobe: FILE:LINE: reason``, then the count of skipped lines; the timeline is built
-  from the rest and the exit status is 0, or 1 with ``--strict``;
+  from the rest and the exit status is 0, or 1 with ``--strict``. The records are read by
+  ``analysis.rundir.read_qmp``, the reader of report and compare too, so the commands
+  agree on every line;
 - a migration status this version does not know: a note naming file and line; the status
   is kept as a phase of its own name (not a skip).
 """
@@ -32,41 +36,28 @@ from typing import Any
 import click
 
 from analysis.errors import RunDirError
-from analysis.rundir import qmp_endpoints, read_jsonl_numbered, require_rundir
+from analysis.jsonl import Issue, printable
+from analysis.rundir import qmp_endpoints, read_qmp, require_rundir
 from analysis.timeline import Phase, Timeline, build_timeline
 from probe.durations import format_duration
-from probe.events import Skip
 
 
 def load_run(
-    run: Path, on_skip: Callable[[Skip], None], on_note: Callable[[Skip], None]
+    run: Path, on_skip: Callable[[Issue], None], on_note: Callable[[Issue], None]
 ) -> Timeline:
-    """Read a run directory's QMP records and build its timeline.
+    """Read a run directory's QMP records and build its timeline (``rundir.read_qmp``).
 
     :param run: a directory that ``require_rundir`` accepted.
     :param on_skip: called for each line or record passed over, with its file and line.
     :param on_note: called for records kept but worth pointing at (an unknown status).
-    :raise RunDirError: when a QMP file cannot be read.
-    :return: the timeline.
+    :return: the timeline (without QMP files, one without phases).
     """
-    by_endpoint: dict[str, list[dict[str, Any]]] = {}
-    line_numbers: dict[str, tuple[Path, list[int]]] = {}
-    for name, path in qmp_endpoints(run).items():
-        try:
-            numbered = list(read_jsonl_numbered(path, on_skip))
-            lines = [line_no for line_no, _ in numbered]
-            records = [obj for _, obj in numbered]
-        except OSError as err:
-            raise RunDirError(f"{path}: cannot read: {err.strerror or err}") from err
-        by_endpoint[name] = records
-        line_numbers[name] = (path, lines)
-    timeline = build_timeline(by_endpoint)
-    for issue in timeline.issues:
-        path, lines = line_numbers[issue.endpoint]
-        line = lines[issue.index] if 0 <= issue.index < len(lines) else 0
-        where = Skip(str(path), line, issue.message)
-        (on_skip if issue.severity == "skip" else on_note)(where)
-    return timeline
+
+    def issue(it: Issue) -> None:
+        (on_skip if it.severity == "skip" else on_note)(it)
+
+    _, timeline = read_qmp(run, issue)
+    return timeline if timeline is not None else build_timeline({})
 
 
 def _offset(t: int, origin: int | None) -> str:
@@ -164,8 +155,8 @@ def render_table(timeline: Timeline) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _issue_dict(skip: Skip, severity: str) -> dict[str, Any]:
-    return {"file": skip.path, "line": skip.line_no, "reason": skip.reason, "severity": severity}
+def _issue_dict(it: Issue) -> dict[str, Any]:
+    return {"file": it.path, "line": it.line, "reason": it.reason, "severity": it.severity}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -193,14 +184,14 @@ def timeline(ctx: click.Context, rundir: Path, as_json: bool, strict: bool) -> N
     Exit status: 0 ok (even with skipped lines), 1 lines skipped under --strict,
     2 a missing or empty run directory.
     """
-    skips: list[Skip] = []
-    notes: list[Skip] = []
+    skips: list[Issue] = []
+    notes: list[Issue] = []
 
-    def on_skip(skip: Skip) -> None:
+    def on_skip(skip: Issue) -> None:
         skips.append(skip)
         click.echo(f"tsprobe: {skip}", err=True)
 
-    def on_note(note: Skip) -> None:
+    def on_note(note: Issue) -> None:
         notes.append(note)
         click.echo(f"tsprobe: {note}", err=True)
 
@@ -211,7 +202,7 @@ def timeline(ctx: click.Context, rundir: Path, as_json: bool, strict: bool) -> N
         click.echo(f"tsprobe: {err}", err=True)
         ctx.exit(2)
     if not qmp_endpoints(run):
-        click.echo(f"tsprobe: {run}: no qmp-*.jsonl files: no phases to show", err=True)
+        click.echo(f"tsprobe: {printable(run)}: no qmp-*.jsonl files: no phases to show", err=True)
     if skips:
         plural = "line" if len(skips) == 1 else "lines"
         click.echo(f"tsprobe: {len(skips)} {plural} skipped", err=True)
@@ -220,11 +211,9 @@ def timeline(ctx: click.Context, rundir: Path, as_json: bool, strict: bool) -> N
             ctx.exit(1)
     if as_json:
         doc = result.to_dict()
-        doc["rundir"] = str(run)
+        doc["rundir"] = printable(run)
         doc["skipped"] = len(skips)
-        doc["issues"] = [_issue_dict(s, "skip") for s in skips] + [
-            _issue_dict(n, "note") for n in notes
-        ]
+        doc["issues"] = [_issue_dict(s) for s in skips] + [_issue_dict(n) for n in notes]
         click.echo(json.dumps(doc, indent=2, sort_keys=False))
     else:
         click.echo(render_table(result), nl=False)

@@ -285,7 +285,7 @@ def test_malformed_vcpu_states_lines_are_counted_skips(tmp_path: Path) -> None:
         json.dumps({**good, "vcpu": -1}),
         json.dumps({**good, "tid": "x"}),
         json.dumps({**good, "end_mono_ns": good["start_mono_ns"] - 1}),
-        json.dumps({**good, "start_real_ns": 2**64}),
+        json.dumps({**good, "start_real_ns": 2**63}),
         json.dumps([1, 2]),
     ]
     path.write_text("\n".join(lines + bad) + "\n")

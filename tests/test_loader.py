@@ -35,8 +35,12 @@ def test_skips_are_counted_with_file_and_line(tmp_path: Path) -> None:
     reasons = {(Path(i.path).name, i.line, i.severity): i.reason for i in run.issues}
     name = "guest-events.jsonl"
     assert reasons[(name, 4, "skip")].startswith("not JSON")
-    assert reasons[(name, 5, "skip")] == "stall without an integer 'cpu' and 'duration_ns'"
-    assert reasons[(name, 6, "note")] == "unknown event kind 'new_kind': kept, not analysed"
+    assert reasons[(name, 5, "skip")] == "stall with 'cpu' None not a CPU index in [0, 8192)"
+    at6 = [i.reason for i in run.notes if Path(i.path).name == name and i.line == 6]
+    assert "unknown event kind 'new_kind': kept, not analysed" in at6
+    # seqs 50-52 inserted among low ones: a jump, and then the older seqs going back
+    assert any(r.startswith("seq jumped 1 time (first to 51, 47 missing)") for r in at6)
+    assert any(r.startswith("seq went back") for r in (i.reason for i in run.notes))
     assert reasons[(name, 7, "note")] == (
         "1 stall event from before the recording started (the agent's history) left out"
     )
@@ -84,7 +88,7 @@ def test_garbage_qmp_and_samples(tmp_path: Path) -> None:
     got = sorted((Path(i.path).name, i.reason.split(":")[0]) for i in loaded.skips)
     assert got == [
         ("clock-samples.jsonl", "clock sample without 'clock' and host send/receive times"),
-        ("qmp-src.jsonl", "expected a JSON object"),
+        ("qmp-src.jsonl", "expected a JSON object, got list"),
         ("qmp-src.jsonl", "not JSON"),
     ]
     assert BASE  # the run still analyses

@@ -53,14 +53,13 @@ it (a 32-bit clocksource such as the HPET cannot bridge a gap longer than half i
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import rundir
+from analysis import jsonl, rundir
 from probe.durations import format_duration
 from probe.kmsg_patterns import classify as classify_kmsg
 
@@ -128,18 +127,11 @@ class Outcome:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return jsonl.read_document_quietly(path) or {}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        return list(rundir.read_jsonl(path))
-    except OSError:
-        return []
+    return jsonl.records_quietly(path)
 
 
 def _s(ns: float) -> str:
@@ -167,9 +159,8 @@ def read_consoles(run: Path, injected: list[str]) -> _Console:
     """
     out = _Console()
     for name in SERIAL_LOGS:
-        try:
-            text = (run / name).read_text(errors="replace")
-        except OSError:
+        text = jsonl.read_text_quietly(run / name)
+        if text is None:
             continue
         # The source console shows the boot; the destination's starts after the migration.
         booted = name != "serial-src.log"

@@ -37,14 +37,13 @@ The result is a JSON-ready dict (``lab-summary.json``) and a text rendering
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from analysis import rundir
+from analysis import jsonl, rundir
 from analysis.alignment import stop_request
 from analysis.loader import is_stop_command
 from analysis.timeline import Timeline, build_timeline
@@ -58,9 +57,7 @@ SUMMARY_TXT = "lab-summary.txt"
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return list(rundir.read_jsonl(path))
+    return jsonl.records_quietly(path)
 
 
 def _qemu_time(record: dict[str, Any]) -> int:
@@ -253,7 +250,7 @@ def agent_counters(path: Path) -> dict[str, dict[str, float]]:
     """
     out: dict[str, dict[str, float]] = {"timeout_expirations": {}, "kernel_warnings": {}}
     try:
-        families = list(text_string_to_metric_families(path.read_text()))
+        families = list(text_string_to_metric_families(jsonl.read_text_quietly(path) or ""))
     except (OSError, ValueError):
         return out
     for family in families:
@@ -272,9 +269,7 @@ def summarize(run: Path) -> dict[str, Any]:
     :param run: the run directory.
     :return: a JSON-ready dict (see the module docstring).
     """
-    meta: dict[str, Any] = {}
-    if (run / rundir.META).exists():
-        meta = json.loads((run / rundir.META).read_text())
+    meta: dict[str, Any] = jsonl.read_document_quietly(run / rundir.META) or {}
     lab = meta.get("lab", {})
     qmp = {name: _records(path) for name, path in rundir.qmp_endpoints(run).items()}
     timeline = build_timeline(qmp) if any(qmp.values()) and lab.get("migrates") else None
@@ -282,7 +277,7 @@ def summarize(run: Path) -> dict[str, Any]:
     steps = _records(run / STEPS)
     windows = stopped_windows(qmp, steps)
     clock = ClockMap(_records(run / rundir.CLOCK_SAMPLES), windows)
-    health = json.loads((run / HEALTH).read_text()) if (run / HEALTH).exists() else {}
+    health = jsonl.read_document_quietly(run / HEALTH) or {}
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
 
     seqs = [int(e["seq"]) for e in events if "seq" in e]
