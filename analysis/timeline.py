@@ -105,6 +105,11 @@ record of either file::
     postcopy-active  +929.2ms  3.05s     dst RESUME
     completed        +3.98s    -         dst+src MIGRATION completed
 
+Records the builder cannot use are skips naming the record: an event without a QMP event
+name (upper case, digits, underscores: an event named anything else is not QEMU's),
+a record without a usable time (QEMU's ``timestamp`` or ``host_real_ns`` in (0, 2**63)
+ns), a ``MIGRATION`` event without ``data.status``. Unknown statuses and events are kept.
+
 ``Timeline.phase_at(t)`` finds the phase holding a host realtime ``t`` (half-open
 intervals; an open phase holds everything after its start). ``Timeline.summary()`` gives
 the outcome, total time, downtime (the handover pauses), QEMU's own numbers, and each
@@ -650,6 +655,10 @@ def _qemu_ns(stamp: Any) -> int | None:
     return int(sec) * 1_000_000_000 + int(usec) * 1_000
 
 
+#: What QEMU's event names are made of (QAPI: upper case, digits, underscores).
+_EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
 def _host_ns(value: Any) -> int | None:
     """A record's ``host_real_ns`` when it is a usable time (in (0, 2**63))."""
     return int(value) if _is_int(value) and 0 < value <= MAX_NS else None
@@ -710,6 +719,9 @@ def _parse_event(
     name = rec.get("event")
     if not isinstance(name, str) or not name:
         skip("event record without an 'event' name")
+        return
+    if not _EVENT_NAME.fullmatch(name):
+        skip("event record whose 'event' is not a QMP event name (A-Z, 0-9, _)")
         return
     stamp = _qemu_ns(rec.get("timestamp"))
     clock: Clock

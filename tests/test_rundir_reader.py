@@ -395,3 +395,16 @@ def test_read_document_of_a_missing_file_is_one_issue(tmp_path: Path) -> None:
     issues: list[Issue] = []
     assert read_document(tmp_path / "meta.json", issues.append) is None
     assert issues[0].reason.startswith("cannot read: No such file")
+
+
+def test_an_event_whose_name_is_not_a_qmp_name_is_a_skip(tmp_path: Path) -> None:
+    run = copy(tmp_path)
+    data = lines(run, "qmp-dst.jsonl")
+    i = next(k for k, ln in enumerate(data) if b'"event":"MIGRATION"' in ln)
+    data[i] = data[i].replace(b'"event":"MIGRATION"', b'"event":"\\u0000\\u001b[2J"')
+    write(run, "qmp-dst.jsonl", data)
+    res, _ = timeline_json(run)
+    assert res.exit_code == 0
+    assert f"qmp-dst.jsonl:{i + 1}: event record whose 'event' is not a QMP event name" in (
+        res.stderr
+    )
