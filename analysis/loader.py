@@ -849,7 +849,10 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
     lpath = run / LAB_STEPS
     if os.path.lexists(lpath):
         for line_no, obj in iter_records(lpath, issues.append, dedupe=True):
-            if is_stop_command(obj):
+            why = rundir.stamp_problem(obj)
+            if why is not None:
+                issues.append(Issue(printable(lpath), line_no, why))
+            elif is_stop_command(obj):
                 if _ns(obj.get("host_real_ns")):
                     stop_requests.append(obj)
                 else:

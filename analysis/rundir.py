@@ -177,13 +177,30 @@ def qmp_endpoints(run: Path) -> dict[str, Path]:
     }
 
 
+#: The host stamps every recorder record carries (nanoseconds, int64).
+STAMPS = ("host_real_ns", "host_mono_ns")
+
+
+def stamp_problem(record: dict[str, Any]) -> str | None:
+    """Why a record's host stamps are unusable (present but not an integer in
+    [0, 2**63)), or None. A record without them is left to its reader to judge."""
+    for key in STAMPS:
+        value = record.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 63:
+            return f"'{key}' {str(value)[:24]!r} not an integer in [0, 2**63)"
+    return None
+
+
 def read_qmp(
     run: Path, on_issue: Callable[[Issue], None]
 ) -> tuple[dict[str, list[dict[str, Any]]], Timeline | None]:
     """Read every ``qmp-NAME.jsonl`` of a run and build the timeline from the records.
 
     Records repeating an earlier line byte for byte are duplicates (every record carries
-    the recorder's host times) and are skipped; the timeline's own skips and notes are
+    the recorder's host times) and are skipped, and so are records whose host stamps are
+    not int64 nanoseconds (``stamp_problem``); the timeline's own skips and notes are
     reported at the line of the record they concern.
 
     :param run: the run directory.
@@ -193,7 +210,13 @@ def read_qmp(
     records: dict[str, list[dict[str, Any]]] = {}
     where: dict[str, tuple[str, list[int]]] = {}
     for name, path in qmp_endpoints(run).items():
-        got = list(iter_records(path, on_issue, dedupe=True))
+        got = []
+        for line, obj in iter_records(path, on_issue, dedupe=True):
+            why = stamp_problem(obj)
+            if why is None:
+                got.append((line, obj))
+            else:
+                on_issue(Issue(printable(path), line, why))
         records[name] = [obj for _, obj in got]
         where[name] = (printable(path), [line for line, _ in got])
     if not records:

@@ -408,3 +408,16 @@ def test_an_event_whose_name_is_not_a_qmp_name_is_a_skip(tmp_path: Path) -> None
     assert f"qmp-dst.jsonl:{i + 1}: event record whose 'event' is not a QMP event name" in (
         res.stderr
     )
+
+
+@pytest.mark.parametrize("name", ["qmp-src.jsonl", "qmp-dst.jsonl", "lab-steps.jsonl"])
+def test_host_stamps_past_2_63_are_skips(tmp_path: Path, name: str) -> None:
+    run = copy(tmp_path)
+    data = lines(run, name)
+    i = len(data) - 1
+    data[i] = set_field(data[i], "host_mono_ns", str(2**63).encode())
+    write(run, name, data)
+    res, _ = report(run, tmp_path / "out")
+    no_traceback(res)
+    assert res.exit_code == 0
+    assert f"{name}:{i + 1}: 'host_mono_ns' '9223372036854775808' not an integer" in res.stderr
