@@ -56,12 +56,14 @@ MAX_PRETTY_LINES = 500
 _DOMAIN = r"(?:'(?P<qdom>.*?)'|(?P<dom>\S+))"
 _WITH_TIMESTAMP = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2}) (?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,9}))?"
-    r"(?P<tz>[+-]\d{4}|Z)?: event (?P<event>\S+) for domain " + _DOMAIN + r": (?P<details>.*)$"
+    r"(?P<tz>[+-]\d{4}|Z)?: event (?P<event>\S+) for domain " + _DOMAIN + r": (?P<details>.*)$",
+    re.ASCII,
 )
 _WITH_QEMU_TIME = re.compile(
     r"^event (?P<event>\S+) at (?P<sec>-?\d+)\.(?P<usec>\d{1,6}) for domain "
     + _DOMAIN
-    + r": (?P<details>.*)$"
+    + r": (?P<details>.*)$",
+    re.ASCII,
 )
 _VIRSH_CHATTER = re.compile(
     r"^(event loop interrupted|event loop timed out|events received: \d+)\s*$"
@@ -105,8 +107,12 @@ def _parse_header(line: str, line_no: int) -> _Header | None:
         match = _WITH_QEMU_TIME.match(line)
         if match is None:
             return None
+        if len(match["sec"]) > 12:
+            raise LibvirtFormatError(f"QEMU time {match['sec'][:20]!r}... out of range")
         real_ns = int(match["sec"]) * 1_000_000_000 + int(match["usec"].ljust(6, "0")) * 1000
         source = "qemu"
+    if not 0 <= real_ns < 1 << 63:
+        raise LibvirtFormatError(f"time {real_ns // 1_000_000_000} s is not in 1970-2262")
     domain = match["qdom"] if match["qdom"] is not None else match["dom"]
     return _Header(match["event"], domain, real_ns, source, line_no, [match["details"]])
 

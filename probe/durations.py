@@ -100,13 +100,17 @@ def format_duration(ns: int | float) -> str:
     """Format nanoseconds with the largest unit that keeps the number >= 1.
 
     :param ns: a duration in nanoseconds (may be negative).
-    :return: e.g. ``'1.5s'``, ``'700ms'``, ``'-2.5ms'``, ``'800us'``.
+    :return: e.g. ``'1.5s'``, ``'700ms'``, ``'-2.5ms'``, ``'800us'``, ``'86400s'``; it
+        parses back with ``parse_duration`` to within its fourth digit.
     """
     sign = "-" if ns < 0 else ""
     value = abs(ns)
     for unit, scale in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
         if value >= scale:
-            return f"{sign}{value / scale:.4g}{unit}"
+            number = value / scale
+            # four significant digits, but never an exponent: 12345s, not 1.234e+04s
+            shown = f"{number:.4g}" if number < 9999.5 else f"{number:.0f}"
+            return f"{sign}{shown}{unit}"
     return f"{sign}{value:.0f}ns"
 
 

@@ -13,8 +13,10 @@ anywhere in the record's text, so the subsystem prefix the kernel adds with ``pr
 ("watchdog: ", "rcu: ", "clocksource: ", "tsc: "), an older kernel's prefix ("NMI watchdog: ")
 or a syslog-style prefix of a userspace writer does not matter; ``fields`` names the
 regex groups to keep and how to convert them (a group that did not take part is left
-out); ``const`` adds fixed fields (which RCU report it was). The first row that matches
-wins, so rows that could overlap are ordered most specific first.
+out, and so is a number too long to convert: the kernel prints 64-bit values, a line of
+5,000 digits is someone else's); regexes are ASCII (a digit is 0-9 only); ``const``
+adds fixed fields (which RCU report it was). The first row that matches wins, so rows
+that could overlap are ordered most specific first.
 
 Kinds (``WARNING_KINDS``):
 
@@ -106,7 +108,7 @@ def _p(
     const: tuple[tuple[str, FieldValue], ...] = (),
     source: str = "",
 ) -> Pattern:
-    return Pattern(kind, re.compile(regex), fields, const, source)
+    return Pattern(kind, re.compile(regex, re.ASCII), fields, const, source)
 
 
 _RCU_FLAVOR = r"(?P<flavor>\S+)"
@@ -260,7 +262,11 @@ def classify(text: str) -> Match | None:
         fields: dict[str, FieldValue] = dict(pattern.const)
         for name, convert in pattern.fields:
             value = found.group(name)
-            if value is not None:
+            if value is None:
+                continue
+            try:
                 fields[name] = convert(value)
+            except ValueError:  # more digits than int() converts
+                continue
         return Match(pattern.kind, fields)
     return None
