@@ -106,9 +106,12 @@ record of either file::
     completed        +3.98s    -         dst+src MIGRATION completed
 
 Records the builder cannot use are skips naming the record: an event without a QMP event
-name (upper case, digits, underscores: an event named anything else is not QEMU's),
-a record without a usable time (QEMU's ``timestamp`` or ``host_real_ns`` in (0, 2**63)
-ns), a ``MIGRATION`` event without ``data.status``. Unknown statuses and events are kept.
+name (upper case, digits, underscores: an event named anything else is not QEMU's), a
+record whose ``type`` is not a record type's name (lower case, digits, ``_`` and ``-``,
+at most 64: the recorder's types and any later one), a record without a usable time
+(QEMU's ``timestamp`` or ``host_real_ns`` in (0, 2**63) ns), a ``MIGRATION`` event
+without ``data.status``, a ``MIGRATION_PASS`` whose ``data.pass`` is not a QAPI ``int``
+in [0, 2**63). Unknown statuses, events and record types are kept.
 
 ``Timeline.phase_at(t)`` finds the phase holding a host realtime ``t`` (half-open
 intervals; an open phase holds everything after its start). ``Timeline.summary()`` gives
@@ -657,6 +660,8 @@ def _qemu_ns(stamp: Any) -> int | None:
 
 #: What QEMU's event names are made of (QAPI: upper case, digits, underscores).
 _EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+#: What the recorder's record types are made of (``event``, ``reply``, ``timeout``, ...).
+_RECORD_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 def _host_ns(value: Any) -> int | None:
@@ -688,6 +693,9 @@ def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
         kind = rec.get("type")
         if not isinstance(kind, str) or not kind:
             skip("record without a 'type'")
+            continue
+        if not _RECORD_TYPE.fullmatch(kind):
+            skip("record whose 'type' is not a record type name (a-z, 0-9, _, -)")
             continue
         host_ns = _host_ns(rec.get("host_real_ns"))
         if kind == "event":
@@ -748,8 +756,8 @@ def _parse_event(
         ep.events.append(_Report(mark, status, "event"))
     elif name == "MIGRATION_PASS":
         number = data.get("pass") if isinstance(data, Mapping) else None
-        if not _is_int(number):
-            skip("MIGRATION_PASS event without an integer data.pass")
+        if not _is_int(number) or not 0 <= number <= MAX_NS:
+            skip("MIGRATION_PASS event whose data.pass is not an integer in [0, 2**63)")
             return
         ep.passes.append((mark, int(number)))
     elif name == "STOP":
