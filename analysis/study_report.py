@@ -587,8 +587,24 @@ def regime_claim(regimes: list[str], threads: list[str]) -> str:
     )
 
 
+def _stop_not_applied(agg: dict[str, Any]) -> bool:
+    """A paused-stop cell whose vCPUs QEMU did not stop for most of the hold (through
+    libvirt 9.0, ``virsh suspend`` on the destination waits for the migration job)."""
+    stopped = _median(agg["vcpus_stopped_ms"])
+    return (
+        agg["scenario"] == "paused-stop" and stopped is not None and (stopped < agg["hold_ms"] / 2)
+    )
+
+
 def _describe(agg: dict[str, Any]) -> str:
     parts = [f"{agg['policy']} ({agg['scenario']}): {agg['outcome_text']}"]
+    if _stop_not_applied(agg):
+        parts.append(
+            "but the policy did not take effect: QEMU had the vCPUs stopped "
+            f"{_s(_median(agg['vcpus_stopped_ms']) or 0.0)} in all (median), less than half "
+            "the hold, so they ran through the pause (each run's lab-steps.jsonl and "
+            "meta.json say why)"
+        )
     worst = _worst_stall(agg)
     if worst is not None and worst > 0:
         parts.append(f"longest guest stall {_s(worst)} (median over runs, worst CPU)")
@@ -685,6 +701,11 @@ def verdicts(aggs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         sentences = [_describe(a) for a in by_scenario.values()]
         run, stop = by_scenario.get("paused"), by_scenario.get("paused-stop")
         comparison = _compare(run, stop) if run and stop else None
+        if stop and _stop_not_applied(stop):
+            comparison = (
+                "No comparison of the policies: in the paused-stop runs the vCPUs were not "
+                "stopped for the pause, so both kept them running."
+            )
         out.append(
             {
                 "hold_ms": hold,

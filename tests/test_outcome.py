@@ -258,3 +258,38 @@ def test_derived_lab_errors(tmp_path: Path) -> None:
 
 def test_exit_codes_are_distinct_and_leave_1_and_2_to_the_tool() -> None:
     assert EXIT_CODES == {"recovered": 0, "degraded": 3, "not-recovered": 4, "lab-error": 5}
+
+
+def test_derived_recovery_that_never_came_is_not_recovered_not_a_lab_error(
+    tmp_path: Path,
+) -> None:
+    # A libvirt run whose --postcopy-resume left the destination in postcopy-paused
+    # (analysis/lab/libvirt.py): the lab wrote recovery_failed, then lab_error, and ended
+    # the run before the health check, its destination monitor unanswered.
+    run = _copy(RECOVERED, tmp_path)
+    (run / "lab-health.json").unlink()
+    error = "dst did not reach postcopy-active or completed within 60 s (last: postcopy-paused)"
+    for record in (
+        {"type": "recovery_failed", "command": "virsh migrate --postcopy-resume",
+         "waited_s": 60.0, "paused_for_s": 63.2, "error": error},
+        {"type": "lab_error", "error": error},
+    ):  # fmt: skip
+        _append(run / "lab-steps.jsonl", json.dumps(record) + "\n")
+    for i, command in enumerate(("query-migrate", "query-migrate", "query-status")):
+        timeout = {"type": "timeout", "command": command, "timeout_ns": 1_000_000_000,
+                   "sent_mono_ns": i, "host_real_ns": i, "host_mono_ns": i}  # fmt: skip
+        _append(run / "qmp-dst.jsonl", json.dumps(timeout) + "\n")
+    outcome = classify(run)
+    assert outcome.name == "not-recovered"
+    assert outcome.evidence == (
+        "lab-steps.jsonl: the migration was never recovered: virsh migrate --postcopy-resume"
+        f" did not take the destination out of postcopy-paused in 60.0 s ({error}); the guest"
+        " stayed on a destination missing pages",
+        # the recorded run's own monitor timeout (a query-migrate during its pause) and ours
+        "qmp-dst.jsonl: the destination's monitor left 4 commands unanswered past the"
+        " recorder's timeout (query-migrate 3, query-status 1)",
+    )
+    # Without the recovery_failed step the same run is the lab's error.
+    steps = (run / "lab-steps.jsonl").read_text().splitlines(keepends=True)
+    (run / "lab-steps.jsonl").write_text("".join(s for s in steps if "recovery_failed" not in s))
+    assert classify(run).name == "lab-error"

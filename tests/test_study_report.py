@@ -155,6 +155,31 @@ def test_verdict_compares_the_policies_and_states_the_regime() -> None:
     assert "What it cannot claim" in single
 
 
+def test_a_stop_that_did_not_happen_is_said_and_not_compared() -> None:
+    # Through libvirt 9.0, virsh suspend on the destination waits for the migration job:
+    # a paused-stop run whose vCPUs QEMU stopped only at the switchover (206 ms of a 30 s
+    # hold) did not apply the policy; one stopped for the hold did.
+    cells = _agg("paused", {"not-recovered": 2}, 30500.0, 100.0)
+    stop = _agg("paused-stop", {"not-recovered": 2}, 0.0, 33000.0)
+    for cell in cells + stop:
+        cell["vcpus_stopped_ms"] = 206.0
+    (v,) = verdicts(aggregate(cells + stop))
+    assert v["comparison"] == (
+        "No comparison of the policies: in the paused-stop runs the vCPUs were not "
+        "stopped for the pause, so both kept them running."
+    )
+    assert (
+        "but the policy did not take effect: QEMU had the vCPUs stopped 206 ms"
+        in (v["policies"][1])
+    )
+    assert "did not take effect" not in v["policies"][0]
+    for cell in stop:
+        cell["vcpus_stopped_ms"] = 30300.0
+    (v,) = verdicts(aggregate(cells + stop))
+    assert "did not take effect" not in v["policies"][1]
+    assert not v["comparison"].startswith("No comparison")
+
+
 @pytest.fixture
 def recorded(tmp_path: Path) -> Path:
     if not RECORDED.exists():

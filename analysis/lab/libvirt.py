@@ -50,7 +50,9 @@ loop, and under TCG that loop can block for the whole pause (a guest page it or 
 vCPU holding QEMU's lock touches has not arrived). Then tsprobe's own monitor there
 stops answering about 1 s into the pause, and ``--postcopy-resume`` never gets the
 destination past postcopy-paused (80 s, then "Unable to read from monitor: Connection
-reset by peer" when the lab destroys the domain): the run is a lab-error. On QEMU 7.2.22
+reset by peer" when the lab destroys the domain). That is a result, not the lab's failure:
+after ``RECOVERY_WAIT_S`` the lab writes a ``recovery_failed`` step and ends the run, and
+its outcome is ``not-recovered`` with that evidence (``analysis.lab.outcome``). On QEMU 7.2.22
 under single-threaded TCG that happened in 3 of 5 ``paused`` runs (keeping the agent's
 requests off the destination during the pause did not prevent it) and in 2 of 3
 ``paused-stop`` runs. The lab's own runs send ``migrate-recover`` out-of-band.
@@ -128,6 +130,9 @@ VIRSH_TIMEOUT_S = 30.0
 #: libvirt's wait for a domain's job before "cannot acquire state change lock".
 LIBVIRT_JOB_WAIT_S = 30.0
 JOBINFO_PERIOD_S = 1.0
+#: How long the destination may stay in postcopy-paused after ``--postcopy-resume``
+#: before the recovery counts as failed (a ``recovery_failed`` step: the guest's outcome).
+RECOVERY_WAIT_S = 60.0
 COMMANDS = "libvirt-commands.txt"
 JOBINFO = "libvirt-domjobinfo.txt"
 TOOLS = ("virsh", "libvirtd", "unshare", "stdbuf")
@@ -784,7 +789,24 @@ class LibvirtScenario(Scenario):
         resume = asyncio.ensure_future(
             self.avirsh("src", *self._migrate_args(resume=True), timeout_s=timeout_s)
         )
-        await self._wait_or_fail(resume, "dst", ("postcopy-active", "completed"), 60)
+        try:
+            await self._wait_or_fail(
+                resume, "dst", ("postcopy-active", "completed"), RECOVERY_WAIT_S
+            )
+        except ScenarioError as err:
+            # Not the lab's failure: the management stack could not recover the migration,
+            # and the guest is left on a destination missing pages (analysis.lab.outcome).
+            if self.steps is not None:
+                self.steps.write_stamped(
+                    {
+                        "type": "recovery_failed",
+                        "command": "virsh migrate --postcopy-resume",
+                        "waited_s": RECOVERY_WAIT_S,
+                        "paused_for_s": round(time.monotonic() - t_paused, 1),
+                        "error": str(err),
+                    }
+                )
+            raise
         if suspend is not None:
             await self._after_suspend(suspend, resume)
         return resume

@@ -15,6 +15,9 @@ Outcomes, the first that applies:
     (no lab-health.json), the final QEMU exited, a migration did not complete, or the
     memory workload found pages that lost a write (QEMU corrupted the guest).
 ``not-recovered`` (4)
+    the migration was never recovered (a ``recovery_failed`` step: the management stack's
+    recovery left the destination in postcopy-paused, so the guest never ran whole again;
+    the lab ended the run there, without a health check), or
     in the settle time after the disturbance (``lab-health.json`` ``settle_s``: from the
     agent's first answer) the guest did not come back: a CPU took no sample, the agent did
     not answer, a probe stayed down, the guest's clock stood still while the guest answered
@@ -292,6 +295,8 @@ def _lab_errors(
     summary: dict[str, Any],
 ) -> list[str]:  # fmt: skip
     lab = meta.get("lab") or {}
+    if any(s.get("type") == "recovery_failed" for s in steps):
+        return []  # the run ended on the guest's fate, not the lab's (recovery_evidence)
     out = [
         f"lab-steps.jsonl: the lab stopped: {s.get('error')}"
         for s in steps
@@ -314,6 +319,30 @@ def _lab_errors(
         out.append(
             f"lab-health.json: {memory['bad_pages']} of {memory.get('pages')} workload pages "
             "lost a write (QEMU corrupted the guest's memory)"
+        )
+    return out
+
+
+def recovery_evidence(run: Path, steps: list[dict[str, Any]]) -> list[str]:
+    """Why a migration paused in postcopy was never recovered, from a ``recovery_failed``
+    step (the management stack's recovery did not take the destination out of
+    postcopy-paused) and the destination monitor's unanswered commands; [] when none."""
+    failed = next((s for s in steps if s.get("type") == "recovery_failed"), None)
+    if failed is None:
+        return []
+    out = [
+        f"lab-steps.jsonl: the migration was never recovered: {failed.get('command')} did not "
+        f"take the destination out of postcopy-paused in {failed.get('waited_s')} s "
+        f"({failed.get('error')}); the guest stayed on a destination missing pages"
+    ]
+    dst = rundir.qmp_endpoints(run).get("dst")
+    late = [r for r in jsonl.records_quietly(dst) if r.get("type") == "timeout"] if dst else []
+    if late:
+        commands = Counter(str(r.get("command")) for r in late)
+        out.append(
+            f"{dst.name if dst else 'qmp-dst.jsonl'}: the destination's monitor left "
+            f"{len(late)} command{'s' if len(late) != 1 else ''} unanswered past the "
+            f"recorder's timeout ({', '.join(f'{c} {n}' for c, n in commands.most_common())})"
         )
     return out
 
@@ -376,10 +405,12 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
     if errors:
         return Outcome("lab-error", tuple(errors), warnings, clocksource, details)
 
-    broken: list[str] = []
+    broken = recovery_evidence(run, steps)
     vcpus = int(lab.get("vcpus") or len(rates) or 0)
     idle = [c for c in map(str, range(vcpus)) if rates.get(c, 0.0) <= 0.0]
-    if health.get("answer_s") is None:
+    if not health and broken:
+        pass  # the run ended before a health check: the recovery's evidence says it all
+    elif health.get("answer_s") is None:
         problem = next(
             (p for p in health.get("problems") or [] if "does not answer" in str(p)),
             "the agent did not answer",
