@@ -170,26 +170,27 @@ def _file_edit(
     return apply
 
 
-def _replace_number(value: bytes) -> Callable[[bytes, random.Random], bytes | None]:
+def _replace_value(
+    fields: Callable[[bytes], list[re.Match[bytes]]], value: bytes
+) -> Callable[[bytes, random.Random], bytes | None]:
+    """An edit that puts ``value`` in place of one random field's value (``fields``)."""
+
     def edit(line: bytes, rng: random.Random) -> bytes | None:
-        found = _numeric_fields(line)
+        found = fields(line)
         if not found:
             return None
         m = rng.choice(found)
         return line[: m.start(2)] + value + line[m.end(2) :]
 
     return edit
+
+
+def _replace_number(value: bytes) -> Callable[[bytes, random.Random], bytes | None]:
+    return _replace_value(_numeric_fields, value)
 
 
 def _replace_string(value: bytes) -> Callable[[bytes, random.Random], bytes | None]:
-    def edit(line: bytes, rng: random.Random) -> bytes | None:
-        found = _string_fields(line)
-        if not found:
-            return None
-        m = rng.choice(found)
-        return line[: m.start(2)] + value + line[m.end(2) :]
-
-    return edit
+    return _replace_value(_string_fields, value)
 
 
 def _replace_field(key: bytes, value: bytes) -> Callable[[bytes, random.Random], bytes | None]:
