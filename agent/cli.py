@@ -24,9 +24,10 @@ import click
 
 from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
-from agent.main import CANARY_NAMES, DEFAULT_CANARIES, Agent, AgentConfig, resolve_cpus
+from agent.main import Agent, AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
+from probe.canary import DEFAULT_CANARIES, parse_canaries
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import LogSpecError, ProbeUnavailable
 from probe.procfs import parse_cpu_list
@@ -69,7 +70,7 @@ class ParsedType(_AnyBase):
 
 
 class CanariesType(_NamesBase):
-    """``none`` or a comma-separated list of canary names."""
+    """``none`` or a comma-separated list of canary names (``probe.canary.parse_canaries``)."""
 
     name = "CANARIES"
 
@@ -78,16 +79,10 @@ class CanariesType(_NamesBase):
     ) -> tuple[str, ...]:
         if isinstance(value, tuple):
             return value
-        names = [part.strip() for part in str(value).split(",") if part.strip()]
-        if names == ["none"]:
-            return ()
-        if not names:
-            self.fail("expected canary names or 'none'", param, ctx)
-        for name in names:
-            if name not in CANARY_NAMES:
-                allowed = ", ".join((*CANARY_NAMES, "none"))
-                self.fail(f"unknown canary {name!r}: choose from {allowed}", param, ctx)
-        return tuple(dict.fromkeys(names))
+        try:
+            return parse_canaries(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class LogSpecType(_TextBase):

@@ -64,6 +64,7 @@ from agent.metrics import (
 from agent.workers import stop_fork_server
 from probe import __version__
 from probe.base import Health, Probe, now_pair
+from probe.canary import CANARY_NAMES, DEFAULT_CANARIES
 from probe.errors import LogSpecError
 from probe.events import RawEvent
 from probe.logwatch import parse_log_spec
@@ -76,10 +77,6 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
     "clock": ("clock", "adjtimex", "ptp"),
     "kmsg": ("kmsg",),
 }
-#: Canary names the command line accepts.
-CANARY_NAMES = ("timer", "heartbeat", "rpc")
-#: The canaries that run unless told otherwise (the agent's and the lab guest's).
-DEFAULT_CANARIES = ("timer", "heartbeat")
 #: The probe name of the log watcher (``--watch-log``).
 LOGWATCH = "logwatch"
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.prom_source import fetch_tables
-from analysis.prom_tables import BEFORE_PHASE, PromTables
-from analysis.timeline_cli import load_run
+from analysis.analyze.cli import load_run
+from analysis.prom.source import fetch_tables
+from analysis.prom.tables import BEFORE_PHASE, PromTables
 from tests.liveagent import free_port, http_get, live_agent, stop_process
 from tests.liveprom import PROMETHEUS, PROMTOOL, LiveProm, live_prometheus
 from tests.qemu_helpers import QEMU, Controller, make_blob, qemu_pair

@@ -12,7 +12,7 @@ How it fits together (``tsprobe lab run --scenario NAME --out RUNDIR``)::
           |                      serial console to a file, user-mode net with hostfwd on
           |                      127.0.0.1 (agent 9466, lab hooks 9467), two QMP sockets each
           v
-    scenarios.Scenario.run()     waits for the agent, starts analysis.recorder.Recorder on
+    scenarios.Scenario.run()     waits for the agent, starts analysis.record.recorder.Recorder on
           |                      one monitor per QEMU and on the agent (through
           |                      proxy.Forwarder, which follows the guest to the destination),
           |                      drives QEMU on the other monitor (timeouts, OOB), checks the
@@ -69,7 +69,7 @@ What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1
   healthy, no workload page lost a write (12 runs; 2048 pages checked 94 to 102 times in
   precopy, 16384 pages 38 to 53 times in the postcopy ones). 10.0 reports ``device``
   right after the STOP of the switchover and ``postcopy-recover-setup`` on the source
-  (``analysis.timeline`` rules 2 and 7). Multi-threaded TCG forced on 7.2.22 lost no
+  (``analysis.analyze.timeline`` rules 2 and 7). Multi-threaded TCG forced on 7.2.22 lost no
   write the workload could see either (precopy 8M x4 and 2M x3, postcopy x3, paused x3):
   the workload's check finds a stale page (tests/test_lab_workload.py writes one), but
   these runs never made one.

@@ -2,7 +2,7 @@
 
 Every scenario boots the cached guest in a source QEMU (and, when it migrates, starts a
 destination with ``-incoming defer``), waits until the agent's probes are up, then
-records with ``analysis.recorder.Recorder`` (QMP of both QEMUs on their own monitors, the
+records with ``analysis.record.recorder.Recorder`` (QMP of both QEMUs on their own monitors, the
 agent through ``analysis.lab.proxy.Forwarder``, which follows the guest to the
 destination) while it drives QEMU over a second monitor per QEMU (``Control``: every
 command with a timeout, out-of-band where the main loop may be stuck). Then it checks the
@@ -120,18 +120,18 @@ from typing import Any, TextIO, cast
 from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
-from agent.main import DEFAULT_CANARIES
 from analysis import rundir
 from analysis.errors import RecorderError
-from analysis.exporter import ExporterServer, MigrationExporter, parse_listen
 from analysis.lab import qemu as lq
 from analysis.lab.errors import LabError, QemuError, ScenarioError
 from analysis.lab.guest import Guest, build_guest
 from analysis.lab.proxy import Forwarder
 from analysis.lab.summary import AGENT_METRICS, HEALTH, STEPS, render, write_summary
-from analysis.qmp_endpoint import StatusChange
-from analysis.recorder import Recorder
+from analysis.record.exporter import ExporterServer, MigrationExporter, parse_listen
+from analysis.record.qmp_endpoint import StatusChange
+from analysis.record.recorder import Recorder
 from analysis.rundir import JsonlWriter, host_now
+from probe.canary import DEFAULT_CANARIES
 
 #: The clocksources an x86_64 Linux kernel registers (``clocksource=`` takes one of them;
 #: the kernel ignores any other name). Which are available depends on the machine:

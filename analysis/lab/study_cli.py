@@ -1,6 +1,6 @@
 """``tsprobe lab study`` and ``tsprobe lab study-report``: the policy study's commands.
 
-The runner is ``analysis.lab.study``, the report ``analysis.study_report``; both are
+The runner is ``analysis.lab.study``, the report ``analysis.report.study``; both are
 imported when a command runs. Exit status of ``lab study``: 0 when every planned run has
 ended (runs that ended in ``lab-error`` included: they are listed, and ``--resume
 --retry-errors`` runs them again), 1 for a study that cannot start (one line: another
@@ -68,8 +68,7 @@ def _check_passed(
 ) -> None:
     """Check the options passed to every lab run the way lab run checks them, before the
     first run, so a bad value is one usage line instead of a study of lab errors."""
-    from agent.cli import CanariesType
-    from analysis.options import parse_size
+    from analysis.options import check_canaries, parse_size
 
     if workload is not None and workload.strip() != "0":
         parse_size(workload, "--workload")
@@ -83,7 +82,7 @@ def _check_passed(
         except DurationError as err:
             raise click.BadParameter(str(err), param_hint="--baseline") from None
     if canaries is not None:
-        CanariesType().convert(canaries, None, None)
+        check_canaries(None, None, canaries)
 
 
 def _holds(text: str) -> tuple[int, ...]:
@@ -290,7 +289,7 @@ def study_cmd(
 
 def _report(out: Path) -> None:
     from analysis.lab.errors import LabError
-    from analysis.study_report import write_reports
+    from analysis.report.study import write_reports
 
     try:
         paths = write_reports(out)

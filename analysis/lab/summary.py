@@ -2,7 +2,7 @@
 
 ``summarize(rundir)`` reads what ``tsprobe lab run`` left there and answers:
 
-- phases: ``analysis.timeline.build_timeline`` over ``qmp-*.jsonl`` (none for the stall
+- phases: ``analysis.analyze.timeline.build_timeline`` over ``qmp-*.jsonl`` (none for the stall
   scenarios, which do not migrate);
 - the guest's stalls per CPU and per phase. A stall's start is a guest CLOCK_REALTIME
   reading; it is put on the host's clock with the offset of the last ``/clock`` sample
@@ -43,10 +43,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from analysis import jsonl, rundir
-from analysis.alignment import stop_request
-from analysis.loader import is_stop_command
-from analysis.timeline import Timeline, build_timeline
+from analysis import rundir
+from analysis.analyze.alignment import stop_request
+from analysis.analyze.load import is_stop_command
+from analysis.analyze.timeline import Timeline, build_timeline
+from analysis.rundir import jsonl
 from probe.durations import format_duration
 
 STEPS = "lab-steps.jsonl"
@@ -74,7 +75,7 @@ def stopped_windows(
 
     :param qmp: records per endpoint.
     :param steps: ``lab-steps.jsonl``: its ``stop`` commands date the freezes they caused
-        (``requested_ns``; see ``analysis.alignment.stop_request``).
+        (``requested_ns``; see ``analysis.analyze.alignment.stop_request``).
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
         order (an unterminated STOP has ``end_ns`` None).
     """

@@ -1,6 +1,6 @@
 """``tsprobe timeline RUNDIR``: print the phases of a recorded migration.
 
-This is the I/O half of ``analysis.timeline``: it reads every ``qmp-NAME.jsonl`` of a run
+This is the I/O half of ``analysis.analyze.timeline``: it reads every ``qmp-NAME.jsonl`` of a run
 directory, hands the records to the pure ``build_timeline``, and prints the result as a
 table (or, with ``--json``, as one JSON document)::
 
@@ -35,10 +35,10 @@ from typing import Any
 
 import click
 
+from analysis.analyze.timeline import Phase, Timeline, build_timeline
 from analysis.errors import RunDirError
-from analysis.jsonl import Issue, printable
 from analysis.rundir import qmp_endpoints, read_qmp, require_rundir
-from analysis.timeline import Phase, Timeline, build_timeline
+from analysis.rundir.jsonl import Issue, printable
 from probe.durations import format_duration
 
 

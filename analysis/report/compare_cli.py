@@ -1,7 +1,7 @@
 """``tsprobe compare RUNDIR RUNDIR... --out DIR``: runs side by side.
 
 Each run is loaded and analysed as ``tsprobe report`` does (skipped lines are reported
-per run); ``analysis.compare`` writes ``comparison.html``, ``comparison.md`` and
+per run); ``analysis.report.compare`` writes ``comparison.html``, ``comparison.md`` and
 ``comparison.json`` into ``--out``. Runs are named after their directories (``--name``
 overrides, once per run, in order).
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from analysis.options import OutDir
-from analysis.report_cli import load_or_exit
+from analysis.report.cli import load_or_exit
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,8 +38,8 @@ def compare(
       tsprobe compare runs/paused runs/paused-stop --out cmp
       tsprobe compare a b c --name precopy --name postcopy --name paused --out cmp
     """
-    from analysis.attribution import analyse
-    from analysis.compare import write_comparison
+    from analysis.analyze.attribution import analyse
+    from analysis.report.compare import write_comparison
 
     if names and len(names) != len(rundirs):
         click.echo(f"tsprobe: {len(names)} --name for {len(rundirs)} runs", err=True)

@@ -59,12 +59,12 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from analysis import rundir
-from analysis.agent_client import AgentRecorder, check_agent_url
 from analysis.errors import RecorderError
-from analysis.libvirt_events import LibvirtEventReader
-from analysis.qmp_endpoint import QmpEndpoint, StatusChange, format_address, parse_address
+from analysis.record.agent_client import AgentRecorder, check_agent_url
+from analysis.record.libvirt_events import LibvirtEventReader
+from analysis.record.qmp_endpoint import QmpEndpoint, StatusChange, format_address, parse_address
+from analysis.record.vcpu_sampler import VcpuSampler
 from analysis.rundir import JsonlWriter, host_now
-from analysis.vcpu_sampler import VcpuSampler
 
 #: Statuses after which a migration is over.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})

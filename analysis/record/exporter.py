@@ -2,7 +2,7 @@
 
 Prometheus scrapes the guest's agent for what the guest felt; this exporter gives it the
 host's side, QEMU's migration state per QMP endpoint, so Grafana can lay the phases over
-the guest's stalls (deploy/grafana/tsprobe-dashboard.json) and ``analysis.prom_source``
+the guest's stalls (deploy/grafana/tsprobe-dashboard.json) and ``analysis.prom.source``
 can cut a Prometheus time range into phases.
 
 How it is fed
@@ -14,7 +14,7 @@ holds, nothing more: MIGRATION events (the status, with QEMU's timestamp), STOP 
 the polled ``query-migrate`` replies (bytes, rates, downtime, blocktime) and
 ``query-status`` replies (running or not), ``connected``, ``closed`` and ``timeout``
 records. A poll reply whose request was sent before the last MIGRATION event carries an
-older status than the event and does not override it (as in ``analysis.qmp_endpoint``).
+older status than the event and does not override it (as in ``analysis.record.qmp_endpoint``).
 The recorder writes a poll reply only when it changed, so the latest reply seen is the
 latest QEMU gave.
 
@@ -77,8 +77,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from analysis.analyze.timeline import KNOWN_STATUSES
 from analysis.errors import RecorderError
-from analysis.timeline import KNOWN_STATUSES
 from probe.addresses import split_host_port
 from probe.errors import AddressError
 

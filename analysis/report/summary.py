@@ -3,7 +3,7 @@
 ``build_summary(analysis)`` is the JSON document (schema in docs/summary-schema.md,
 ``schema_version`` ``SCHEMA_VERSION``); ``render_markdown`` and ``render_html`` turn the
 same document into tables. The HTML file is self-contained: inline CSS, plots embedded as
-base64 PNG (``analysis.report_plots``), no script, nothing fetched: it opens offline and
+base64 PNG (``analysis.report.plots``), no script, nothing fetched: it opens offline and
 can be attached to a ticket. ``write_report`` writes all three.
 
 A lab run's guest outcome (``lab-outcome.json``, ``analysis.lab.outcome``) leads all three:
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from analysis import rundir
-from analysis.attribution import CAUSES_DOC, Analysis
-from analysis.findings import findings
-from analysis.host_vcpu import STATES, HostTruth, state_ms
-from analysis.jsonl import read_document_quietly
-from analysis.report_plots import sensitivity_png, timeline_png
+from analysis.analyze.attribution import CAUSES_DOC, Analysis
+from analysis.analyze.findings import findings
+from analysis.analyze.host_vcpu import STATES, HostTruth, state_ms
+from analysis.report.plots import sensitivity_png, timeline_png
+from analysis.rundir.jsonl import read_document_quietly
 from probe.durations import format_duration
 
 SCHEMA_VERSION = 1

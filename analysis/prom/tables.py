@@ -1,9 +1,9 @@
 """Per-phase stall and timeout tables from Prometheus range-query results (pure, no I/O).
 
-``analysis.prom_source`` asks Prometheus for the agent's counters over a time range with
+``analysis.prom.source`` asks Prometheus for the agent's counters over a time range with
 ``/api/v1/query_range``; ``build_tables`` turns those answers (the JSON exactly as
 Prometheus returns it) and a list of phase windows into the tables a report prints. It
-is the metrics-only twin of ``analysis.attribution``, for fleets where only Prometheus kept
+is the metrics-only twin of ``analysis.analyze.attribution``, for fleets where only Prometheus kept
 the data, and it is coarser. What a range query gives, and what follows from it:
 
 * A range query evaluates the expression at ``start, start + step, ...``; a plain selector
@@ -47,7 +47,7 @@ from typing import Any
 from analysis.errors import PrometheusError
 from probe.durations import format_duration
 
-#: The phase window before the first phase (as ``analysis.attribution`` names it).
+#: The phase window before the first phase (as ``analysis.analyze.attribution`` names it).
 BEFORE_PHASE = "before migration"
 #: The window after the last phase ended (a recording that stopped mid-migration).
 AFTER_PHASE = "after the last phase"

@@ -3,9 +3,9 @@
 For fleets where only metrics were kept: ``fetch_tables(url, instance, start, end)`` asks
 a Prometheus server for one agent's counters over ``[start, end]`` and returns the same
 kind of per-phase x per-CPU tables the event-log report has, coarser
-(``analysis.prom_tables`` says exactly how; ``PromTables.note`` is the sentence for the
-report). The arithmetic is pure and lives in ``analysis.prom_tables`` and
-``analysis.prom_phases``; this module only does the HTTP.
+(``analysis.prom.tables`` says exactly how; ``PromTables.note`` is the sentence for the
+report). The arithmetic is pure and lives in ``analysis.prom.tables`` and
+``analysis.prom.phases``; this module only does the HTTP.
 
 The queries (``SEL`` is ``{instance="INSTANCE"}``), all ``/api/v1/query_range``:
 
@@ -49,11 +49,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from analysis.analyze.timeline import Timeline
 from analysis.errors import PrometheusError, RunDirError
-from analysis.prom_phases import timeline_from_exporter, windows_from_phases
-from analysis.prom_tables import PromTables, Series, build_tables, parse_matrix
+from analysis.prom.phases import timeline_from_exporter, windows_from_phases
+from analysis.prom.tables import PromTables, Series, build_tables, parse_matrix
 from analysis.rundir import require_rundir
-from analysis.timeline import Timeline
 from probe.durations import parse_duration
 from probe.errors import DurationError
 
@@ -224,7 +224,7 @@ def _phases(
 ) -> tuple[Timeline | None, str]:
     start, end, step = window
     if run is not None:
-        from analysis.timeline_cli import load_run  # the run-directory reader
+        from analysis.analyze.cli import load_run  # the run-directory reader
 
         try:
             timeline = load_run(require_rundir(run), lambda _skip: None, lambda _note: None)

@@ -20,9 +20,9 @@ kinds (``kernel_warning``, ``clock_step``, ``agent_start``, unknown kinds) stay 
 A *lane* is one sampled CPU of one agent (``Lane``): with one agent, lane ``i`` is simply
 ``CPU n``.
 
-Every file is read through ``analysis.jsonl`` (one line at a time, bounded, never blocking
+Every file is read through ``analysis.rundir.jsonl`` (one line at a time, bounded, never blocking
 on a FIFO; its docstring has the rules) and every guest event is checked by its model in
-``analysis.guest_events``: duplicated ``seq`` values are skipped, seqs that go back or jump
+``analysis.rundir.guest_events``: duplicated ``seq`` values are skipped, seqs that go back or jump
 are noted, and a stall on a CPU the agent did not announce is skipped, never a lane. Most
 lines of a long run are stalls in the agent's own layout: ``guest_events.fast_stall``
 reads them without ``json.loads``, giving exactly what the checked path gives.
@@ -31,7 +31,7 @@ Segments. Guest ``mono_ns`` values compare only within one boot: the loader spli
 agent's events into ``Segment`` objects, one per ``(agent, boot_id)``; a new ``boot_id``
 in the middle of a file is a guest that rebooted, reported as a note (and a finding
 later). Clock samples carry the boot id of the clock they read, so each segment is aligned
-with its own samples (``analysis.alignment``).
+with its own samples (``analysis.analyze.alignment``).
 
 What is passed over is an ``Issue`` with file and line: ``skip`` (a line that is not
 JSON, a truncated last line, an event missing a required field) or ``note`` (an unknown
@@ -70,10 +70,11 @@ from typing import Any, TypeGuard, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from analysis import guest_events as ge
 from analysis import rundir
+from analysis.analyze.timeline import Timeline
 from analysis.errors import RecordFormatError
-from analysis.jsonl import (
+from analysis.rundir import guest_events as ge
+from analysis.rundir.jsonl import (
     MAX_NS,
     Issue,
     Severity,
@@ -83,7 +84,6 @@ from analysis.jsonl import (
     read_document,
     read_lines,
 )
-from analysis.timeline import Timeline
 from probe.events import KNOWN_KINDS, STALL_CAUSES
 
 I64 = npt.NDArray[np.int64]
@@ -97,7 +97,7 @@ MEASURED_KINDS = frozenset({"stall", "timeout", "kernel_warning", "clock_step"})
 #: Kinds the loader understands (others are kept in ``Run.other`` with a note).
 HANDLED_KINDS = KNOWN_KINDS
 LAB_STEPS = "lab-steps.jsonl"
-__all__ = ["Issue", "Severity"]  # re-exported: analysis.jsonl defines them
+__all__ = ["Issue", "Severity"]  # re-exported: analysis.rundir.jsonl defines them
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,7 @@ class Run:
     :param samples: the clock samples, in file order.
     :param injects: the lab's ``inject`` records (host-measured freezes).
     :param stop_requests: the lab's ``stop`` commands (``command`` records), which date
-        the freezes they caused (``analysis.alignment.stop_request``).
+        the freezes they caused (``analysis.analyze.alignment.stop_request``).
     :param issues: every skip and note.
     :param vcpu_states: host truth, per vCPU thread (``read_vcpu_states``), empty without
         ``vcpu-states.jsonl``; ``has_vcpu_states`` whether that file exists.

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from analysis import rundir
-from analysis.attribution import Analysis
-from analysis.report import CSS, build_summary, html_table, img
-from analysis.report_plots import sensitivity_png, timeline_png
+from analysis.analyze.attribution import Analysis
+from analysis.report.plots import sensitivity_png, timeline_png
+from analysis.report.summary import CSS, build_summary, html_table, img
 
 SCHEMA_VERSION = 1
 REL_DIFF = 0.2

@@ -1,8 +1,8 @@
 """Phase windows for reports from Prometheus: from a run directory, or from the host exporter.
 
 Two sources, one set of rules. With a run directory the phases are its timeline
-(``analysis.timeline.build_timeline`` over the QMP records). Without one, the host
-exporter (``tsprobe record --listen``, ``analysis.exporter``) has kept in Prometheus the
+(``analysis.analyze.timeline.build_timeline`` over the QMP records). Without one, the host
+exporter (``tsprobe record --listen``, ``analysis.record.exporter``) has kept in Prometheus the
 time each endpoint last entered each status
 (``tsprobe_migration_status_started_timestamp_seconds{endpoint,status}``) and the times
 of its last STOP and RESUME (``tsprobe_migration_stop_timestamp_seconds``,
@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from analysis.prom_tables import AFTER_PHASE, BEFORE_PHASE, WHOLE_RANGE, Series, Window
-from analysis.timeline import Phase, Timeline, build_timeline
+from analysis.analyze.timeline import Phase, Timeline, build_timeline
+from analysis.prom.tables import AFTER_PHASE, BEFORE_PHASE, WHOLE_RANGE, Series, Window
 
 
 def _record(event: str, t_s: float, status: str | None = None) -> dict[str, Any]:

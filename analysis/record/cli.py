@@ -1,4 +1,4 @@
-"""``tsprobe record``: the command line of the host-side recorder (analysis.recorder).
+"""``tsprobe record``: the command line of the host-side recorder (analysis.record.recorder).
 
 Every value is checked here before anything starts, and every problem (a malformed
 ``--qmp``, an unwritable ``--out``, a socket nobody listens on) is printed as one line
@@ -17,11 +17,11 @@ from typing import NoReturn
 
 import click
 
-from analysis.agent_client import check_agent_url
 from analysis.errors import RecorderError
-from analysis.exporter import ExporterServer, MigrationExporter
-from analysis.qmp_endpoint import parse_address
-from analysis.recorder import Recorder, check_name
+from analysis.record.agent_client import check_agent_url
+from analysis.record.exporter import ExporterServer, MigrationExporter
+from analysis.record.qmp_endpoint import parse_address
+from analysis.record.recorder import Recorder, check_name
 from probe.durations import parse_duration
 from probe.errors import DurationError
 

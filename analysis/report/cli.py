@@ -1,10 +1,10 @@
 """``tsprobe report RUNDIR``: write report.html, report.md and summary.json.
 
-The run directory is read by ``analysis.loader`` (every skipped line is reported as
+The run directory is read by ``analysis.analyze.load`` (every skipped line is reported as
 ``tsprobe: FILE:LINE: reason`` on stderr, the first ``SHOW`` of them, then the count),
-analysed by ``analysis.attribution`` and written by ``analysis.report``. Exit status: 0
-(even with skipped lines), 1 with ``--strict`` when anything was skipped or the output
-cannot be written, 2 for a missing or empty run directory.
+analysed by ``analysis.analyze.attribution`` and written by ``analysis.report.summary``.
+Exit status: 0 (even with skipped lines), 1 with ``--strict`` when anything was skipped or
+the output cannot be written, 2 for a missing or empty run directory.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
+from analysis.analyze.load import Run, load_run
 from analysis.errors import AnalysisError, RecordFormatError, RunDirError
-from analysis.loader import Run, load_run
 from analysis.options import OutDir
 
 SHOW = 20
@@ -61,8 +61,8 @@ def prometheus_report(
 ) -> None:
     """``report --prometheus``: the per-phase tables from range queries instead of events."""
     from analysis.errors import PrometheusError
-    from analysis.prom_render import write_prometheus_report
-    from analysis.prom_source import fetch_tables, parse_time
+    from analysis.prom.render import write_prometheus_report
+    from analysis.prom.source import fetch_tables, parse_time
 
     missing = [
         flag
@@ -156,8 +156,8 @@ def report(
         click.echo("tsprobe: report needs RUNDIR (or --prometheus URL ...)", err=True)
         ctx.exit(2)
     assert rundir is not None
-    from analysis.attribution import analyse
-    from analysis.report import write_report
+    from analysis.analyze.attribution import analyse
+    from analysis.report.summary import write_report
 
     loaded = load_or_exit(ctx, rundir, strict)
     target = out if out is not None else loaded.path

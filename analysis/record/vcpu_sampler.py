@@ -50,8 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis.rundir import JsonlWriter, host_now
-from analysis.vcpu_threads import (
+from analysis.record.vcpu_threads import (
     HomeFutex,
     Reading,
     ThreadFiles,
@@ -59,6 +58,7 @@ from analysis.vcpu_threads import (
     classify,
     same_object,
 )
+from analysis.rundir import JsonlWriter, host_now
 
 #: A pass that starts this many periods late counts as late.
 LATE_PERIODS = 3

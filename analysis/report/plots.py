@@ -3,7 +3,7 @@
 - ``timeline_png``: the phases as coloured bands, hatched where QEMU had the vCPUs
   stopped (every STOP to the next RESUME, on any endpoint); one lane per CPU with its stalls
   (bars), the canaries' timeouts (triangles) and kernel warnings (red crosses); with host
-  truth (``analysis.host_vcpu``), under each CPU's stalls a band of its vCPU thread's host
+  truth (``analysis.analyze.host_vcpu``), under each CPU's stalls a band of its vCPU thread's host
   state (``HOST_COLOURS``, the state with the most time in each column) on the QEMU that
   ran the guest at that moment; under it all the guest clock's lag behind the host since
   the first clock sample (monotonic: the freezes; realtime: freezes and steps), with each
@@ -31,8 +31,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from analysis.attribution import Analysis
-from analysis.host_vcpu import STATES
+from analysis.analyze.attribution import Analysis
+from analysis.analyze.host_vcpu import STATES
 
 BINS = 1600
 PHASE_COLOURS = {
@@ -48,7 +48,7 @@ PHASE_COLOURS = {
     "completed": "#f3f3f3",
 }
 CAUSE_COLOURS = ("#6a51a3", "#e6550d", "#cb181d", "#636363")
-#: The host-state band's colour per vCPU thread state (``analysis.host_vcpu.STATES``).
+#: The host-state band's colour per vCPU thread state (``analysis.analyze.host_vcpu.STATES``).
 HOST_COLOURS = {
     "running": "#a1d99b",
     "runnable": "#fdae6b",

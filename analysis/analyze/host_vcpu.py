@@ -3,7 +3,7 @@ during each guest stall.
 
 Input: the run's ``vcpu-states.jsonl`` (``loader.VcpuInterval``: run-length intervals of
 each vCPU thread's host state, on the recording host's CLOCK_MONOTONIC), the phases and the
-placed stalls of ``analysis.attribution`` (host CLOCK_REALTIME), and QEMU's stop windows.
+placed stalls of ``analysis.analyze.attribution`` (host CLOCK_REALTIME), and QEMU's stop windows.
 ``join`` is pure: it reads nothing.
 
 Clocks. Phases, stalls and stop windows are on the host's realtime clock (QEMU's event
@@ -56,9 +56,9 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis import rundir
-from analysis.alignment import StopWindow
-from analysis.loader import CAUSES, Run, VcpuInterval
-from analysis.timeline import Timeline
+from analysis.analyze.alignment import StopWindow
+from analysis.analyze.load import CAUSES, Run, VcpuInterval
+from analysis.analyze.timeline import Timeline
 from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]

@@ -4,7 +4,7 @@
 (``qmp-src.jsonl``, ``qmp-dst.jsonl``, ... already decoded, see ``analysis.rundir``) and
 returns a ``Timeline``: an ordered, gap-free list of ``Phase`` objects with host realtime
 start and end, the endpoints and events that mark each boundary, precopy pass numbers,
-QEMU's own downtime, and notes. It does no I/O; ``analysis.timeline_cli`` reads the files.
+QEMU's own downtime, and notes. It does no I/O; ``analysis.analyze.cli`` reads the files.
 
 What QEMU says, and when
 ------------------------

@@ -13,7 +13,7 @@
   the cause of each CPU's longest stall per phase (at least ``ASYM_MIN_NS``) from its vCPU
   thread's host states ("CPU 1 stalled 5.44s: its vCPU thread waited on a QEMU lock while
   vCPU 0 was blocked on a missing page (guest hint: vcpu-blocked)", see
-  ``analysis.host_vcpu``);
+  ``analysis.analyze.host_vcpu``);
 - ``clock``: each clock-lag step with its size and error bound, and what explains it
   (the stop windows between its samples); each realtime step (the guest's own
   ``clock_step`` events and the samples);
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from analysis.attribution import Analysis
+from analysis.analyze.attribution import Analysis
 from probe.durations import format_duration
 
 ASYM_MIN_NS = 50_000_000

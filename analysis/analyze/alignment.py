@@ -57,8 +57,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from analysis.loader import ClockSample, Run
-from analysis.timeline import event_time
+from analysis.analyze.load import ClockSample, Run
+from analysis.analyze.timeline import event_time
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -293,7 +293,7 @@ def stop_request(endpoint: str, stop_ns: int, requests: Sequence[dict[str, Any]]
 
     :param endpoint: the endpoint that sent STOP; ``stop_ns`` its QEMU timestamp.
     :param requests: ``stop`` commands of ``lab-steps.jsonl``
-        (``analysis.loader.is_stop_command``): ``endpoint``, ``host_real_ns`` (sent) and
+        (``analysis.analyze.load.is_stop_command``): ``endpoint``, ``host_real_ns`` (sent) and
         ``elapsed_ns`` (until the reply).
     """
     for req in requests:

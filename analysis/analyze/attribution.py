@@ -1,6 +1,6 @@
 """Which phase each stall, timeout and kernel warning belongs to, and the figures per phase.
 
-``analyse(run)`` aligns the run (``analysis.alignment``), puts every guest event on the
+``analyse(run)`` aligns the run (``analysis.analyze.alignment``), puts every guest event on the
 host's clock and computes, with numpy, for each phase (``Span``) and each lane (one CPU
 of one agent):
 
@@ -47,10 +47,10 @@ Validation (``Check``): host truth against guest figures, each with its toleranc
 - every freeze the lab injected (lab-steps.jsonl) against the longest stall of each
   frozen lane overlapping it: 10 % + 5 ms + the alignment's error bound; for a one-vCPU
   freeze the other lanes should not stall for half of it;
-- with host truth (``vcpu-states.jsonl``, ``analysis.host_vcpu``), per phase x vCPU, the
+- with host truth (``vcpu-states.jsonl``, ``analysis.analyze.host_vcpu``), per phase x vCPU, the
   guest's stalled time against the time the host saw that vCPU's thread blocked
   (userfault, lock-wait, stopped): 10 % + 5 ms + the alignment error + two poll periods
-  per blocked run (rules in ``analysis.host_vcpu``);
+  per blocked run (rules in ``analysis.analyze.host_vcpu``);
 - QEMU's ``postcopy-vcpu-blocktime`` (ms per vCPU) against each lane's stalled time in the
   postcopy phases, 25 % + 100 ms (blocktime counts page-fault waits only; the guest
   counts every gap above its threshold): a cross-check of QEMU's figure, not of the
@@ -70,10 +70,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from analysis.alignment import Alignment, OffsetStep, StopWindow, align
-from analysis.host_vcpu import BLOCKED, HostTruth, join
-from analysis.loader import CAUSES, Run
-from analysis.timeline import POSTCOPY_STATUSES
+from analysis.analyze.alignment import Alignment, OffsetStep, StopWindow, align
+from analysis.analyze.host_vcpu import BLOCKED, HostTruth, join
+from analysis.analyze.load import CAUSES, Run
+from analysis.analyze.timeline import POSTCOPY_STATUSES
 from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]

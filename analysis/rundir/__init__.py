@@ -17,7 +17,7 @@ Every JSONL line is one record; each QMP record has ``type`` (``event``, ``reply
 add ``command`` and ``return``. ``JsonlWriter`` flushes every record, so a crash loses at
 most the record being written.
 
-Reading goes through ``analysis.jsonl`` (its docstring has the rules: regular files only,
+Reading goes through ``analysis.rundir.jsonl`` (its docstring has the rules: regular files only,
 line by line, bounded, bad lines reported by file and line number and never raised).
 ``read_qmp`` is the one reader of the QMP records, used by ``tsprobe timeline``, the
 loader behind report and compare, and the Prometheus report, so that they all see the
@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from analysis.analyze.timeline import Timeline, build_timeline
 from analysis.errors import RunDirError
-from analysis.jsonl import Issue, iter_records, printable
-from analysis.timeline import Timeline, build_timeline
+from analysis.rundir.jsonl import Issue, iter_records, printable
 from probe.events import Skip
 
 META = "meta.json"
@@ -117,7 +117,7 @@ def read_jsonl_numbered(
     path: str | Path, on_skip: Callable[[Skip], None] | None = None, dedupe: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each valid record of a JSONL file, reporting bad
-    lines (``analysis.jsonl.iter_records`` with ``Skip`` for each line passed over; a file
+    lines (``analysis.rundir.jsonl.iter_records`` with ``Skip`` for each line passed over; a file
     that cannot be read is one skip at line 0).
 
     :param path: the file.

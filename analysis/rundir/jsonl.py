@@ -30,8 +30,8 @@ record is noted (``empty: no records``). A line is a skip when:
   clock samples, the lab's steps, the recorder's agent notes), it repeats an earlier line
   byte for byte: a record stamped twice with the same nanoseconds is a copy.
 
-What a record then means is checked by the model of its kind (``analysis.loader`` for guest
-events and vCPU intervals, ``analysis.timeline`` for QMP records); this module only
+What a record then means is checked by the model of its kind (``analysis.analyze.load`` for guest
+events and vCPU intervals, ``analysis.analyze.timeline`` for QMP records); this module only
 guarantees that what it yields is a ``dict`` of plain, bounded JSON values.
 
 Names. File names in a run directory are bytes; ``printable`` turns a path into text that

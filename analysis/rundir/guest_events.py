@@ -1,6 +1,6 @@
 """Checked models of the agent's events as a run directory holds them, and their seq order.
 
-``analysis.jsonl`` decodes a line into a bounded JSON object; this module says what that
+``analysis.rundir.jsonl`` decodes a line into a bounded JSON object; this module says what that
 object must hold to count as a guest event (docs/events.md), one small model per kind the
 analysis uses, and checks the order of ``seq``. Each check returns the model or the reason
 (one line) the line is skipped.

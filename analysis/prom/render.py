@@ -1,6 +1,6 @@
 """The Prometheus tables as rows for a report: ``(title, header, rows)`` triples and Markdown.
 
-``table_rows(tables)`` gives the same shape as ``analysis.report.tables`` (a title, the
+``table_rows(tables)`` gives the same shape as ``analysis.report.summary.tables`` (a title, the
 column names, the rows of plain values), so a report can print them with its own table
 helpers; ``render_markdown`` is a standalone rendering. Durations are milliseconds
 (``None`` prints as ``-``); a longest stall known only by its bucket prints as the
@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from analysis.prom_tables import PromTables, StallRow
+from analysis.prom.tables import PromTables, StallRow
 from analysis.rundir import write_json_atomic
 
 Table = tuple[str, list[str], list[list[Any]]]
@@ -115,7 +115,7 @@ def render_html(tables: PromTables) -> str:
     :param tables: what ``fetch_tables`` returned.
     :return: one self-contained HTML page.
     """
-    from analysis.report import CSS, html_table
+    from analysis.report.summary import CSS, html_table
 
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
