@@ -24,8 +24,9 @@ What a step means. With kvm-clock (and the emulated clocks under TCG) QEMU freez
 guest's clocks while the VM is stopped, so after a stop of length L the guest's clocks are
 L behind the host's: the monotonic offset drops by L (``lag_ns`` = -size = L). The guest
 cannot see this on its own clocks; the host can. ``align`` therefore matches each step
-with the windows in which QEMU had the vCPUs stopped (every ``STOP`` to the next
-``RESUME`` on any endpoint, QEMU's timestamps) that fall between the two samples: when
+with the windows in which QEMU had the vCPUs stopped (``analysis.rundir.qmp.stop_windows``:
+the one STOP -> RESUME rule; a STOP still open at the end has no length and is left out)
+that fall between the two samples: when
 they are known, a guest time within the gap is mapped piece by piece (before the first
 window with the old offset, after a window with the offset less that window's length, the
 last piece with the new stretch's offset), and the residual (step minus windows) is added
@@ -52,13 +53,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from analysis.analyze.load import ClockSample, Run
-from analysis.analyze.timeline import event_time
+from analysis.rundir.qmp import StopWindow, stop_windows
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -71,29 +72,6 @@ SLACK_NS = 500_000
 REALTIME_STEP_NS = 1_000_000
 
 Method = Literal["clock-samples", "ptp", "guest-realtime", "guest"]
-
-
-@dataclass(frozen=True)
-class StopWindow:
-    """QEMU had the guest's vCPUs stopped from ``start_ns`` to ``end_ns`` (host realtime)."""
-
-    start_ns: int
-    end_ns: int
-    stopped_by: str
-    resumed_by: str
-    #: When the ``stop`` command that this STOP answered was sent, where known (the lab's
-    #: commands): the guest's clocks may have stopped as early as that (``stop_request``).
-    requested_ns: int | None = None
-
-    @property
-    def length_ns(self) -> int:
-        """The window's length."""
-        return self.end_ns - self.start_ns
-
-    @property
-    def length_max_ns(self) -> int:
-        """The window's length counted from the ``stop`` command's sending, where known."""
-        return self.end_ns - (self.start_ns if self.requested_ns is None else self.requested_ns)
 
 
 @dataclass(frozen=True)
@@ -281,67 +259,6 @@ class Alignment:
         return self.boots.get((agent, boot_id))
 
 
-def stop_request(endpoint: str, stop_ns: int, requests: Sequence[dict[str, Any]]) -> int | None:
-    """When the ``stop`` command that a STOP event answered was sent, or None.
-
-    QEMU's ``do_vm_stop()`` stops the guest's clocks first (``cpu_disable_ticks``), then
-    waits until every vCPU has left the guest (``pause_all_vcpus``) and only then emits
-    STOP. A vCPU blocked on a missing postcopy page leaves only when the page arrives, so
-    STOP can come long after the clocks stopped: 80 to 295 ms after the lab's ``stop`` on
-    a postcopy destination. The command's sending bounds the freeze's start from the
-    other side.
-
-    :param endpoint: the endpoint that sent STOP; ``stop_ns`` its QEMU timestamp.
-    :param requests: ``stop`` commands of ``lab-steps.jsonl``
-        (``analysis.analyze.load.is_stop_command``): ``endpoint``, ``host_real_ns`` (sent) and
-        ``elapsed_ns`` (until the reply).
-    """
-    for req in requests:
-        sent, elapsed = req.get("host_real_ns"), req.get("elapsed_ns")
-        if (
-            req.get("endpoint") == endpoint
-            and isinstance(sent, int)
-            and isinstance(elapsed, int)
-            and sent <= stop_ns <= sent + elapsed + 1_000_000  # QEMU stamps whole us
-        ):
-            return sent
-    return None
-
-
-def stop_windows(
-    qmp: dict[str, list[dict[str, Any]]], requests: Sequence[dict[str, Any]] = ()
-) -> list[StopWindow]:
-    """Every window in which QEMU had the vCPUs stopped: each STOP to the next RESUME.
-
-    STOP and RESUME of every endpoint are merged in time (QEMU's own timestamps, else the
-    recorder's receive time); a RESUME without an open STOP is ignored, an unterminated
-    STOP gives no window.
-
-    :param qmp: records per endpoint.
-    :param requests: ``stop`` commands, to date the freezes they caused (``stop_request``).
-    :return: the windows in time order.
-    """
-    marks: list[tuple[int, int, str]] = []
-    for name, records in qmp.items():
-        for rec in records:
-            if rec.get("type") != "event" or rec.get("event") not in ("STOP", "RESUME"):
-                continue
-            t = event_time(rec)
-            if t is not None:
-                marks.append((t, 0 if rec["event"] == "STOP" else 1, name))
-    marks.sort()
-    out: list[StopWindow] = []
-    open_stop: tuple[int, str] | None = None
-    for t, what, name in marks:
-        if what == 0 and open_stop is None:
-            open_stop = (t, name)
-        elif what == 1 and open_stop is not None:
-            requested = stop_request(open_stop[1], open_stop[0], requests)
-            out.append(StopWindow(open_stop[0], t, open_stop[1], name, requested))
-            open_stop = None
-    return out
-
-
 def _greedy(host: I64, offset: F64, error: F64, first: int, stop: int) -> list[_Stretch]:
     """Step-free stretches of samples ``first..stop-1`` by interval intersection."""
     out: list[_Stretch] = []
@@ -459,7 +376,7 @@ def align(run: Run) -> Alignment:
     :param run: what ``load_run`` returned.
     :return: the alignment (see the module docstring for the method).
     """
-    windows = stop_windows(run.qmp, run.stop_requests)
+    windows, _ = stop_windows(run.qmp, run.stop_requests)  # an open STOP has no length
     boots: dict[tuple[str, str], BootAlignment] = {}
     steps: list[OffsetStep] = []
     rsteps: list[OffsetStep] = []

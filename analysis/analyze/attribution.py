@@ -70,10 +70,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from analysis.analyze.alignment import Alignment, OffsetStep, StopWindow, align
+from analysis.analyze.alignment import Alignment, OffsetStep, align
 from analysis.analyze.host_vcpu import BLOCKED, HostTruth, join
 from analysis.analyze.load import CAUSES, Run
 from analysis.analyze.timeline import POSTCOPY_STATUSES
+from analysis.rundir.qmp import StopWindow
 from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]
@@ -632,7 +633,7 @@ def _checks(
         note = f"step error bound {step.error_ns / 1e6:.1f} ms"
         if stop_max > stop:
             # The clocks stopped when `stop` began; STOP came when every vCPU had left
-            # the guest (alignment.stop_request): the freeze lies between the two.
+            # the guest (analysis.rundir.qmp.stop_request): the freeze lies between the two.
             note += (
                 f"; the clocks stopped up to {(stop_max - stop) / 1e6:.1f} ms before STOP "
                 "(`stop` waited for every vCPU to leave the guest)"

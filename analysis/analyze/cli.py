@@ -1,8 +1,8 @@
 """``tsprobe timeline RUNDIR``: print the phases of a recorded migration.
 
-This is the I/O half of ``analysis.analyze.timeline``: it reads every ``qmp-NAME.jsonl`` of a run
-directory, hands the records to the pure ``build_timeline``, and prints the result as a
-table (or, with ``--json``, as one JSON document)::
+It reads every ``qmp-NAME.jsonl`` of a run directory through
+``analysis.analyze.timeline_io`` (the pure ``build_timeline`` over the records) and prints
+the result as a table (or, with ``--json``, as one JSON document)::
 
     $ tsprobe timeline run1
     phase            start      duration  boundaries                 details
@@ -29,35 +29,17 @@ Offsets count from the run's first record. Bad input never ends in a traceback:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from analysis.analyze.timeline import Phase, Timeline, build_timeline
+from analysis.analyze.timeline import Phase, Timeline
+from analysis.analyze.timeline_io import load_timeline
 from analysis.errors import RunDirError
-from analysis.rundir import qmp_endpoints, read_qmp, require_rundir
+from analysis.rundir import qmp_endpoints, require_rundir
 from analysis.rundir.jsonl import Issue, printable
 from probe.durations import format_duration
-
-
-def load_run(
-    run: Path, on_skip: Callable[[Issue], None], on_note: Callable[[Issue], None]
-) -> Timeline:
-    """Read a run directory's QMP records and build its timeline (``rundir.read_qmp``).
-
-    :param run: a directory that ``require_rundir`` accepted.
-    :param on_skip: called for each line or record passed over, with its file and line.
-    :param on_note: called for records kept but worth pointing at (an unknown status).
-    :return: the timeline (without QMP files, one without phases).
-    """
-
-    def issue(it: Issue) -> None:
-        (on_skip if it.severity == "skip" else on_note)(it)
-
-    _, timeline = read_qmp(run, issue)
-    return timeline if timeline is not None else build_timeline({})
 
 
 def _offset(t: int, origin: int | None) -> str:
@@ -197,7 +179,7 @@ def timeline(ctx: click.Context, rundir: Path, as_json: bool, strict: bool) -> N
 
     try:
         run = require_rundir(rundir)
-        result = load_run(run, on_skip, on_note)
+        result = load_timeline(run, on_skip, on_note)
     except RunDirError as err:
         click.echo(f"tsprobe: {err}", err=True)
         ctx.exit(2)

@@ -56,9 +56,9 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis import rundir
-from analysis.analyze.alignment import StopWindow
 from analysis.analyze.load import CAUSES, Run, VcpuInterval
 from analysis.analyze.timeline import Timeline
+from analysis.rundir.qmp import StopWindow
 from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]

@@ -72,6 +72,7 @@ import numpy.typing as npt
 
 from analysis import rundir
 from analysis.analyze.timeline import Timeline
+from analysis.analyze.timeline_io import read_timeline
 from analysis.errors import RecordFormatError
 from analysis.rundir import guest_events as ge
 from analysis.rundir.jsonl import (
@@ -833,7 +834,7 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
                     Issue(printable(meta_path), 0, f"{when}.real_ns not in [0, 2**63): ignored")
                 )
 
-    qmp, timeline = rundir.read_qmp(run, issues.append)
+    qmp, timeline = read_timeline(run, issues.append)
 
     reader = _GuestReader(issues.append)
     for agent, gpath in guest_event_files(run, meta).items():

@@ -121,30 +121,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeGuard
+from typing import Any, Literal
 
+from analysis.rundir.qmp import KNOWN_STATUSES, is_int, pair_stops, qemu_ns, receive_ns
 from probe.durations import format_duration
-
-#: Migration statuses QEMU's QAPI schema defines (up to 10.0).
-KNOWN_STATUSES = frozenset(
-    {
-        "none",
-        "setup",
-        "cancelling",
-        "cancelled",
-        "active",
-        "postcopy-active",
-        "postcopy-paused",
-        "postcopy-recover-setup",
-        "postcopy-recover",
-        "completed",
-        "failed",
-        "colo",
-        "pre-switchover",
-        "device",
-        "wait-unplug",
-    }
-)
 
 #: Statuses that end a migration.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
@@ -633,45 +613,8 @@ def _mark_key(mark: _Mark) -> tuple[int, int, int]:
     return (mark.t, mark.order, mark.index)
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-#: Largest time in ns (int64), and so the largest QEMU timestamp's seconds.
-MAX_NS = (1 << 63) - 1
-_MAX_SECONDS = MAX_NS // 1_000_000_000 - 1
-
-
-def _qemu_ns(stamp: Any) -> int | None:
-    """QEMU's ``{"seconds": S, "microseconds": US}`` in ns, or None when unusable (not
-    integers, negative, or past what int64 nanoseconds hold)."""
-    if not isinstance(stamp, Mapping):
-        return None
-    sec, usec = stamp.get("seconds"), stamp.get("microseconds")
-    if not (_is_int(sec) and _is_int(usec)) or not 0 <= sec <= _MAX_SECONDS:
-        return None
-    if not 0 <= usec < 1_000_000:
-        return None
-    return int(sec) * 1_000_000_000 + int(usec) * 1_000
-
-
 #: What QEMU's event names are made of (QAPI: upper case, digits, underscores).
 _EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
-
-
-def _host_ns(value: Any) -> int | None:
-    """A record's ``host_real_ns`` when it is a usable time (in (0, 2**63))."""
-    return int(value) if _is_int(value) and 0 < value <= MAX_NS else None
-
-
-def event_time(rec: Mapping[str, Any]) -> int | None:
-    """When a QMP event happened: QEMU's timestamp, else the recorder's receive time.
-
-    :param rec: a QMP record of type ``event``.
-    :return: host realtime in ns, None when neither time is usable.
-    """
-    stamp = _qemu_ns(rec.get("timestamp"))
-    return stamp if stamp is not None else _host_ns(rec.get("host_real_ns"))
 
 
 def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
@@ -689,7 +632,7 @@ def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
         if not isinstance(kind, str) or not kind:
             skip("record without a 'type'")
             continue
-        host_ns = _host_ns(rec.get("host_real_ns"))
+        host_ns = receive_ns(rec.get("host_real_ns"))
         if kind == "event":
             _parse_event(ep, rec, index, host_ns, skip)
             continue
@@ -723,7 +666,7 @@ def _parse_event(
     if not _EVENT_NAME.fullmatch(name):
         skip("event record whose 'event' is not a QMP event name (A-Z, 0-9, _)")
         return
-    stamp = _qemu_ns(rec.get("timestamp"))
+    stamp = qemu_ns(rec.get("timestamp"))
     clock: Clock
     if stamp is not None:
         t, clock = stamp, "qemu"
@@ -748,7 +691,7 @@ def _parse_event(
         ep.events.append(_Report(mark, status, "event"))
     elif name == "MIGRATION_PASS":
         number = data.get("pass") if isinstance(data, Mapping) else None
-        if not _is_int(number):
+        if not is_int(number):
             skip("MIGRATION_PASS event without an integer data.pass")
             return
         ep.passes.append((mark, int(number)))
@@ -895,29 +838,18 @@ def _pauses(
     resumes: list[_Mark],
     transitions: list[_Transition],
 ) -> tuple[list[_PauseWindow], list[_Mark]]:
-    """Pair each source STOP during a migration with the first RESUME after it."""
-    windows: list[_PauseWindow] = []
-    used: set[tuple[str, int]] = set()
-    resumes = sorted(resumes, key=_mark_key)
-    for stop in sorted(stops, key=_mark_key):
-        status = _status_at(transitions, stop.t)
+    """Pair each source STOP during a migration with its RESUME (the STOP -> RESUME rule
+    of ``analysis.rundir.qmp.pair_stops``); orphan RESUMEs from the migration's start on."""
+    during = [
+        stop
+        for stop in sorted(stops, key=_mark_key)
         # postcopy-active is set just before the STOP: look at the status before it too
-        if status is None or status in TERMINAL_STATUSES:
-            continue
-        if windows and (windows[-1].resume is None or windows[-1].resume.t > stop.t):
-            continue  # a second STOP inside a pause (another monitor of the same VM)
-        resume = next(
-            (r for r in resumes if r.t >= stop.t and (r.endpoint, r.index) not in used), None
-        )
-        if resume is not None:
-            used.add((resume.endpoint, resume.index))
-        windows.append(_PauseWindow(stop, resume))
-    first = transitions[0].mark.t if transitions else None
-    orphans = [
-        r
-        for r in resumes
-        if (r.endpoint, r.index) not in used and first is not None and r.t >= first
+        if _status_at(transitions, stop.t) not in (None, *TERMINAL_STATUSES)
     ]
+    pairs, unused = pair_stops(during, sorted(resumes, key=_mark_key), lambda m: m.t)
+    windows = [_PauseWindow(stop, resume) for stop, resume in pairs]
+    first = transitions[0].mark.t if transitions else None
+    orphans = [r for r in unused if first is not None and r.t >= first]
     return windows, orphans
 
 
@@ -1306,13 +1238,13 @@ def _attach_qemu(
             errors[ep.name] = str(last["error-desc"]["error-desc"])
     setups = [ph for ph in builders if ph.name == "setup"]
     setup_time = figures.get("setup-time", {}).get("setup-time")
-    if _is_int(setup_time) and setups:
+    if is_int(setup_time) and setups:
         setups[-1].details["qemu_setup_time_ms"] = setup_time
     downtime = figures.get("downtime", {}).get("downtime")
     handover = [
         ph for ph in builders if ph.name in (STOP_AND_COPY, SWITCHOVER) and ph.pause is not None
     ]
-    if _is_int(downtime) and handover:
+    if is_int(downtime) and handover:
         target = handover[-1]
         target.details["qemu_downtime_ms"] = downtime
         if target.name == SWITCHOVER:

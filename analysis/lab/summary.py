@@ -44,10 +44,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
-from analysis.analyze.alignment import stop_request
 from analysis.analyze.load import is_stop_command
 from analysis.analyze.timeline import Timeline, build_timeline
 from analysis.rundir import jsonl
+from analysis.rundir.qmp import stop_windows
 from probe.durations import format_duration
 
 STEPS = "lab-steps.jsonl"
@@ -61,48 +61,39 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return jsonl.records_quietly(path)
 
 
-def _qemu_time(record: dict[str, Any]) -> int:
-    stamp = record.get("timestamp")
-    if isinstance(stamp, dict) and "seconds" in stamp:
-        return int(stamp["seconds"]) * 1_000_000_000 + int(stamp.get("microseconds", 0)) * 1000
-    return int(record.get("host_real_ns", 0))
-
-
 def stopped_windows(
     qmp: dict[str, list[dict[str, Any]]], steps: Iterable[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-    """Every window in which QEMU had the guest's vCPUs stopped: a STOP to the next RESUME.
+    """Every window in which QEMU had the guest's vCPUs stopped, as JSON
+    (``analysis.rundir.qmp.stop_windows``: the one STOP -> RESUME rule).
 
     :param qmp: records per endpoint.
     :param steps: ``lab-steps.jsonl``: its ``stop`` commands date the freezes they caused
-        (``requested_ns``; see ``analysis.analyze.alignment.stop_request``).
+        (``requested_ns``; see ``analysis.rundir.qmp.stop_request``).
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
-        order (an unterminated STOP has ``end_ns`` None).
+        order; a STOP still open at the end is the last, with ``end_ns`` None.
     """
-    requests = [s for s in steps if is_stop_command(s)]
-    marks = []
-    for name, records in qmp.items():
-        for rec in records:
-            if rec.get("type") == "event" and rec.get("event") in ("STOP", "RESUME"):
-                marks.append((_qemu_time(rec), str(rec["event"]), name))
-    marks.sort()
-    windows: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    for t, event, name in marks:
-        if event == "STOP" and current is None:
-            current = {
-                "start_ns": t,
+    closed, still_open = stop_windows(qmp, [s for s in steps if is_stop_command(s)])
+    windows: list[dict[str, Any]] = [
+        {
+            "start_ns": w.start_ns,
+            "end_ns": w.end_ns,
+            "stopped_by": w.stopped_by,
+            "resumed_by": w.resumed_by,
+            "requested_ns": w.requested_ns,
+        }
+        for w in closed
+    ]
+    if still_open is not None:
+        windows.append(
+            {
+                "start_ns": still_open.start_ns,
                 "end_ns": None,
-                "stopped_by": name,
+                "stopped_by": still_open.stopped_by,
                 "resumed_by": None,
-                "requested_ns": stop_request(name, t, requests),
+                "requested_ns": still_open.requested_ns,
             }
-        elif event == "RESUME" and current is not None:
-            current.update(end_ns=t, resumed_by=name)
-            windows.append(current)
-            current = None
-    if current is not None:
-        windows.append(current)
+        )
     return windows
 
 

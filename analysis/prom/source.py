@@ -224,10 +224,10 @@ def _phases(
 ) -> tuple[Timeline | None, str]:
     start, end, step = window
     if run is not None:
-        from analysis.analyze.cli import load_run  # the run-directory reader
+        from analysis.analyze.timeline_io import load_timeline  # the run-directory reader
 
         try:
-            timeline = load_run(require_rundir(run), lambda _skip: None, lambda _note: None)
+            timeline = load_timeline(require_rundir(run), lambda _skip: None, lambda _note: None)
         except RunDirError as err:
             raise PrometheusError(f"--run: {err}") from err
         return timeline, f"run directory {run}"

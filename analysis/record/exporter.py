@@ -56,7 +56,7 @@ The metrics (every name starts ``tsprobe_migration_``; ``endpoint`` is the ``--q
 
 A figure QEMU does not report (``downtime`` before completion, blocktime without the
 capability) is no sample, never a made-up 0. The status series exist from the start for
-every known status (``timeline.KNOWN_STATUSES``); an unknown one adds its own series.
+every known status (``analysis.rundir.qmp.KNOWN_STATUSES``); an unknown one adds its own series.
 
 The ``*_started_timestamp_seconds`` and STOP/RESUME gauges keep exact phase boundaries
 whatever the scrape interval: a status that lasted 3 ms is still in the next scrape as
@@ -77,8 +77,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from analysis.analyze.timeline import KNOWN_STATUSES
 from analysis.errors import RecorderError
+from analysis.rundir.qmp import KNOWN_STATUSES, event_time
 from probe.addresses import split_host_port
 from probe.errors import AddressError
 
@@ -124,14 +124,10 @@ def _number(value: Any) -> float | None:
 
 
 def _qemu_time(record: Mapping[str, Any]) -> float:
-    """A record's time in Unix seconds: QEMU's timestamp when sent, else the receive time."""
-    stamp = record.get("timestamp")
-    if isinstance(stamp, Mapping):
-        seconds, micros = _number(stamp.get("seconds")), _number(stamp.get("microseconds"))
-        if seconds is not None and micros is not None and seconds > 0:
-            return seconds + micros / 1e6
-    real = _number(record.get("host_real_ns"))
-    return real / 1e9 if real is not None else time.time()
+    """A record's time in Unix seconds (``analysis.rundir.qmp.event_time``: QEMU's
+    timestamp when usable, else the receive time), or now when it has neither."""
+    ns = event_time(record)
+    return ns / 1e9 if ns is not None else time.time()
 
 
 @dataclass

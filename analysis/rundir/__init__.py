@@ -19,9 +19,10 @@ most the record being written.
 
 Reading goes through ``analysis.rundir.jsonl`` (its docstring has the rules: regular files only,
 line by line, bounded, bad lines reported by file and line number and never raised).
-``read_qmp`` is the one reader of the QMP records, used by ``tsprobe timeline``, the
-loader behind report and compare, and the Prometheus report, so that they all see the
-same records. File names are bytes: ``qmp_endpoints`` gives printable endpoint names.
+``read_qmp`` is the one reader of the QMP records (``analysis.analyze.timeline_io`` builds
+the timeline from them for ``tsprobe timeline``, the loader behind report and compare, and
+the Prometheus report), so that they all see the same records. File names are bytes:
+``qmp_endpoints`` gives printable endpoint names.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from analysis.analyze.timeline import Timeline, build_timeline
 from analysis.errors import RunDirError
 from analysis.rundir.jsonl import Issue, iter_records, printable
 from probe.events import Skip
@@ -193,22 +194,35 @@ def stamp_problem(record: dict[str, Any]) -> str | None:
     return None
 
 
-def read_qmp(
-    run: Path, on_issue: Callable[[Issue], None]
-) -> tuple[dict[str, list[dict[str, Any]]], Timeline | None]:
-    """Read every ``qmp-NAME.jsonl`` of a run and build the timeline from the records.
+@dataclass
+class QmpRecords:
+    """The QMP records of a run, per endpoint, with where each came from.
+
+    :param records: the records kept, per endpoint (printable name), in file order.
+    :param where: per endpoint, its file (printable) and each kept record's line number.
+    """
+
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    where: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+
+    def locate(self, endpoint: str, index: int) -> tuple[str, int]:
+        """The file and line of record ``index`` of ``endpoint`` (line 0 when unknown)."""
+        file, lines = self.where[endpoint]
+        return file, lines[index] if 0 <= index < len(lines) else 0
+
+
+def read_qmp(run: Path, on_issue: Callable[[Issue], None]) -> QmpRecords:
+    """Read every ``qmp-NAME.jsonl`` of a run.
 
     Records repeating an earlier line byte for byte are duplicates (every record carries
     the recorder's host times) and are skipped, and so are records whose host stamps are
-    not int64 nanoseconds (``stamp_problem``); the timeline's own skips and notes are
-    reported at the line of the record they concern.
+    not int64 nanoseconds (``stamp_problem``).
 
     :param run: the run directory.
-    :param on_issue: called with each line skipped or noted, by file and line.
-    :return: the records per endpoint and the timeline (None without QMP files).
+    :param on_issue: called with each line skipped, by file and line.
+    :return: the records per endpoint, with their lines (empty without QMP files).
     """
-    records: dict[str, list[dict[str, Any]]] = {}
-    where: dict[str, tuple[str, list[int]]] = {}
+    out = QmpRecords()
     for name, path in qmp_endpoints(run).items():
         got = []
         for line, obj in iter_records(path, on_issue, dedupe=True):
@@ -217,13 +231,6 @@ def read_qmp(
                 got.append((line, obj))
             else:
                 on_issue(Issue(printable(path), line, why))
-        records[name] = [obj for _, obj in got]
-        where[name] = (printable(path), [line for line, _ in got])
-    if not records:
-        return records, None
-    timeline = build_timeline(records)
-    for it in timeline.issues:
-        file, lines = where[it.endpoint]
-        line = lines[it.index] if 0 <= it.index < len(lines) else 0
-        on_issue(Issue(file, line, it.message, it.severity))
-    return records, timeline
+        out.records[name] = [obj for _, obj in got]
+        out.where[name] = (printable(path), [line for line, _ in got])
+    return out
