@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from analysis.analyze.timeline import Boundary, Phase
+from analysis.analyze.timeline_model import Boundary, Phase
 from analysis.errors import PrometheusError
 from analysis.prom.phases import windows_from_phases
 from analysis.prom.render import render_markdown, table_rows

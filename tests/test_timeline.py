@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from analysis.analyze.timeline import Timeline, build_timeline, phase_name
+from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_model import Timeline, phase_name
 from analysis.rundir import read_jsonl_numbered
 from tsprobe.cli import main
 

@@ -73,7 +73,7 @@ import numpy.typing as npt
 from analysis.analyze.alignment import Alignment, OffsetStep, align
 from analysis.analyze.host_vcpu import BLOCKED, HostTruth, join
 from analysis.analyze.load import CAUSES, Run
-from analysis.analyze.timeline import POSTCOPY_STATUSES
+from analysis.analyze.timeline_model import POSTCOPY_STATUSES
 from analysis.rundir.qmp import StopWindow
 from probe.durations import format_duration
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import click
 
-from analysis.analyze.timeline import Phase, Timeline
 from analysis.analyze.timeline_io import load_timeline
+from analysis.analyze.timeline_model import Phase, Timeline
 from analysis.errors import RunDirError
 from analysis.rundir import qmp_endpoints, require_rundir
 from analysis.rundir.jsonl import Issue, printable

@@ -57,7 +57,7 @@ import numpy.typing as npt
 
 from analysis import rundir
 from analysis.analyze.load import CAUSES, Run, VcpuInterval
-from analysis.analyze.timeline import Timeline
+from analysis.analyze.timeline_model import Timeline
 from analysis.rundir.qmp import StopWindow
 from probe.durations import format_duration
 

@@ -71,8 +71,8 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis import rundir
-from analysis.analyze.timeline import Timeline
 from analysis.analyze.timeline_io import read_timeline
+from analysis.analyze.timeline_model import Timeline
 from analysis.errors import RecordFormatError
 from analysis.rundir import guest_events as ge
 from analysis.rundir.jsonl import (

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.analyze.timeline import Timeline, build_timeline
+from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_model import Timeline
 from analysis.rundir import read_qmp
 from analysis.rundir.jsonl import Issue
 

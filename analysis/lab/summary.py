@@ -45,7 +45,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
 from analysis.analyze.load import is_stop_command
-from analysis.analyze.timeline import Timeline, build_timeline
+from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_model import Timeline
 from analysis.rundir import jsonl
 from analysis.rundir.qmp import stop_windows
 from probe.durations import format_duration

@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from analysis.analyze.timeline import Phase, Timeline, build_timeline
+from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_model import Phase, Timeline
 from analysis.prom.tables import AFTER_PHASE, BEFORE_PHASE, WHOLE_RANGE, Series, Window
 
 

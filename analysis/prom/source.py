@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from analysis.analyze.timeline import Timeline
+from analysis.analyze.timeline_model import Timeline
 from analysis.errors import PrometheusError, RunDirError
 from analysis.prom.phases import timeline_from_exporter, windows_from_phases
 from analysis.prom.tables import PromTables, Series, build_tables, parse_matrix
