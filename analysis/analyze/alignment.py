@@ -58,7 +58,8 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from analysis.analyze.load import ClockSample, Run
+from analysis.analyze.load import Run
+from analysis.rundir.guest_reader import ClockSample
 from analysis.rundir.qmp import StopWindow, stop_windows
 
 I64 = npt.NDArray[np.int64]

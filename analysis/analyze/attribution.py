@@ -72,8 +72,9 @@ import numpy.typing as npt
 
 from analysis.analyze.alignment import Alignment, OffsetStep, align
 from analysis.analyze.host_vcpu import BLOCKED, HostTruth, join
-from analysis.analyze.load import CAUSES, Run
+from analysis.analyze.load import Run
 from analysis.analyze.timeline_model import POSTCOPY_STATUSES
+from analysis.rundir.guest_reader import CAUSES
 from analysis.rundir.qmp import StopWindow
 from probe.durations import format_duration
 

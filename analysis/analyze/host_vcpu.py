@@ -56,9 +56,11 @@ import numpy as np
 import numpy.typing as npt
 
 from analysis import rundir
-from analysis.analyze.load import CAUSES, Run, VcpuInterval
+from analysis.analyze.load import Run
 from analysis.analyze.timeline_model import Timeline
+from analysis.rundir.guest_reader import CAUSES
 from analysis.rundir.qmp import StopWindow
+from analysis.rundir.vcpu_states import VcpuInterval
 from probe.durations import format_duration
 
 I64 = npt.NDArray[np.int64]

@@ -30,9 +30,10 @@ record is noted (``empty: no records``). A line is a skip when:
   clock samples, the lab's steps, the recorder's agent notes), it repeats an earlier line
   byte for byte: a record stamped twice with the same nanoseconds is a copy.
 
-What a record then means is checked by the model of its kind (``analysis.analyze.load`` for guest
-events and vCPU intervals, ``analysis.analyze.timeline`` for QMP records); this module only
-guarantees that what it yields is a ``dict`` of plain, bounded JSON values.
+What a record then means is checked by the model of its kind
+(``analysis.rundir.guest_events`` for guest events, ``analysis.rundir.vcpu_states`` for vCPU
+intervals, ``analysis.rundir.qmp`` and ``analysis.analyze.timeline`` for QMP records); this
+module only guarantees that what it yields is a ``dict`` of plain, bounded JSON values.
 
 Names. File names in a run directory are bytes; ``printable`` turns a path into text that
 any output can carry (undecodable bytes as ``\\xff``), used wherever a name is printed,
