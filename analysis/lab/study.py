@@ -481,6 +481,7 @@ def run_study(
     :return: counts of what ran, with the names of the runs that ended in ``lab-error``.
     """
     from analysis.report import study as study_report
+    from analysis.report.study_render import write_reports
 
     params.check()
     params = check_out(out, params, resume)
@@ -520,7 +521,7 @@ def run_study(
         say("study: interrupted; the runs finished so far are in study.json")
     state["status"] = "interrupted" if interrupted else "complete"
     doc = study_report.write_study_json(out, params, plan, state)
-    study_report.write_reports(out, doc)
+    write_reports(out, doc)
     say(f"study: report {out / 'study.html'} (and study.md, study.json)")
     if failed:
         say(f"study: {len(failed)} run(s) ended in lab-error: {', '.join(failed)}")

@@ -289,7 +289,7 @@ def study_cmd(
 
 def _report(out: Path) -> None:
     from analysis.lab.errors import LabError
-    from analysis.report.study import write_reports
+    from analysis.report.study_render import write_reports
 
     try:
         paths = write_reports(out)
