@@ -226,7 +226,8 @@ def run_cmd(
     linger: str,
 ) -> None:
     """Run one lab scenario end to end, print its summary, exit with the guest's outcome."""
-    from analysis.lab.scenarios import CLOCKSOURCES, SCENARIOS, LabOptions, run_scenario
+    from analysis.lab.scenarios import run_scenario
+    from analysis.lab.spec import CLOCKSOURCES, SCENARIOS, LabOptions
 
     if scenario not in SCENARIOS:
         raise click.BadParameter(

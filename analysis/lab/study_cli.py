@@ -187,7 +187,7 @@ def study_cmd(
     if not scenarios or not holds:
         raise click.UsageError("--scenario and --hold are required (or --report-only)")
     from analysis.lab import qemu as lq
-    from analysis.lab.scenarios import SCENARIOS
+    from analysis.lab.spec import SCENARIOS
     from analysis.lab.study import StudyParams, run_study, run_timeout_s
 
     names = _list(scenarios, "--scenario")
@@ -202,9 +202,7 @@ def study_cmd(
         raise click.ClickException(
             "this tsprobe's lab run has no --clocksource yet: use --clocksource default"
         )
-    import analysis.lab.scenarios as lab_scenarios
-
-    known: tuple[str, ...] = getattr(lab_scenarios, "CLOCKSOURCES", ())
+    from analysis.lab.spec import CLOCKSOURCES as known
     for cs in sources:
         if not CLOCKSOURCE.match(cs) or (known and cs != "default" and cs not in known):
             raise click.BadParameter(
