@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from agent.config import AgentConfig, resolve_cpus
 from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
-from agent.main import Agent, AgentConfig, resolve_cpus
+from agent.main import Agent
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
 from probe.canary import DEFAULT_CANARIES, parse_canaries
