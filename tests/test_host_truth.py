@@ -31,7 +31,8 @@ from analysis.analyze.attribution import Analysis, analyse
 from analysis.analyze.findings import findings
 from analysis.analyze.load import load_run
 from analysis.report.plots import BINS, HOST_COLOURS, _host_bands
-from analysis.report.summary import build_summary, render_markdown
+from analysis.report.render import render_markdown
+from analysis.report.summary import build_summary
 from analysis.rundir.vcpu_states import read_vcpu_states, vcpu_interval
 from tests.analysis_runs import BASE, MS, S, build_run, guest_event, qmp_event, write_jsonl
 from tsprobe.cli import main

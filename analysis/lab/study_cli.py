@@ -203,6 +203,7 @@ def study_cmd(
             "this tsprobe's lab run has no --clocksource yet: use --clocksource default"
         )
     from analysis.lab.spec import CLOCKSOURCES as known
+
     for cs in sources:
         if not CLOCKSOURCE.match(cs) or (known and cs != "default" and cs not in known):
             raise click.BadParameter(

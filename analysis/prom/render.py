@@ -115,7 +115,7 @@ def render_html(tables: PromTables) -> str:
     :param tables: what ``fetch_tables`` returned.
     :return: one self-contained HTML page.
     """
-    from analysis.report.summary import CSS, html_table
+    from analysis.report.render import CSS, html_table
 
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",

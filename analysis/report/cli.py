@@ -157,7 +157,7 @@ def report(
         ctx.exit(2)
     assert rundir is not None
     from analysis.analyze.attribution import analyse
-    from analysis.report.summary import write_report
+    from analysis.report.render import write_report
 
     loaded = load_or_exit(ctx, rundir, strict)
     target = out if out is not None else loaded.path

@@ -29,7 +29,8 @@ from typing import Any
 from analysis import rundir
 from analysis.analyze.attribution import Analysis
 from analysis.report.plots import sensitivity_png, timeline_png
-from analysis.report.summary import CSS, build_summary, html_table, img
+from analysis.report.render import CSS, html_table, img
+from analysis.report.summary import build_summary
 
 SCHEMA_VERSION = 1
 REL_DIFF = 0.2

@@ -174,7 +174,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 def render_html(doc: dict[str, Any]) -> str:
     """study.html: one self-contained page."""
-    from analysis.report.summary import CSS, html_table, img
+    from analysis.report.render import CSS, html_table, img
 
     parts = [
         "<!doctype html><html><head><meta charset=utf-8><title>tsprobe policy study</title>",
