@@ -20,6 +20,7 @@ from typing import Any
 from analysis.analyze.attribution import CAUSES_DOC, Analysis
 from analysis.analyze.findings import findings
 from analysis.analyze.host_vcpu import HostTruth, state_ms
+from analysis.analyze.load import Run
 from analysis.rundir.jsonl import read_document_quietly
 
 SCHEMA_VERSION = 1
@@ -45,7 +46,67 @@ def build_summary(a: Analysis) -> dict[str, Any]:
     """
     run = a.run
     tl = run.timeline
-    phases = [
+    outcome = guest_outcome(run.path)
+    summary = tl.summary().to_dict() if tl is not None else None
+    host_vcpu, host_truth, host_stalls = _host(a)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "tsprobe-report",
+        "rundir": str(run.path),
+        "scenario": run.meta.get("scenario"),
+        "accel": run.accel,
+        "qemu": _qemu(run.meta),
+        "phases_known": a.phases_known,
+        "origin_ns": a.origin_ns,
+        "labels": a.labels,
+        "migration": summary,
+        "phases": _phase_rows(a),
+        "cpus": [a.lane_label(i) for i in range(len(run.lanes))],
+        "stall_cause_codes": CAUSES_DOC,
+        "stalls": _stall_rows(a),
+        "asymmetry": [
+            {"phase": a.phase_label(x.phase), "some_ms": _ms(x.some_ns), "all_ms": _ms(x.all_ns)}
+            for x in a.asymmetry
+        ],
+        "timeout_sensitivity": _sensitivity(a),
+        "validation": [
+            {
+                "what": c.what,
+                "host_ms": _ms(c.host_ns),
+                "guest_ms": _ms(c.guest_ns),
+                "tolerance_ms": _ms(c.tolerance_ns),
+                "ok": c.ok,
+                "note": c.note,
+            }
+            for c in a.checks
+        ],
+        "host_truth": host_truth,
+        "host_vcpu": host_vcpu,
+        "host_stalls": host_stalls,
+        "clock_steps": _clock_steps(a),
+        "kernel_warnings": [
+            {
+                "offset_ms": _ms(p.host_ns - a.origin_ns),
+                "phase": a.phase_label(p.phase),
+                "warning": p.label,
+                "near_boundary": p.near,
+                "line": p.line,
+            }
+            for p in a.points
+            if p.kind == "kernel_warning"
+        ],
+        "alignment": _alignment(a),
+        "guest_outcome": outcome,
+        "findings": [
+            {"category": f.category, "text": f.text, "warn": f.warn} for f in findings(a, outcome)
+        ],
+        "input": _input(run),
+    }
+
+
+def _phase_rows(a: Analysis) -> list[dict[str, Any]]:
+    """``phases``: one row per phase span, offsets from the origin."""
+    return [
         {
             "index": s.index,
             "name": s.name,
@@ -57,7 +118,11 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         }
         for s in a.spans
     ]
-    stats = [
+
+
+def _stall_rows(a: Analysis) -> list[dict[str, Any]]:
+    """``stalls``: per phase x CPU, the stall statistics."""
+    return [
         {
             "phase": a.phase_label(s.phase),
             "phase_index": s.phase,
@@ -72,8 +137,12 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         }
         for s in a.stats
     ]
+
+
+def _sensitivity(a: Analysis) -> dict[str, Any]:
+    """``timeout_sensitivity``: the ladder and, per phase, the expirations."""
     sens = a.sensitivity
-    sensitivity = {
+    return {
         "ladder_ms": [_ms(t) for t in sens.ladder],
         "phases": [
             {
@@ -86,7 +155,11 @@ def build_summary(a: Analysis) -> dict[str, Any]:
             for p in range(len(a.spans))
         ],
     }
-    steps = [
+
+
+def _clock_steps(a: Analysis) -> list[dict[str, Any]]:
+    """``clock_steps``: monotonic and realtime steps, with the stop windows."""
+    return [
         {
             "agent": s.agent,
             "boot_id": s.boot_id,
@@ -111,6 +184,10 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         }
         for s in a.alignment.steps + a.alignment.realtime_steps
     ]
+
+
+def _alignment(a: Analysis) -> dict[str, Any]:
+    """``alignment``: the method, per boot its samples and stretches, the error."""
     boots = [
         {
             "agent": b.agent,
@@ -123,85 +200,35 @@ def build_summary(a: Analysis) -> dict[str, Any]:
         }
         for b in a.alignment.boots.values()
     ]
-    outcome = guest_outcome(run.path)
     errs = [e for e in a.placed.err.tolist() if e == e]  # drop NaN
-    summary = tl.summary().to_dict() if tl is not None else None
-    host_vcpu, host_truth, host_stalls = _host(a)
     return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "tsprobe-report",
-        "rundir": str(run.path),
-        "scenario": run.meta.get("scenario"),
-        "accel": run.accel,
-        "qemu": _qemu(run.meta),
-        "phases_known": a.phases_known,
-        "origin_ns": a.origin_ns,
-        "labels": a.labels,
-        "migration": summary,
-        "phases": phases,
-        "cpus": [a.lane_label(i) for i in range(len(run.lanes))],
-        "stall_cause_codes": CAUSES_DOC,
-        "stalls": stats,
-        "asymmetry": [
-            {"phase": a.phase_label(x.phase), "some_ms": _ms(x.some_ns), "all_ms": _ms(x.all_ns)}
-            for x in a.asymmetry
+        "method": a.alignment.method,
+        "boots": boots,
+        "max_error_ms": _ms(max(errs)) if errs else None,
+        "stalls_near_boundary": int(a.placed.near.sum()),
+    }
+
+
+def _input(run: Run) -> dict[str, Any]:
+    """``input``: what was skipped or noted, the guest events read, the segments."""
+    return {
+        "skipped": len(run.skips),
+        "notes": len(run.notes),
+        "issues": [
+            {"file": i.path, "line": i.line, "reason": i.reason, "severity": i.severity}
+            for i in run.issues[:MAX_ISSUES]
         ],
-        "timeout_sensitivity": sensitivity,
-        "validation": [
-            {
-                "what": c.what,
-                "host_ms": _ms(c.host_ns),
-                "guest_ms": _ms(c.guest_ns),
-                "tolerance_ms": _ms(c.tolerance_ns),
-                "ok": c.ok,
-                "note": c.note,
-            }
-            for c in a.checks
-        ],
-        "host_truth": host_truth,
-        "host_vcpu": host_vcpu,
-        "host_stalls": host_stalls,
-        "clock_steps": steps,
-        "kernel_warnings": [
-            {
-                "offset_ms": _ms(p.host_ns - a.origin_ns),
-                "phase": a.phase_label(p.phase),
-                "warning": p.label,
-                "near_boundary": p.near,
-                "line": p.line,
-            }
-            for p in a.points
-            if p.kind == "kernel_warning"
-        ],
-        "alignment": {
-            "method": a.alignment.method,
-            "boots": boots,
-            "max_error_ms": _ms(max(errs)) if errs else None,
-            "stalls_near_boundary": int(a.placed.near.sum()),
+        "guest_events": {
+            "stalls": len(run.stalls),
+            "timeouts": len(run.timeouts),
+            "kernel_warnings": len(run.warnings),
+            "clock_steps": len(run.clock_steps),
+            "unknown_kinds": dict(run.unknown_kinds),
         },
-        "guest_outcome": outcome,
-        "findings": [
-            {"category": f.category, "text": f.text, "warn": f.warn} for f in findings(a, outcome)
+        "segments": [
+            {"agent": s.agent, "boot_id": s.boot_id, "file": s.path, "first_line": s.first_line}
+            for s in run.segments
         ],
-        "input": {
-            "skipped": len(run.skips),
-            "notes": len(run.notes),
-            "issues": [
-                {"file": i.path, "line": i.line, "reason": i.reason, "severity": i.severity}
-                for i in run.issues[:MAX_ISSUES]
-            ],
-            "guest_events": {
-                "stalls": len(run.stalls),
-                "timeouts": len(run.timeouts),
-                "kernel_warnings": len(run.warnings),
-                "clock_steps": len(run.clock_steps),
-                "unknown_kinds": dict(run.unknown_kinds),
-            },
-            "segments": [
-                {"agent": s.agent, "boot_id": s.boot_id, "file": s.path, "first_line": s.first_line}
-                for s in run.segments
-            ],
-        },
     }
 
 
