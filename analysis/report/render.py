@@ -37,9 +37,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+#: A report table: (title, header, rows).
+Table = tuple[str, list[str], list[list[Any]]]
+
+
+def tables(doc: dict[str, Any]) -> list[Table]:
     """The report's tables: (title, header, rows), from a summary document."""
-    out: list[tuple[str, list[str], list[list[Any]]]] = []
+    out: list[Table] = []
     out.append(
         (
             "Phases",
@@ -50,38 +54,7 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
             ],
         )
     )
-    rows = [
-        [
-            s["phase"],
-            s["cpu"],
-            s["count"],
-            s["stalled_ms"],
-            f"{100 * s['fraction']:.1f} %",
-            s["longest_ms"],
-            s["p50_ms"],
-            s["p99_ms"],
-            s["alone_ms"],
-        ]
-        for s in doc["stalls"]
-        if s["count"] or s["stalled_ms"]
-    ]
-    out.append(
-        (
-            "Stalls per phase and CPU",
-            [
-                "phase",
-                "CPU",
-                "count",
-                "stalled (ms)",
-                "of phase",
-                "longest (ms)",
-                "p50 (ms)",
-                "p99 (ms)",
-                "alone (ms)",
-            ],
-            rows,
-        )
-    )
+    out.append(_stall_table(doc))
     out.append(
         (
             "Asymmetry",
@@ -94,62 +67,8 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         )
     )
     if doc.get("host_truth", {}).get("available"):
-        out.append(
-            (
-                "Host states per phase and vCPU (ms)",
-                ["phase", "endpoint", "vCPU", "ran the guest", *STATES, "unsampled"],
-                [
-                    [
-                        r["phase"],
-                        r["endpoint"],
-                        r["vcpu"],
-                        r["ran_guest"],
-                        *[r["state_ms"].get(k, 0.0) for k in STATES],
-                        r["unsampled_ms"],
-                    ]
-                    for r in sorted(
-                        doc["host_vcpu"],
-                        key=lambda r: (
-                            r["phase_index"],
-                            not r["ran_guest"],
-                            r["endpoint"],
-                            r["vcpu"],
-                        ),
-                    )
-                ],
-            )
-        )
-        longest = sorted(doc["host_stalls"], key=lambda x: -x["length_ms"])[:SHOW_HOST_STALLS]
-        out.append(
-            (
-                "Stalls and what the host saw (the longest)",
-                ["CPU", "phase", "at (ms)", "length (ms)", "host cause", "guest hint", "in words"],
-                [
-                    [
-                        x["cpu"],
-                        x["phase"],
-                        x["start_offset_ms"],
-                        x["length_ms"],
-                        x["host_cause"] or "-",
-                        x["guest_cause"],
-                        x["text"],
-                    ]
-                    for x in sorted(longest, key=lambda x: x["start_offset_ms"])
-                ],
-            )
-        )
-    sens = doc["timeout_sensitivity"]
-    head = ["phase", "source"] + [f"T={_fmt(t)} ms" for t in sens["ladder_ms"]]
-    srows: list[list[Any]] = []
-    for ph in sens["phases"]:
-        if any(ph["stalls"]):
-            srows.append([ph["phase"], "stalls (all CPUs)", *ph["stalls"]])
-            srows.append([ph["phase"], "stalls (worst CPU)", *ph["worst_cpu"]])
-        for canary, counts in ph["canaries"].items():
-            srows.append([ph["phase"], f"canary {canary}", *counts])
-        if any(ph["peer"]):
-            srows.append([ph["phase"], "peer outside (clock lag)", *ph["peer"]])
-    out.append(("Timeout sensitivity: expirations per phase", head, srows))
+        out.extend(_host_tables(doc))
+    out.append(_sensitivity_table(doc["timeout_sensitivity"]))
     out.append(
         (
             "Validation: host truth against the guest",
@@ -178,6 +97,105 @@ def tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         )
     )
     return out
+
+
+def _stall_table(doc: dict[str, Any]) -> Table:
+    """Stalls per phase and CPU, the rows with any stall."""
+    rows = [
+        [
+            s["phase"],
+            s["cpu"],
+            s["count"],
+            s["stalled_ms"],
+            f"{100 * s['fraction']:.1f} %",
+            s["longest_ms"],
+            s["p50_ms"],
+            s["p99_ms"],
+            s["alone_ms"],
+        ]
+        for s in doc["stalls"]
+        if s["count"] or s["stalled_ms"]
+    ]
+    return (
+        "Stalls per phase and CPU",
+        [
+            "phase",
+            "CPU",
+            "count",
+            "stalled (ms)",
+            "of phase",
+            "longest (ms)",
+            "p50 (ms)",
+            "p99 (ms)",
+            "alone (ms)",
+        ],
+        rows,
+    )
+
+
+def _host_tables(doc: dict[str, Any]) -> list[Table]:
+    """The host-truth tables: states per phase and vCPU, the longest stalls' host causes."""
+    out: list[Table] = []
+    out.append(
+        (
+            "Host states per phase and vCPU (ms)",
+            ["phase", "endpoint", "vCPU", "ran the guest", *STATES, "unsampled"],
+            [
+                [
+                    r["phase"],
+                    r["endpoint"],
+                    r["vcpu"],
+                    r["ran_guest"],
+                    *[r["state_ms"].get(k, 0.0) for k in STATES],
+                    r["unsampled_ms"],
+                ]
+                for r in sorted(
+                    doc["host_vcpu"],
+                    key=lambda r: (
+                        r["phase_index"],
+                        not r["ran_guest"],
+                        r["endpoint"],
+                        r["vcpu"],
+                    ),
+                )
+            ],
+        )
+    )
+    longest = sorted(doc["host_stalls"], key=lambda x: -x["length_ms"])[:SHOW_HOST_STALLS]
+    out.append(
+        (
+            "Stalls and what the host saw (the longest)",
+            ["CPU", "phase", "at (ms)", "length (ms)", "host cause", "guest hint", "in words"],
+            [
+                [
+                    x["cpu"],
+                    x["phase"],
+                    x["start_offset_ms"],
+                    x["length_ms"],
+                    x["host_cause"] or "-",
+                    x["guest_cause"],
+                    x["text"],
+                ]
+                for x in sorted(longest, key=lambda x: x["start_offset_ms"])
+            ],
+        )
+    )
+    return out
+
+
+def _sensitivity_table(sens: dict[str, Any]) -> Table:
+    """Expirations per phase and ladder T: stalls (all CPUs, worst CPU), canaries, peer."""
+    head = ["phase", "source"] + [f"T={_fmt(t)} ms" for t in sens["ladder_ms"]]
+    srows: list[list[Any]] = []
+    for ph in sens["phases"]:
+        if any(ph["stalls"]):
+            srows.append([ph["phase"], "stalls (all CPUs)", *ph["stalls"]])
+            srows.append([ph["phase"], "stalls (worst CPU)", *ph["worst_cpu"]])
+        for canary, counts in ph["canaries"].items():
+            srows.append([ph["phase"], f"canary {canary}", *counts])
+        if any(ph["peer"]):
+            srows.append([ph["phase"], "peer outside (clock lag)", *ph["peer"]])
+    return ("Timeout sensitivity: expirations per phase", head, srows)
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
