@@ -103,11 +103,32 @@ def timeline_png(a: Analysis) -> bytes:
         x0, x1 = (w.start_ns - a.origin_ns) / 1e9, (w.end_ns - a.origin_ns) / 1e9
         for axis in (ax, ax2):
             axis.axvspan(x0, x1, facecolor="none", hatch="///", edgecolor="#555555", lw=0, zorder=2)
-    p = a.placed
     edges = np.linspace(x_lo, x_hi, BINS + 1)
-    width = edges[1] - edges[0]
     banded = _host_bands(ax, a, edges)
     bar_y, bar_h = (-0.42, 0.45) if banded else (-0.35, 0.7)
+    _stall_bars(ax, a, edges, (bar_y, bar_h))
+    for pt in a.points:
+        y = pt.lane if pt.lane >= 0 else len(lanes) - 0.5
+        x = (pt.host_ns - a.origin_ns) / 1e9
+        if pt.kind == "timeout":
+            ax.plot([x], [y + 0.3], marker="v", color="#08519c", ms=5, zorder=4)
+        else:
+            ax.plot([x], [y], marker="x", color="#d62728", ms=8, mew=2, zorder=5)
+    _lane_axis(ax, a, banded, (x_lo, x_hi))
+    _lag_panel(ax2, a)
+    right = 0.76 if banded else 0.86
+    fig.subplots_adjust(left=0.11 if banded else 0.09, right=right, top=0.86, bottom=0.1)
+    return _png(fig)
+
+
+def _stall_bars(
+    ax: Axes, a: Analysis, edges: npt.NDArray[np.float64], bar: tuple[float, float]
+) -> None:
+    """Each lane's stalls as bars binned on ``edges``, coloured by cause hint."""
+    lanes = a.run.lanes
+    p = a.placed
+    x_lo, width = edges[0], edges[1] - edges[0]
+    bar_y, bar_h = bar
     for li in range(len(lanes)):
         sel = p.lane == li
         if not sel.any():
@@ -130,13 +151,13 @@ def timeline_png(a: Analysis) -> bytes:
                 for i, j in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True)
             ]
             ax.broken_barh(runs, (li + bar_y, bar_h), color=CAUSE_COLOURS[cause], zorder=3)
-    for pt in a.points:
-        y = pt.lane if pt.lane >= 0 else len(lanes) - 0.5
-        x = (pt.host_ns - a.origin_ns) / 1e9
-        if pt.kind == "timeout":
-            ax.plot([x], [y + 0.3], marker="v", color="#08519c", ms=5, zorder=4)
-        else:
-            ax.plot([x], [y], marker="x", color="#d62728", ms=8, mew=2, zorder=5)
+
+
+def _lane_axis(ax: Axes, a: Analysis, banded: bool, xlim: tuple[float, float]) -> None:
+    """The lanes' labels (with the host vCPU rows when banded), limits and legends."""
+    lanes = a.run.lanes
+    n = max(len(lanes), 1)
+    x_lo, x_hi = xlim
     if banded:
         ticks = [y for i in range(len(lanes)) for y in (i - 0.2, i + 0.25)]
         names = [
@@ -169,6 +190,10 @@ def timeline_png(a: Analysis) -> bytes:
             title="host state",
             title_fontsize=7,
         )
+
+
+def _lag_panel(ax2: Axes, a: Analysis) -> None:
+    """The lower panel: each boot's guest clock lag behind the host, with error bars."""
     for ba in a.alignment.boots.values():
         if not len(ba.host):
             continue
@@ -207,9 +232,6 @@ def timeline_png(a: Analysis) -> bytes:
             va="center",
             fontsize=9,
         )
-    right = 0.76 if banded else 0.86
-    fig.subplots_adjust(left=0.11 if banded else 0.09, right=right, top=0.86, bottom=0.1)
-    return _png(fig)
 
 
 def _host_bands(ax: Axes, a: Analysis, edges: npt.NDArray[np.float64]) -> bool:
