@@ -273,97 +273,20 @@ def summarize(run: Path) -> dict[str, Any]:
     health = jsonl.read_document_quietly(run / HEALTH) or {}
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
 
-    seqs = [int(e["seq"]) for e in events if "seq" in e]
-    agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
-    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
-    continuity = {
-        "events": len(seqs),
-        "first_seq": seqs[0] if seqs else None,
-        "last_seq": seqs[-1] if seqs else None,
-        "missing": missing[:50],
-        "missing_count": len(missing),
-        "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
-        "agent_starts": len(agent_ids),
-        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
-    }
+    continuity = _continuity(events)
 
-    stalls: list[dict[str, Any]] = []
-    for event in events:
-        if event.get("kind") != "stall":
-            continue
-        start_host = clock.to_host(int(event["real_ns"]))
-        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
-        stalls.append(
-            {
-                "seq": event.get("seq"),
-                "cpu": event.get("cpu"),
-                "duration_ns": event.get("duration_ns"),
-                "cause": event.get("cause"),
-                "host_start_ns": start_host,
-                "host_end_ns": end_host,
-                "phase": _phase_name(timeline, start_host),
-                "phases_overlapped": _overlapped(timeline, start_host, end_host),
-            }
-        )
-    per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
-    for stall in stalls:
-        slot = per_cpu.setdefault(str(stall["cpu"]), {}).setdefault(
-            stall["phase"], {"count": 0, "longest_ns": 0, "total_ns": 0}
-        )
-        slot["count"] += 1
-        slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
-        slot["total_ns"] += int(stall["duration_ns"] or 0)
+    stalls = _placed_stalls(events, clock, timeline)
+    per_cpu = _per_cpu_phase(stalls)
 
     steps_seen = [
         {"clock": e.get("clock"), "step_ns": e.get("step_ns"), "bracket_ns": e.get("bracket_ns")}
         for e in events
         if e.get("kind") == "clock_step"
     ]
-    if windows and windows[-1]["end_ns"] is not None:
-        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
-        after = clock.lag(windows[-1]["end_ns"], None)
-    else:
-        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
-        after = clock.lag(marks.get("settled"), None)
-    ended = [w for w in windows if w["end_ns"] is not None]
-    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
-    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
-    lag = {
-        "before": before,
-        "after": after,
-        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
-        "vcpus_stopped_ns": stopped_ns,
-        "vcpus_stopped_max_ns": stopped_max_ns,
-        "stopped_windows": windows,
-        "clocksource": next(
-            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
-            None,
-        ),
-    }
+    lag = _clock_lag(windows, clock, marks)
 
     timeouts = _timeouts(events, clock, timeline)
-    injected = []
-    for step in steps:
-        if step.get("type") != "inject":
-            continue
-        freeze = int(step["freeze_ns"])
-        t0, t1 = int(step["host_start_ns"]), int(step["host_end_ns"])
-        match: dict[str, Any] = {}
-        for stall in stalls:
-            start = stall["host_start_ns"]
-            if start is None or stall["duration_ns"] is None:
-                continue
-            # The guest's gap begins at its last sample before the freeze.
-            if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
-                match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
-        expired: dict[str, dict[str, dict[str, int]]] = {}
-        for t in timeouts:
-            # A deadline that fell due inside the freeze (with 20 ms for the clock map's
-            # error and the freeze taking hold: a heartbeat's is its peer's last beat + T).
-            if t["host_ns"] is not None and t0 - 20_000_000 <= t["host_ns"] <= t1 + 20_000_000:
-                by_cpu = expired.setdefault(t["canary"], {}).setdefault(str(t["cpu"]), {})
-                by_cpu[t["timeout"]] = by_cpu.get(t["timeout"], 0) + 1
-        injected.append({**step, "guest_stalls_ns": match, "guest_timeouts": expired})
+    injected = _injected(steps, stalls, timeouts)
 
     summary: dict[str, Any] = {
         "run": str(run),
@@ -399,6 +322,117 @@ def summarize(run: Path) -> dict[str, Any]:
         "marks": marks,
     }
     return summary
+
+
+def _continuity(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the agent's ``seq`` is continuous: no event lost, in order, one agent."""
+    seqs = [int(e["seq"]) for e in events if "seq" in e]
+    agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+    return {
+        "events": len(seqs),
+        "first_seq": seqs[0] if seqs else None,
+        "last_seq": seqs[-1] if seqs else None,
+        "missing": missing[:50],
+        "missing_count": len(missing),
+        "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
+        "agent_starts": len(agent_ids),
+        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
+    }
+
+
+def _placed_stalls(
+    events: list[dict[str, Any]], clock: ClockMap, timeline: Timeline | None
+) -> list[dict[str, Any]]:
+    """The guest's stalls on the host's clock, each with the phase it began in."""
+    stalls: list[dict[str, Any]] = []
+    for event in events:
+        if event.get("kind") != "stall":
+            continue
+        start_host = clock.to_host(int(event["real_ns"]))
+        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
+        stalls.append(
+            {
+                "seq": event.get("seq"),
+                "cpu": event.get("cpu"),
+                "duration_ns": event.get("duration_ns"),
+                "cause": event.get("cause"),
+                "host_start_ns": start_host,
+                "host_end_ns": end_host,
+                "phase": _phase_name(timeline, start_host),
+                "phases_overlapped": _overlapped(timeline, start_host, end_host),
+            }
+        )
+    return stalls
+
+
+def _per_cpu_phase(stalls: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per CPU and phase: the count, the longest and the total of the stalls."""
+    per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
+    for stall in stalls:
+        slot = per_cpu.setdefault(str(stall["cpu"]), {}).setdefault(
+            stall["phase"], {"count": 0, "longest_ns": 0, "total_ns": 0}
+        )
+        slot["count"] += 1
+        slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
+        slot["total_ns"] += int(stall["duration_ns"] or 0)
+    return per_cpu
+
+
+def _clock_lag(
+    windows: list[dict[str, Any]], clock: ClockMap, marks: dict[str, int]
+) -> dict[str, Any]:
+    """The guest clock's lag before and after the disturbance, against the vCPU stops."""
+    if windows and windows[-1]["end_ns"] is not None:
+        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
+        after = clock.lag(windows[-1]["end_ns"], None)
+    else:
+        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
+        after = clock.lag(marks.get("settled"), None)
+    ended = [w for w in windows if w["end_ns"] is not None]
+    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
+    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
+    return {
+        "before": before,
+        "after": after,
+        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
+        "vcpus_stopped_ns": stopped_ns,
+        "vcpus_stopped_max_ns": stopped_max_ns,
+        "stopped_windows": windows,
+        "clocksource": next(
+            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
+            None,
+        ),
+    }
+
+
+def _injected(
+    steps: list[dict[str, Any]], stalls: list[dict[str, Any]], timeouts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each injected freeze with the guest's matching stalls and the deadlines inside it."""
+    injected = []
+    for step in steps:
+        if step.get("type") != "inject":
+            continue
+        freeze = int(step["freeze_ns"])
+        t0, t1 = int(step["host_start_ns"]), int(step["host_end_ns"])
+        match: dict[str, Any] = {}
+        for stall in stalls:
+            start = stall["host_start_ns"]
+            if start is None or stall["duration_ns"] is None:
+                continue
+            # The guest's gap begins at its last sample before the freeze.
+            if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
+                match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
+        expired: dict[str, dict[str, dict[str, int]]] = {}
+        for t in timeouts:
+            # A deadline that fell due inside the freeze (with 20 ms for the clock map's
+            # error and the freeze taking hold: a heartbeat's is its peer's last beat + T).
+            if t["host_ns"] is not None and t0 - 20_000_000 <= t["host_ns"] <= t1 + 20_000_000:
+                by_cpu = expired.setdefault(t["canary"], {}).setdefault(str(t["cpu"]), {})
+                by_cpu[t["timeout"]] = by_cpu.get(t["timeout"], 0) + 1
+        injected.append({**step, "guest_stalls_ns": match, "guest_timeouts": expired})
+    return injected
 
 
 def _ms(ns: Any) -> str:
