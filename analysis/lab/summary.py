@@ -457,69 +457,11 @@ def _no_stalls(outcome: dict[str, Any]) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     """The summary as a few lines of text."""
-    lab = summary.get("lab", {})
     outcome = summary.get("guest_outcome") or {}
-    lines = []
-    if outcome:
-        cs = outcome.get("clocksource") or {}
-        lines.append(
-            f"guest outcome: {outcome['outcome']} (clocksource {cs.get('used') or '?'}, "
-            f"{'asked for' if cs.get('requested') else 'the kernel choice'})"
-        )
-        lines += [f"  - {e}" for e in outcome.get("evidence", [])]
-        warnings = outcome.get("kernel_warnings") or {}
-        if warnings:
-            lines.append("  kernel warnings: " + ", ".join(f"{k} {n}" for k, n in warnings.items()))
-        lines += [f"  clock: {n}" for n in (outcome.get("details") or {}).get("clock_notes", [])]
-    lines.append(f"scenario {summary.get('scenario')}: {summary.get('run')}")
-    if lab.get("qemu_version"):
-        lines.append(
-            f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
-        )
-    lines.append(
-        f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
-        f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
-        f"wall {lab.get('wall_s')} s"
-    )
-    if summary["phases"]:
-        lines.append(
-            "  phases: "
-            + ", ".join(f"{p['name']} {_ms(p['duration_ns'])}" for p in summary["phases"])
-        )
-        ts = summary.get("timeline_summary") or {}
-        lines.append(
-            f"  downtime (src STOP -> dst RESUME) {_ms(ts.get('downtime_ns'))}, QEMU downtime "
-            f"{ts.get('qemu_downtime_ms')} ms, postcopy blocktime "
-            f"{ts.get('postcopy_blocktime_ms')} ms per vCPU {ts.get('postcopy_vcpu_blocktime_ms')}"
-        )
-    for cpu, phases in sorted(summary["stalls_per_cpu_phase"].items()):
-        parts = [
-            f"{name} {v['count']}x longest {_ms(v['longest_ns'])}" for name, v in phases.items()
-        ]
-        lines.append(f"  CPU {cpu} stalls: " + "; ".join(parts))
-    for stall in summary["stalls"]:
-        if int(stall["duration_ns"] or 0) >= 1_000_000_000 and stall["phases_overlapped"]:
-            lines.append(
-                f"    CPU {stall['cpu']}: {_ms(stall['duration_ns'])} over "
-                + " > ".join(stall["phases_overlapped"])
-            )
-    if not summary["stalls_per_cpu_phase"]:
-        lines.append("  stalls: " + _no_stalls(outcome))
-    for inj in summary["injected"]:
-        got = ", ".join(
-            f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
-            for cpu, vals in sorted(inj["guest_stalls_ns"].items())
-        )
-        lines.append(
-            f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
-            f"{got or 'nothing'}"
-        )
-        for canary, cpus in sorted(inj.get("guest_timeouts", {}).items()):
-            got = "; ".join(
-                f"CPU {cpu} " + ", ".join(f"{t} {n}x" for t, n in per_t.items())
-                for cpu, per_t in sorted(cpus.items())
-            )
-            lines.append(f"    {canary} deadlines expired inside it: {got}")
+    lines: list[str] = []
+    lines += _outcome_lines(outcome)
+    lines += _run_lines(summary)
+    lines += _stall_lines(summary, outcome)
     for canary, per_t in summary.get("timeouts_per_phase", {}).items():
         parts = [
             f"{t}: " + ", ".join(f"{phase} {n}" for phase, n in phases.items())
@@ -565,6 +507,86 @@ def render(summary: dict[str, Any]) -> str:
         + (f" ({'; '.join(health.get('problems', []))})" if health.get("problems") else "")
     )
     return "\n".join(lines)
+
+
+def _outcome_lines(outcome: dict[str, Any]) -> list[str]:
+    """The guest's outcome first: its evidence, kernel warnings and clock notes."""
+    lines: list[str] = []
+    if not outcome:
+        return lines
+    cs = outcome.get("clocksource") or {}
+    lines.append(
+        f"guest outcome: {outcome['outcome']} (clocksource {cs.get('used') or '?'}, "
+        f"{'asked for' if cs.get('requested') else 'the kernel choice'})"
+    )
+    lines += [f"  - {e}" for e in outcome.get("evidence", [])]
+    warnings = outcome.get("kernel_warnings") or {}
+    if warnings:
+        lines.append("  kernel warnings: " + ", ".join(f"{k} {n}" for k, n in warnings.items()))
+    lines += [f"  clock: {n}" for n in (outcome.get("details") or {}).get("clock_notes", [])]
+    return lines
+
+
+def _run_lines(summary: dict[str, Any]) -> list[str]:
+    """The scenario, QEMU and guest, and the migration's phases and downtime."""
+    lab = summary.get("lab", {})
+    lines: list[str] = []
+    lines.append(f"scenario {summary.get('scenario')}: {summary.get('run')}")
+    if lab.get("qemu_version"):
+        lines.append(
+            f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
+        )
+    lines.append(
+        f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
+        f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
+        f"wall {lab.get('wall_s')} s"
+    )
+    if summary["phases"]:
+        lines.append(
+            "  phases: "
+            + ", ".join(f"{p['name']} {_ms(p['duration_ns'])}" for p in summary["phases"])
+        )
+        ts = summary.get("timeline_summary") or {}
+        lines.append(
+            f"  downtime (src STOP -> dst RESUME) {_ms(ts.get('downtime_ns'))}, QEMU downtime "
+            f"{ts.get('qemu_downtime_ms')} ms, postcopy blocktime "
+            f"{ts.get('postcopy_blocktime_ms')} ms per vCPU {ts.get('postcopy_vcpu_blocktime_ms')}"
+        )
+    return lines
+
+
+def _stall_lines(summary: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
+    """Stalls per CPU and phase, the long ones across phases, and the injected freezes."""
+    lines: list[str] = []
+    for cpu, phases in sorted(summary["stalls_per_cpu_phase"].items()):
+        parts = [
+            f"{name} {v['count']}x longest {_ms(v['longest_ns'])}" for name, v in phases.items()
+        ]
+        lines.append(f"  CPU {cpu} stalls: " + "; ".join(parts))
+    for stall in summary["stalls"]:
+        if int(stall["duration_ns"] or 0) >= 1_000_000_000 and stall["phases_overlapped"]:
+            lines.append(
+                f"    CPU {stall['cpu']}: {_ms(stall['duration_ns'])} over "
+                + " > ".join(stall["phases_overlapped"])
+            )
+    if not summary["stalls_per_cpu_phase"]:
+        lines.append("  stalls: " + _no_stalls(outcome))
+    for inj in summary["injected"]:
+        got = ", ".join(
+            f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
+            for cpu, vals in sorted(inj["guest_stalls_ns"].items())
+        )
+        lines.append(
+            f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
+            f"{got or 'nothing'}"
+        )
+        for canary, cpus in sorted(inj.get("guest_timeouts", {}).items()):
+            got = "; ".join(
+                f"CPU {cpu} " + ", ".join(f"{t} {n}x" for t, n in per_t.items())
+                for cpu, per_t in sorted(cpus.items())
+            )
+            lines.append(f"    {canary} deadlines expired inside it: {got}")
+    return lines
 
 
 def write_summary(run: Path) -> dict[str, Any]:
