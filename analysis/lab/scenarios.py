@@ -474,35 +474,7 @@ class Scenario:
         self.steps = JsonlWriter(self.out / STEPS)
         await self.connect_controls()
         await self._start_forwarder()
-        assert self.forwarder is not None
-        exporter = None
-        if self.opts.listen is not None:
-            exporter = MigrationExporter(
-                [q.spec.name for q in self.qemus], {"guest": self.forwarder.url}, run=str(self.out)
-            )
-            try:
-                self.exporter_server = exporter.serve(self.opts.listen)
-            except RecorderError as err:
-                raise ScenarioError(str(err)) from err
-            self.info["exporter_url"] = f"http://{self.exporter_server.address}/metrics"
-            self.say(f"serving the migration state on {self.info['exporter_url']}")
-        lab_meta = self.lab_meta(started)
-        recorder = Recorder(
-            self.out,
-            qmp={q.spec.name: str(q.spec.qmp_socket) for q in self.qemus},
-            agents={"guest": self.forwarder.url},
-            grace_ns=600_000_000_000,
-            on_status=self._on_status,
-            command_timeout_ns=1_000_000_000,
-            clock_period_ns=250_000_000,
-            events_poll_ns=250_000_000,
-            status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
-            command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario]
-            + (["--via", self.opts.via] if self.opts.via != "qemu" else []),
-            reconnect=self.reconnect_monitors,
-            extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
-            on_record=None if exporter is None else exporter.observe,
-        )
+        recorder = self._recorder(self._serve_exporter(), self.lab_meta(started))
         self.recorder = recorder
         task = asyncio.ensure_future(recorder.run())
         workload_stop: asyncio.Future[None] | None = None
@@ -520,57 +492,7 @@ class Scenario:
                 await self.stall_vcpu()
             self.mark("settled")
             workload_stop = self._stop_workload()
-            # The canaries' events reach the recorder late under TCG: each canary sends
-            # them with its once-a-second life line, and the busy guest's agent takes a
-            # while to file them (measured from /events in an idle TCG guest: p50 1.8 s,
-            # p90 2.9 s, max 4.7 s after the measurement ended). The recorder keeps
-            # fetching during the health check, so the wait counts from here.
-            drain_end = time.monotonic() + CANARY_DRAIN_S
-            await asyncio.sleep(self.opts.linger_s)
-            final = self.qemus[-1]
-            # The agent's last /metrics, kept for the summary's counters. It is asked for
-            # when the health check's first /healthz is answered, so that the slow guest
-            # renders it while the health check goes on and the canaries drain: asked for
-            # after the health check, it took 2 to 7 s more in paused runs. A request sent
-            # before the agent answers at all (right after the migration) can hang for
-            # longer than its timeout. Rendering delays the agent's answers, so the
-            # recorder's last /clock burst waits for it (the only sample after a precopy's
-            # switchover once read 69 ms of round trip beside it, against 12 to 44 ms).
-            # Its counters can miss a canary expiration filed after it, while the
-            # canaries drain; guest-events.jsonl has every one.
-            url = f"http://127.0.0.1:{final.spec.agent_port}/metrics"
-            loop = asyncio.get_running_loop()
-            fetches: list[asyncio.Future[tuple[bytes, Exception | None]]] = []
-
-            def fetch_metrics() -> None:
-                if not fetches:
-                    fetch = asyncio.to_thread(_get_or_error, url, 10.0)
-                    fetches.append(asyncio.ensure_future(fetch))
-
-            self.say(f"checking the guest's health on {final.spec.name}")
-            health = await asyncio.to_thread(
-                check_health,
-                final,
-                self.qemus,
-                self.opts.vcpus,
-                self.opts.canaries,
-                self.opts.kmsg,
-                lambda: loop.call_soon_threadsafe(fetch_metrics),
-            )
-            self.mark("health_checked")
-            self.say(
-                f"lab health checks: {'ok' if health['ok'] else '; '.join(health['problems'])} "
-                f"(agent answered after {health['answer_s']} s, probes up after "
-                f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
-            )
-            # A fetch_metrics scheduled by the first answer has run: it was queued before
-            # check_health's return. Without an answer, /metrics is asked for now.
-            fetch_metrics()
-            metrics = fetches[0]
-            if self.opts.canaries:
-                await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
-            body, error = await metrics
-            self.mark("metrics_fetched")
+            health, body, error = await self._check_guest()
             if workload_stop is not None:
                 await workload_stop
         finally:
@@ -580,11 +502,108 @@ class Scenario:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 30)
             self.mark("recording_stopped")
+        self._keep_health(health, body, error, workload_stop is not None)
+        return self.lab_meta(started)
+
+    def _serve_exporter(self) -> MigrationExporter | None:
+        """With ``--listen``, the host migration exporter fed by the recorder."""
+        assert self.forwarder is not None
+        if self.opts.listen is None:
+            return None
+        exporter = MigrationExporter(
+            [q.spec.name for q in self.qemus], {"guest": self.forwarder.url}, run=str(self.out)
+        )
+        try:
+            self.exporter_server = exporter.serve(self.opts.listen)
+        except RecorderError as err:
+            raise ScenarioError(str(err)) from err
+        self.info["exporter_url"] = f"http://{self.exporter_server.address}/metrics"
+        self.say(f"serving the migration state on {self.info['exporter_url']}")
+        return exporter
+
+    def _recorder(self, exporter: MigrationExporter | None, lab_meta: dict[str, Any]) -> Recorder:
+        """The recorder on one monitor of each QEMU and on the agent, through the forwarder."""
+        assert self.forwarder is not None
+        return Recorder(
+            self.out,
+            qmp={q.spec.name: str(q.spec.qmp_socket) for q in self.qemus},
+            agents={"guest": self.forwarder.url},
+            grace_ns=600_000_000_000,
+            on_status=self._on_status,
+            command_timeout_ns=1_000_000_000,
+            clock_period_ns=250_000_000,
+            events_poll_ns=250_000_000,
+            status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
+            command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario]
+            + (["--via", self.opts.via] if self.opts.via != "qemu" else []),
+            reconnect=self.reconnect_monitors,
+            extra_meta={"scenario": self.opts.scenario, "lab": lab_meta},
+            on_record=None if exporter is None else exporter.observe,
+        )
+
+    async def _check_guest(self) -> tuple[dict[str, Any], bytes, Exception | None]:
+        """After the disturbance: the health check, the agent's last /metrics, the drain.
+
+        The canaries' events reach the recorder late under TCG (each canary sends them with
+        its once-a-second life line and the busy agent files them late; docs/lab-notes.md
+        has the delays measured), so the recorder goes on for ``CANARY_DRAIN_S`` from the
+        settle mark while the health check runs. The agent's last /metrics is asked for as
+        soon as the health check's first /healthz is answered, so the slow guest renders it
+        while the check goes on (asked for after the check, it came seconds later; sent
+        before the agent answers at all, right after a migration, it can hang past its
+        timeout). Its counters can miss a canary expiration filed after it, while the
+        canaries drain; guest-events.jsonl has every one.
+
+        :return: the health report, the /metrics body and the error fetching it, if any.
+        """
+        drain_end = time.monotonic() + CANARY_DRAIN_S
+        await asyncio.sleep(self.opts.linger_s)
+        final = self.qemus[-1]
+        url = f"http://127.0.0.1:{final.spec.agent_port}/metrics"
+        loop = asyncio.get_running_loop()
+        fetches: list[asyncio.Future[tuple[bytes, Exception | None]]] = []
+
+        def fetch_metrics() -> None:
+            if not fetches:
+                fetch = asyncio.to_thread(_get_or_error, url, 10.0)
+                fetches.append(asyncio.ensure_future(fetch))
+
+        self.say(f"checking the guest's health on {final.spec.name}")
+        health = await asyncio.to_thread(
+            check_health,
+            final,
+            self.qemus,
+            self.opts.vcpus,
+            self.opts.canaries,
+            self.opts.kmsg,
+            lambda: loop.call_soon_threadsafe(fetch_metrics),
+        )
+        self.mark("health_checked")
+        self.say(
+            f"lab health checks: {'ok' if health['ok'] else '; '.join(health['problems'])} "
+            f"(agent answered after {health['answer_s']} s, probes up after "
+            f"{health['probes_up_s']} s; samples/s {health['samples_per_s']})"
+        )
+        # A fetch_metrics scheduled by the first answer has run: it was queued before
+        # check_health's return. Without an answer, /metrics is asked for now.
+        fetch_metrics()
+        metrics = fetches[0]
+        if self.opts.canaries:
+            await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
+        body, error = await metrics
+        self.mark("metrics_fetched")
+        return health, body, error
+
+    def _keep_health(
+        self, health: dict[str, Any], body: bytes, error: Exception | None, workload: bool
+    ) -> None:
+        """Fold the /metrics fetch and the workload's memory verdict into the health
+        report; write it (lab-health.json) and the agent's last /metrics."""
         if error is not None:
             health["problems"].append(f"/metrics failed: {error}")
             health["ok"] = False
             self.say(f"health: /metrics failed: {error}")
-        if workload_stop is not None:
+        if workload:
             health["memory"] = self.memory
             problem = memory_problem(self.memory)
             if problem:
@@ -594,7 +613,6 @@ class Scenario:
         if body:
             (self.out / AGENT_METRICS).write_bytes(body)
         rundir.write_json_atomic(self.out / HEALTH, health)
-        return self.lab_meta(started)
 
     async def connect_controls(self) -> None:
         """Connect the scenario's own monitor of each QEMU."""
