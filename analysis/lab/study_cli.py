@@ -15,12 +15,16 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from analysis.options import MAX_VCPUS, OutDir
 from probe.durations import parse_duration
 from probe.errors import DurationError
+
+if TYPE_CHECKING:
+    from analysis.lab.study import StudyParams
 
 ACCELS = ("auto", "kvm", "tcg", "tcg-single", "tcg-multi")
 CLOCKSOURCE = re.compile(r"^[a-z0-9_-]+$")
@@ -187,8 +191,89 @@ def study_cmd(
     if not scenarios or not holds:
         raise click.UsageError("--scenario and --hold are required (or --report-only)")
     from analysis.lab import qemu as lq
+    from analysis.lab.study import StudyParams, run_timeout_s
+
+    names, sources, accel_list = _axes(scenarios, clocksources, accels)
+    _check_passed(workload, mem, baseline, canaries, bandwidth)
+    holds_ns = _holds(holds)
+    planned = len(names) * len(holds_ns) * len(sources) * len(accel_list) * repeat
+    if planned > MAX_RUNS:
+        raise click.UsageError(
+            f"the study would plan {planned} runs (scenarios x holds x clocksources x accels"
+            f" x --repeat), more than {MAX_RUNS}: split it"
+        )
+    try:
+        lq.qemu_version(lq.resolve_qemu(qemu))  # a QEMU that runs, before the first run
+    except LabError as err:
+        raise click.ClickException(str(err)) from err
+    extra = _passed_on(
+        workload=workload,
+        vcpus=vcpus,
+        mem=mem,
+        baseline=baseline,
+        canaries=canaries,
+        bandwidth=bandwidth,
+        via=via,
+    )
+    timeout = _timeout(run_timeout, run_timeout_s)
+
+    params = StudyParams(
+        scenarios=names,
+        holds_ns=holds_ns,
+        clocksources=sources,
+        accels=accel_list,
+        repeat=repeat,
+        qemu=qemu,
+        extra=extra,
+    )
+
+    _run(params, out, resume, retry_errors, timeout)
+
+
+def _run(
+    params: StudyParams,
+    out: Path,
+    resume: bool,
+    retry_errors: bool,
+    timeout: Callable[[int], float],
+) -> None:
+    """Run the study, SIGTERM taken as Ctrl-C; say what ran (exit 130 when interrupted)."""
+    from analysis.lab.errors import LabError
+    from analysis.lab.study import run_study
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGTERM, on_term)
+    try:
+        result = run_study(
+            params,
+            out,
+            resume=resume,
+            retry_errors=retry_errors,
+            say=lambda line: click.echo(line),
+            run_timeout=timeout,
+        )
+    except LabError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    click.echo(
+        f"study: {result.ran} run(s) in {result.wall_s / 60:.1f} min, {result.skipped} "
+        f"skipped as complete, {len(result.failed)} lab error(s)"
+    )
+    if result.interrupted:
+        raise SystemExit(130)
+
+
+def _axes(
+    scenarios: str, clocksources: str, accels: str
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The study's scenarios, clocksources and accelerators, each checked.
+
+    :raise click.BadParameter: naming the option of a value the lab does not know.
+    """
     from analysis.lab.spec import SCENARIOS
-    from analysis.lab.study import StudyParams, run_study, run_timeout_s
 
     names = _list(scenarios, "--scenario")
     for name in names:
@@ -217,73 +302,32 @@ def study_cmd(
             raise click.BadParameter(
                 f"{a!r}: choose from {', '.join(ACCELS)}", param_hint="--accel"
             )
-    _check_passed(workload, mem, baseline, canaries, bandwidth)
-    holds_ns = _holds(holds)
-    planned = len(names) * len(holds_ns) * len(sources) * len(accel_list) * repeat
-    if planned > MAX_RUNS:
-        raise click.UsageError(
-            f"the study would plan {planned} runs (scenarios x holds x clocksources x accels"
-            f" x --repeat), more than {MAX_RUNS}: split it"
-        )
-    try:
-        lq.qemu_version(lq.resolve_qemu(qemu))  # a QEMU that runs, before the first run
-    except LabError as err:
-        raise click.ClickException(str(err)) from err
+    return names, sources, accel_list
+
+
+def _passed_on(**options: str | int | None) -> tuple[str, ...]:
+    """The options every lab run gets, as ``lab run`` flags (``vcpus`` -> ``--vcpus N``)."""
     extra: list[str] = []
-    for flag, value in (
-        ("--workload", workload),
-        ("--vcpus", vcpus),
-        ("--mem", mem),
-        ("--baseline", baseline),
-        ("--canaries", canaries),
-        ("--bandwidth", bandwidth),
-        ("--via", via),
-    ):
+    for name, value in options.items():
         if value is not None:
-            extra += [flag, str(value)]
-    timeout: Callable[[int], float] = run_timeout_s
-    if run_timeout is not None:
-        try:
-            fixed = parse_duration(run_timeout) / 1e9
-        except DurationError as err:
-            raise click.BadParameter(str(err), param_hint="--run-timeout") from None
-        if fixed <= 0:
-            raise click.BadParameter("must be positive", param_hint="--run-timeout")
-        timeout = lambda _hold_ns: fixed  # noqa: E731
+            extra += [f"--{name}", str(value)]
+    return tuple(extra)
 
-    params = StudyParams(
-        scenarios=names,
-        holds_ns=holds_ns,
-        clocksources=sources,
-        accels=accel_list,
-        repeat=repeat,
-        qemu=qemu,
-        extra=tuple(extra),
-    )
 
-    def on_term(signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+def _timeout(run_timeout: str | None, default: Callable[[int], float]) -> Callable[[int], float]:
+    """``--run-timeout`` as the seconds a run of each hold may take (``default`` without it).
 
-    saved = signal.signal(signal.SIGTERM, on_term)
+    :raise click.BadParameter: when it is not a positive duration.
+    """
+    if run_timeout is None:
+        return default
     try:
-        result = run_study(
-            params,
-            out,
-            resume=resume,
-            retry_errors=retry_errors,
-            say=lambda line: click.echo(line),
-            run_timeout=timeout,
-        )
-    except LabError as err:
-        raise click.ClickException(str(err)) from err
-    finally:
-        signal.signal(signal.SIGTERM, saved)
-    click.echo(
-        f"study: {result.ran} run(s) in {result.wall_s / 60:.1f} min, {result.skipped} "
-        f"skipped as complete, {len(result.failed)} lab error(s)"
-    )
-    if result.interrupted:
-        raise SystemExit(130)
+        fixed = parse_duration(run_timeout) / 1e9
+    except DurationError as err:
+        raise click.BadParameter(str(err), param_hint="--run-timeout") from None
+    if fixed <= 0:
+        raise click.BadParameter("must be positive", param_hint="--run-timeout")
+    return lambda _hold_ns: fixed
 
 
 def _report(out: Path) -> None:
