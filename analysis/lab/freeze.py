@@ -260,19 +260,7 @@ def _freeze_thread(
                 note({**record, "outcome": "kept"})
                 break
             record["threads"] = _thread_states(pid, names)
-            freezer.set("THAWED")
-            note(
-                {
-                    **record,
-                    "outcome": "blocked",
-                    "blocked_by": watch.why,
-                    "blocked_at_ns": blocked_at,
-                    "freeze_ns": time.monotonic_ns() - t_req,
-                }
-            )
-            time.sleep(
-                random.uniform(0.1, 0.3) if blocked_at < FREEZE_CHECK_NS else FREEZE_LATE_RETRY_S
-            )
+            _thaw_blocked(freezer, record, (watch.why, blocked_at), t_req, note)
         else:
             raise ScenarioError(
                 f"each of {FREEZE_ATTEMPTS} freezes of vCPU {cpu} blocked another vCPU "
@@ -296,3 +284,27 @@ def _freeze_thread(
         "requested_ns": stall_ns,
         "attempts": attempt,
     }
+
+
+def _thaw_blocked(
+    freezer: _Freezer,
+    record: dict[str, Any],
+    blocked: tuple[str | None, int],
+    t_req: int,
+    note: Callable[[dict[str, Any]], None],
+) -> None:
+    """Thaw a freeze that blocked another vCPU, note the attempt, and wait before the next:
+    0.1 to 0.3 s after a block in the first window, ``FREEZE_LATE_RETRY_S`` after a later
+    one (so that what the aborted freeze did to the guest ends before the kept one)."""
+    why, blocked_at = blocked
+    freezer.set("THAWED")
+    note(
+        {
+            **record,
+            "outcome": "blocked",
+            "blocked_by": why,
+            "blocked_at_ns": blocked_at,
+            "freeze_ns": time.monotonic_ns() - t_req,
+        }
+    )
+    time.sleep(random.uniform(0.1, 0.3) if blocked_at < FREEZE_CHECK_NS else FREEZE_LATE_RETRY_S)
