@@ -45,12 +45,10 @@ FREEZER = Path("/sys/fs/cgroup/freezer")
 
 
 #: stall-vcpu keeps a freeze only if every other vCPU thread slept (went idle and was
-#: woken again) at least FREEZE_MIN_SLEEPS times in its first FREEZE_CHECK_NS: the
-#: guest's 1 ms samplers make an unhindered vCPU do so about once per ms (seen: 7 to 52
-#: times in 25 ms; at most once when blocked). Else it thaws and tries again.
+#: woken again) at least FREEZE_MIN_SLEEPS times in each FREEZE_CHECK_NS window: the
+#: guest's 1 ms samplers make an unhindered vCPU do so about once per ms, a blocked one at
+#: most once (docs/lab-notes.md). Else it thaws and tries again.
 FREEZE_CHECK_NS = 20_000_000
-
-
 FREEZE_MIN_SLEEPS = 3
 
 

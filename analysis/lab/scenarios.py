@@ -20,12 +20,12 @@ guest's health, stops the recorder and writes ``lab-summary.txt``/``.json``.
                 behaviour libvirt merged; a vCPU touching a missing page blocks. The
                 bandwidth limit only keeps the migration from completing before the
                 pause: during the pause ``max-postcopy-bandwidth`` goes to 0 (no
-                limit), so the recovered migration completes in a few hundred ms (it
-                took 2.1 to 2.2 s at 50 MiB/s, a tenth of a scenario's wall time).
+                limit), so the recovered migration completes in a few hundred ms
+                instead of seconds (docs/lab-notes.md).
 ``paused-stop`` the same, with the destination's vCPUs stopped while the migration is
                 paused, as the upstream patch proposed. QEMU's monitor hangs on ``stop``
                 while postcopy-paused (the symptom of QEMU issue 1052: the main loop
-                waits for a vCPU stuck on a missing page; seen here in 4 of 4 tries),
+                waits for a vCPU stuck on a missing page; docs/lab-notes.md),
                 so the lab sends ``stop`` to the destination *before* the pause, while
                 postcopy-active (it returns once the faulting vCPUs have their pages),
                 and ``cont`` once the recovered migration is postcopy-active again. It
@@ -223,8 +223,8 @@ class Scenario:
             dst_spec = lq.QemuSpec(name="dst", incoming=True, **common)  # type: ignore[arg-type]
             self.qemus.append(lq.start(dst_spec))
         # Every probe the health check wants, not the samplers alone: a canary or the
-        # clock probe that comes up during the disturbance misses it (seen on a 18 s boot:
-        # the canaries came up after the pause, and no /clock burst fell in the baseline).
+        # clock probe that comes up during the disturbance misses it (a slow boot can bring
+        # the canaries up only after the pause, with no /clock burst in the baseline).
         self.boot_s = round(
             wait_agent(
                 src_spec.agent_port,
