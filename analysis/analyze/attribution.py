@@ -64,23 +64,17 @@ thread, so a blocked vCPU blocks all: ``labels`` says so.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from analysis.analyze.alignment import Alignment, OffsetStep, align
-from analysis.analyze.host_vcpu import BLOCKED, HostTruth, join
+from analysis.analyze.checks import Check, validate
+from analysis.analyze.host_vcpu import HostTruth, join
 from analysis.analyze.load import Run
-from analysis.analyze.timeline_model import POSTCOPY_STATUSES
+from analysis.analyze.spans import F64, I32, I64, Placed, Span, span_label
 from analysis.rundir.guest_reader import CAUSES
-from analysis.rundir.qmp import StopWindow
-from probe.durations import format_duration
-
-I64 = npt.NDArray[np.int64]
-F64 = npt.NDArray[np.float64]
-I32 = npt.NDArray[np.int32]
 
 DEFAULT_LADDER_NS = (10_000_000, 100_000_000, 1_000_000_000, 5_000_000_000, 30_000_000_000)
 GRID_POINTS = 160
@@ -88,38 +82,6 @@ TCG_LABEL = "all vCPUs share one host thread: stalls are symmetric by constructi
 UNKNOWN_PHASE = "whole run (phases unknown)"
 NO_MIGRATION_PHASE = "whole run (no migration)"
 BEFORE_PHASE = "before migration"
-#: The first QEMU whose postcopy-vcpu-blocktime is trusted (upstream rewrote it in 10.1).
-RELIABLE_BLOCKTIME = (10, 1)
-
-
-@dataclass(frozen=True)
-class Span:
-    """A phase as attribution uses it: a name and a closed-open host interval."""
-
-    index: int
-    name: str
-    start_ns: int
-    end_ns: int
-    vm_stopped: bool = False
-
-    @property
-    def length_ns(self) -> int:
-        """The phase's length (0 for an empty one)."""
-        return max(0, self.end_ns - self.start_ns)
-
-
-@dataclass
-class Placed:
-    """Stalls on the host clock (numpy columns, one row per stall of ``Run.stalls``)."""
-
-    start: I64
-    end: I64
-    err: F64
-    dur: I64
-    lane: I32
-    cause: I32
-    phase: I32
-    near: npt.NDArray[np.bool_]
 
 
 @dataclass(frozen=True)
@@ -179,18 +141,6 @@ class Sensitivity:
     grid_counts: dict[int, list[int]] = field(default_factory=dict)
     canary: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     peer: dict[int, list[int]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One host-truth-against-guest comparison."""
-
-    what: str
-    host_ns: int | None
-    guest_ns: int | None
-    tolerance_ns: int | None
-    ok: bool | None
-    note: str = ""
 
 
 @dataclass
@@ -310,14 +260,6 @@ def _spans(run: Run, times: list[int]) -> tuple[list[Span], bool]:
     return out, True
 
 
-def span_label(spans: list[Span], phase: int) -> str:
-    """A phase's name, with ``#2``, ``#3`` when a name repeats (postcopy-active)."""
-    name = spans[phase].name
-    seen = sum(1 for s in spans[: phase + 1] if s.name == name)
-    total = sum(1 for s in spans if s.name == name)
-    return f"{name} #{seen}" if total > 1 else name
-
-
 def _bounds(spans: list[Span]) -> I64:
     return np.array([s.start_ns for s in spans] + [spans[-1].end_ns], dtype=np.int64)
 
@@ -325,13 +267,8 @@ def _bounds(spans: list[Span]) -> I64:
 # --------------------------------------------------------------------------- analyse
 
 
-def analyse(run: Run) -> Analysis:
-    """Align, place and measure everything in a run (see the module docstring).
-
-    :param run: what ``load_run`` returned.
-    :return: the analysis.
-    """
-    al = align(run)
+def _stalls_on_host(run: Run, al: Alignment) -> tuple[I64, I64, F64]:
+    """Each stall's start and end on the host's clock, and the error bound, per segment."""
     st = run.stalls
     n = len(st)
     start = np.zeros(n, dtype=np.int64)
@@ -349,16 +286,16 @@ def analyse(run: Run) -> Analysis:
         start[sel], end[sel] = h0, np.maximum(h1, h0)
         err[sel] = np.maximum(e0, e1)
 
-    raw_points = _raw_points(run, al)
-    times = [int(start.min()), int(end.max())] if n else []
-    times += [p[1] for p in raw_points]
-    times += [int(t) for b in al.boots.values() for t in b.host]
-    spans, known = _spans(run, times)
-    bounds = _bounds(spans)
-    n_ph = len(spans)
-    n_lanes = max(len(run.lanes), 1)
+    return start, end, err
 
-    # phase of each stall: the one holding most of it
+
+def _phase_of_stalls(
+    start: I64, end: I64, err: F64, bounds: I64
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
+    """Each stall's phase (the one holding most of it) and whether either end lies within
+    its error bound of a phase boundary."""
+    n = len(start)
+    n_ph = len(bounds) - 1
     ps = np.clip(np.searchsorted(bounds, start, "right") - 1, 0, n_ph - 1).astype(np.int32)
     pe = np.clip(np.searchsorted(bounds, np.maximum(end - 1, start), "right") - 1, 0, n_ph - 1)
     phase = ps.copy()
@@ -375,6 +312,30 @@ def analyse(run: Run) -> Analysis:
             j = np.clip(np.searchsorted(inner, edge), 0, len(inner) - 1)
             d = np.minimum(np.abs(inner[j] - edge), np.abs(inner[np.maximum(j - 1, 0)] - edge))
             near |= d <= e
+    return phase, near
+
+
+def analyse(run: Run) -> Analysis:
+    """Align, place and measure everything in a run (see the module docstring).
+
+    :param run: what ``load_run`` returned.
+    :return: the analysis.
+    """
+    al = align(run)
+    st = run.stalls
+    n = len(st)
+    start, end, err = _stalls_on_host(run, al)
+
+    raw_points = _raw_points(run, al)
+    times = [int(start.min()), int(end.max())] if n else []
+    times += [p[1] for p in raw_points]
+    times += [int(t) for b in al.boots.values() for t in b.host]
+    spans, known = _spans(run, times)
+    bounds = _bounds(spans)
+    n_ph = len(spans)
+    n_lanes = max(len(run.lanes), 1)
+
+    phase, near = _phase_of_stalls(start, end, err, bounds)
     placed = Placed(start, end, err, st.dur, st.lane, st.cause, phase, near)
 
     # per phase x lane
@@ -396,7 +357,7 @@ def analyse(run: Run) -> Analysis:
     host = join(
         run, bounds, start, end, st.lane, err, stalled, al.windows, run.timeline is not None
     )
-    checks = _checks(run, al, placed, stalled, spans, host)
+    checks = validate(run, al, placed, stalled, spans, host)
     labels = []
     if run.accel == "tcg":
         labels.append(f"single-threaded TCG: {TCG_LABEL}")
@@ -581,209 +542,6 @@ def _sensitivity(
             if t_ns in ladder:
                 per[ladder.index(t_ns)] += 1
     return sens
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _tol(reference: int, extra: float = 0.0) -> int:
-    return int(0.10 * abs(reference) + 5_000_000 + extra)
-
-
-def qemu_version(run: Run) -> tuple[int, int] | None:
-    """(major, minor) of the destination's QEMU from meta.json ``versions.qemu`` (an
-    endpoint -> ``"7.2.22 Debian ..."`` mapping, or one string), else of any endpoint."""
-    versions = run.meta.get("versions")
-    qemu = versions.get("qemu") if isinstance(versions, dict) else None
-    texts: list[str] = []
-    if isinstance(qemu, str):
-        texts = [qemu]
-    elif isinstance(qemu, dict):
-        dst = (
-            [ep.name for ep in run.timeline.endpoints if ep.role == "destination"]
-            if (run.timeline is not None)
-            else []
-        )
-        names = dst + sorted(qemu)
-        texts = [qemu[n] for n in names if isinstance(qemu.get(n), str)]
-    for text in texts:
-        m = re.match(r"\s*(\d+)\.(\d+)", text)
-        if m:
-            return int(m[1]), int(m[2])
-    return None
-
-
-def _checks(
-    run: Run,
-    al: Alignment,
-    placed: Placed,
-    stalled: I64,
-    spans: list[Span],
-    host: HostTruth | None = None,
-) -> list[Check]:
-    out: list[Check] = []
-    summary = run.timeline.summary() if run.timeline is not None else None
-    matched: set[StopWindow] = set()
-    for step in al.steps:
-        if not step.windows:
-            continue
-        matched.update(step.windows)
-        stop, stop_max = step.stopped_ns, step.stopped_max_ns
-        what = ", ".join(f"{w.stopped_by} STOP -> {w.resumed_by} RESUME" for w in step.windows)
-        tol = _tol(stop, step.error_ns)
-        note = f"step error bound {step.error_ns / 1e6:.1f} ms"
-        if stop_max > stop:
-            # The clocks stopped when `stop` began; STOP came when every vCPU had left
-            # the guest (analysis.rundir.qmp.stop_request): the freeze lies between the two.
-            note += (
-                f"; the clocks stopped up to {(stop_max - stop) / 1e6:.1f} ms before STOP "
-                "(`stop` waited for every vCPU to leave the guest)"
-            )
-        out.append(
-            Check(
-                f"vCPUs stopped ({what}) vs guest clock-lag step",
-                stop,
-                step.lag_ns,
-                tol + (stop_max - stop),
-                stop - tol <= step.lag_ns <= stop_max + tol,
-                note,
-            )
-        )
-        if summary is not None and summary.qemu_downtime_ms is not None:
-            qd = summary.qemu_downtime_ms * 1_000_000
-            tol = _tol(qd, step.error_ns)
-            note = (
-                "QEMU downtime leaves out most of the postcopy switchover"
-                if any(s.name == "switchover" for s in spans)
-                else ""
-            )
-            out.append(
-                Check(
-                    "QEMU downtime vs guest clock-lag step",
-                    qd,
-                    step.lag_ns,
-                    tol,
-                    abs(step.lag_ns - qd) <= tol,
-                    note,
-                )
-            )
-    for w in al.windows:
-        if w not in matched and al.boots:
-            out.append(
-                Check(
-                    f"vCPUs stopped ({w.stopped_by} STOP -> {w.resumed_by} RESUME) vs guest clock",
-                    w.length_ns,
-                    None,
-                    None,
-                    None,
-                    "no clock sample on both sides of the stop: not measurable",
-                )
-            )
-    lanes = run.lanes
-    for inj in run.injects:
-        h0, h1 = int(inj["host_start_ns"]), int(inj["host_end_ns"])
-        freeze = int(inj.get("freeze_ns", h1 - h0))
-        cpu = inj.get("cpu")
-        what = str(inj.get("what", "freeze"))
-        for li, lane in enumerate(lanes):
-            e = np.nan_to_num(placed.err, nan=0.0)
-            hit = (placed.lane == li) & (placed.start <= h1 + e) & (placed.end >= h0 - e)
-            longest = int(placed.dur[hit].max()) if hit.any() else 0
-            if cpu is None or cpu == lane.cpu:
-                err = float(e[hit].max()) if hit.any() else 0.0
-                tol = _tol(freeze, err)
-                out.append(
-                    Check(
-                        f"host-measured {what} vs {lanes[li].label(False)}'s stall",
-                        freeze,
-                        longest or None,
-                        tol,
-                        abs(longest - freeze) <= tol if longest else False,
-                    )
-                )
-            else:
-                out.append(
-                    Check(
-                        f"host-measured {what} vs {lanes[li].label(False)} (should run on)",
-                        freeze,
-                        longest,
-                        freeze // 2,
-                        longest < freeze // 2,
-                        "a sibling of the frozen vCPU",
-                    )
-                )
-    if host is not None:
-        out += _host_checks(host, spans)
-    if summary is not None and summary.postcopy_vcpu_blocktime_ms:
-        out += _blocktime_checks(run, summary.postcopy_vcpu_blocktime_ms, stalled, spans, host)
-    return out
-
-
-def _host_checks(host: HostTruth, spans: list[Span]) -> list[Check]:
-    """Per phase x vCPU: guest stalled time vs the host's blocked time (host_vcpu)."""
-    out = []
-    blocked = ", ".join(BLOCKED)
-    for c in host.comparisons:
-        note = f"{c.runs} blocked run(s) of {format_duration(host.threshold_ns)} or more"
-        if c.rest_ns:
-            rest = ", ".join(f"{k} {format_duration(ns)}" for k, ns in c.rest_ns.items())
-            note += f"; not counted as blocked: {rest}"
-        if c.ok is None:
-            note += f"; host truth covers {100 * c.coverage:.0f} % of the phase"
-        out.append(
-            Check(
-                f"vCPU {c.vcpu} blocked on the host ({blocked}) vs CPU {c.vcpu} stalled in "
-                f"{span_label(spans, c.phase)}",
-                c.host_ns,
-                c.guest_ns,
-                c.tolerance_ns,
-                c.ok,
-                note,
-            )
-        )
-    return out
-
-
-def _blocktime_checks(
-    run: Run,
-    blocktime_ms: tuple[int, ...],
-    stalled: I64,
-    spans: list[Span],
-    host: HostTruth | None,
-) -> list[Check]:
-    """QEMU's postcopy-vcpu-blocktime as a cross-check of QEMU's own figure.
-
-    QEMU before 10.1 is known to report it wrong (upstream rewrote it in 10.1): there the
-    check only says what QEMU's figure was (``ok`` None), it judges nothing.
-    """
-    out = []
-    lanes = run.lanes
-    post = [s.index for s in spans if s.name in POSTCOPY_STATUSES or s.name == "switchover"]
-    version = qemu_version(run)
-    unreliable = version is not None and version < RELIABLE_BLOCKTIME
-    for cpu, ms_value in enumerate(blocktime_ms):
-        found = next((i for i, ln in enumerate(lanes) if ln.cpu == cpu), None)
-        qemu_ns = ms_value * 1_000_000
-        tol = int(0.25 * qemu_ns + 100_000_000)
-        what = f"QEMU cross-check: postcopy-vcpu-blocktime vCPU {cpu}"
-        if unreliable and version is not None:
-            note = (
-                f"QEMU's blocktime ({version[0]}.{version[1]}, known unreliable before "
-                f"{RELIABLE_BLOCKTIME[0]}.{RELIABLE_BLOCKTIME[1]}) says {ms_value} ms"
-            )
-        else:
-            note = "blocktime counts page-fault waits only"
-        if host is not None and host.available:
-            fault = host.userfault_ns(cpu, [(spans[p].start_ns, spans[p].end_ns) for p in post])
-            if fault is not None:
-                note += f"; host truth: vCPU {cpu} blocked on missing pages {fault / 1e6:.0f} ms"
-        if found is None:
-            out.append(Check(what, qemu_ns, None, tol, None, note))
-            continue
-        guest = int(stalled[found, post].sum()) if post else 0
-        ok = None if unreliable else abs(guest - qemu_ns) <= tol
-        out.append(Check(f"{what} vs CPU {cpu} stalled in postcopy", qemu_ns, guest, tol, ok, note))
-    return out
 
 
 #: The cause hints, in the order of ``Placed.cause`` codes.

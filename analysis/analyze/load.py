@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,65 +204,49 @@ def _meta_time(meta: Mapping[str, Any], key: str) -> int | None:
 # --------------------------------------------------------------------------- the run
 
 
-def load_run(path: str | Path, strict: bool = False) -> Run:
-    """Read a run directory.
-
-    :param path: the run directory.
-    :param strict: raise after reading when any line or record was skipped.
-    :raise RunDirError: when the directory is missing, empty, or a file cannot be read.
-    :raise RecordFormatError: with ``strict``, when anything was skipped (the message
-        names the first skip and the count).
-    :return: the run; ``Run.issues`` lists what was skipped or noted.
-    """
-    run = rundir.require_rundir(path)
-    issues: list[Issue] = []
+def _read_meta(run: Path, issue: Callable[[Issue], None]) -> dict[str, Any]:
+    """meta.json as a dict (empty without one); start/end times out of range are noted."""
     meta: dict[str, Any] = {}
     meta_path = run / rundir.META
     if os.path.lexists(meta_path):
-        meta = read_document(meta_path, issues.append) or {}
+        meta = read_document(meta_path, issue) or {}
         for when in ("start", "end"):
             part = meta.get(when)
             value = part.get("real_ns") if isinstance(part, dict) else None
             if value is not None and not _ns(value):
-                issues.append(
-                    Issue(printable(meta_path), 0, f"{when}.real_ns not in [0, 2**63): ignored")
-                )
+                issue(Issue(printable(meta_path), 0, f"{when}.real_ns not in [0, 2**63): ignored"))
 
-    qmp, timeline = read_timeline(run, issues.append)
+    return meta
 
-    reader = _GuestReader(issues.append)
-    for agent, gpath in guest_event_files(run, meta).items():
-        reader.read_file(agent, gpath)
 
-    samples: list[ClockSample] = []
-    cpath = run / rundir.CLOCK_SAMPLES
-    if os.path.lexists(cpath):
-        samples = _read_samples(cpath, issues.append)
-
+def _read_lab_steps(
+    lpath: Path, issue: Callable[[Issue], None]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The lab's injected freezes (``inject``) and ``stop`` commands from lab-steps.jsonl."""
     injects: list[dict[str, Any]] = []
     stop_requests: list[dict[str, Any]] = []
-    lpath = run / LAB_STEPS
     if os.path.lexists(lpath):
-        for line_no, obj in iter_records(lpath, issues.append, dedupe=True):
+        for line_no, obj in iter_records(lpath, issue, dedupe=True):
             why = rundir.stamp_problem(obj)
             if why is not None:
-                issues.append(Issue(printable(lpath), line_no, why))
+                issue(Issue(printable(lpath), line_no, why))
             elif is_stop_command(obj):
                 if _ns(obj.get("host_real_ns")):
                     stop_requests.append(obj)
                 else:
-                    issues.append(Issue(printable(lpath), line_no, "stop without host time"))
+                    issue(Issue(printable(lpath), line_no, "stop without host time"))
             elif obj.get("type") == "inject":
                 if _ns(obj.get("host_start_ns")) and _ns(obj.get("host_end_ns")):
                     injects.append(obj)
                 else:
-                    issues.append(Issue(printable(lpath), line_no, "inject without host times"))
+                    issue(Issue(printable(lpath), line_no, "inject without host times"))
 
-    vcpu_states: list[VcpuInterval] = []
-    vpath = run / rundir.VCPU_STATES
-    if os.path.lexists(vpath):
-        vcpu_states = read_vcpu_states(vpath, issues.append)
+    return injects, stop_requests
 
+
+def _lanes(reader: _GuestReader) -> tuple[list[Lane], StallTable, TimeoutTable]:
+    """Every sampled CPU of every agent as a lane (stalled or not), in (agent, CPU) order,
+    and the stall and timeout tables renumbered to those lanes."""
     keys = set(reader.lane_keys)
     for seg in reader.segments:  # every sampled CPU gets a lane, stalled or not
         keys.update((seg.agent, cpu) for cpu in seg.cpus)
@@ -279,6 +263,43 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
         has = timeouts.lane >= 0
         timeouts.lane = np.where(has, remap[np.maximum(timeouts.lane, 0)], -1).astype(np.int32)
     lanes = [Lane(a, c) for a, c in order]
+
+    return lanes, stalls, timeouts
+
+
+def load_run(path: str | Path, strict: bool = False) -> Run:
+    """Read a run directory.
+
+    :param path: the run directory.
+    :param strict: raise after reading when any line or record was skipped.
+    :raise RunDirError: when the directory is missing, empty, or a file cannot be read.
+    :raise RecordFormatError: with ``strict``, when anything was skipped (the message
+        names the first skip and the count).
+    :return: the run; ``Run.issues`` lists what was skipped or noted.
+    """
+    run = rundir.require_rundir(path)
+    issues: list[Issue] = []
+    meta = _read_meta(run, issues.append)
+
+    qmp, timeline = read_timeline(run, issues.append)
+
+    reader = _GuestReader(issues.append)
+    for agent, gpath in guest_event_files(run, meta).items():
+        reader.read_file(agent, gpath)
+
+    samples: list[ClockSample] = []
+    cpath = run / rundir.CLOCK_SAMPLES
+    if os.path.lexists(cpath):
+        samples = _read_samples(cpath, issues.append)
+
+    injects, stop_requests = _read_lab_steps(run / LAB_STEPS, issues.append)
+
+    vcpu_states: list[VcpuInterval] = []
+    vpath = run / rundir.VCPU_STATES
+    if os.path.lexists(vpath):
+        vcpu_states = read_vcpu_states(vpath, issues.append)
+
+    lanes, stalls, timeouts = _lanes(reader)
 
     result = Run(
         path=run,
