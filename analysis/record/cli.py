@@ -124,6 +124,29 @@ def _pids(values: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
+def _quiet_qemu_logs() -> None:
+    """Keep qemu.qmp's own log records off the terminal (the recorder prints its status)."""
+    for name in ("qemu.qmp", "qemu"):
+        logger = logging.getLogger(name)
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+
+
+def _serve(
+    exporter: MigrationExporter | None, listen: str | None, quiet: bool
+) -> ExporterServer | None:
+    """With ``--listen``, serve the migration exporter (a refusal is one line, exit 2)."""
+    if exporter is None or listen is None:
+        return None
+    try:
+        server = exporter.serve(listen)
+    except RecorderError as err:
+        _fail(str(err), 2)
+    if not quiet:
+        click.echo(f"serving the migration state on http://{server.address}/metrics")
+    return server
+
+
 async def _record(recorder: Recorder) -> str:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -232,10 +255,7 @@ def record(
     pid_map = _pids(qemu_pid)
     assert vcpu_poll_ns is not None
     assert poll_ns is not None and grace_ns is not None and timeout_ns is not None
-    for name in ("qemu.qmp", "qemu"):
-        logger = logging.getLogger(name)
-        logger.addHandler(logging.NullHandler())
-        logger.propagate = False
+    _quiet_qemu_logs()
     exporter = None
     if listen is not None:
         exporter = MigrationExporter([*qmp_map, *libvirt_map], agent_map, run=out)
@@ -259,14 +279,7 @@ def record(
         )
     except RecorderError as err:
         _fail(str(err), 2)
-    server: ExporterServer | None = None
-    if exporter is not None and listen is not None:
-        try:
-            server = exporter.serve(listen)
-        except RecorderError as err:
-            _fail(str(err), 2)
-        if not quiet:
-            click.echo(f"serving the migration state on http://{server.address}/metrics")
+    server = _serve(exporter, listen, quiet)
     try:
         asyncio.run(_record(recorder))
     except RecorderError as err:

@@ -197,19 +197,8 @@ class Recorder:
             check_name(n, "agent"): check_agent_url(u) for n, u in (agents or {}).items()
         }
         self._libvirt = {check_name(n, "endpoint"): s for n, s in (libvirt_events or {}).items()}
-        clash = set(self._qmp) & set(self._libvirt)
-        if clash:
-            raise RecorderError(f"name {sorted(clash)[0]!r} used by --qmp and --libvirt-events")
-        if not (self._qmp or self._agents or self._libvirt):
-            raise RecorderError("nothing to record: give --qmp, --agent or --libvirt-events")
-        if poll_ns <= 0:
-            raise RecorderError("the poll period must be positive")
-        if vcpu_poll_ns < 0:
-            raise RecorderError("the vCPU poll period must be positive, or 0 for none")
         self._qemu_pids = dict(qemu_pids or {})
-        unknown = sorted(set(self._qemu_pids) - set(self._qmp))
-        if unknown:
-            raise RecorderError(f"--qemu-pid {unknown[0]}: no --qmp endpoint of that name")
+        self._check_sources(poll_ns, vcpu_poll_ns)
         self._proc_root = Path(proc_root)
         self.source = (
             "src"
@@ -252,6 +241,25 @@ class Recorder:
         self._start: tuple[int, int] | None = None
         #: Set once every endpoint is connected and recording has begun.
         self.started = asyncio.Event()
+
+    def _check_sources(self, poll_ns: int, vcpu_poll_ns: int) -> None:
+        """Refuse a recording with nothing to record, a name used twice, a bad period, or
+        a ``--qemu-pid`` for no endpoint.
+
+        :raise RecorderError: naming the option at fault.
+        """
+        clash = set(self._qmp) & set(self._libvirt)
+        if clash:
+            raise RecorderError(f"name {sorted(clash)[0]!r} used by --qmp and --libvirt-events")
+        if not (self._qmp or self._agents or self._libvirt):
+            raise RecorderError("nothing to record: give --qmp, --agent or --libvirt-events")
+        if poll_ns <= 0:
+            raise RecorderError("the poll period must be positive")
+        if vcpu_poll_ns < 0:
+            raise RecorderError("the vCPU poll period must be positive, or 0 for none")
+        unknown = sorted(set(self._qemu_pids) - set(self._qmp))
+        if unknown:
+            raise RecorderError(f"--qemu-pid {unknown[0]}: no --qmp endpoint of that name")
 
     # -- public controls ----------------------------------------------------------------
 
