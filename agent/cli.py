@@ -296,6 +296,33 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 """
 
 
+def _check_periods(interval: int, threshold: int, stall_mode: str, **periods: int) -> None:
+    """Every period positive, and in tick mode a threshold longer than the interval.
+
+    :param periods: the other periods by option name (``clock_period`` -> --clock-period).
+    :raise click.BadParameter: naming the option.
+    """
+    if interval <= 0:
+        raise click.BadParameter("must be positive", param_hint="--interval")
+    if stall_mode == "tick" and threshold <= interval:
+        raise click.BadParameter(
+            "must be longer than --interval (a gap is measured in sampler periods)",
+            param_hint="--threshold",
+        )
+    for name, value in periods.items():
+        if value <= 0:
+            raise click.BadParameter("must be positive", param_hint="--" + name.replace("_", "-"))
+
+
+def _events_path(events: str | None) -> str | None:
+    """``--events``: the default spool, ``none`` for none, or a checked path."""
+    if events is None:
+        return default_spool_path()
+    if events.strip().lower() == "none":
+        return None
+    return check_spool_path(events)
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--cpus",
@@ -447,27 +474,16 @@ def agent(
     It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to a
     rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
     """
-    if interval <= 0:
-        raise click.BadParameter("must be positive", param_hint="--interval")
-    if stall_mode == "tick" and threshold <= interval:
-        raise click.BadParameter(
-            "must be longer than --interval (a gap is measured in sampler periods)",
-            param_hint="--threshold",
-        )
-    for value, hint in (
-        (clock_period, "--clock-period"),
-        (clock_step_threshold, "--clock-step-threshold"),
-        (heartbeat_interval, "--heartbeat-interval"),
-        (rpc_interval, "--rpc-interval"),
-    ):
-        if value <= 0:
-            raise click.BadParameter("must be positive", param_hint=hint)
-    if events is None:
-        events_path: str | None = default_spool_path()
-    elif events.strip().lower() == "none":
-        events_path = None
-    else:
-        events_path = check_spool_path(events)
+    _check_periods(
+        interval,
+        threshold,
+        stall_mode,
+        clock_period=clock_period,
+        clock_step_threshold=clock_step_threshold,
+        heartbeat_interval=heartbeat_interval,
+        rpc_interval=rpc_interval,
+    )
+    events_path = _events_path(events)
     config = AgentConfig(
         cpus=cpus,
         interval_ns=interval,
