@@ -4,8 +4,9 @@
 make it are in that module's docstring): ``Phase`` objects, ordered and gap-free, each
 with the ``Boundary`` that started and ended it; the ``Pause`` windows in which the guest
 was stopped (the STOP -> RESUME rule of ``analysis.rundir.qmp``); per endpoint its role and
-status sequence (``Endpoint``); the records passed over or noted (``Issue``, by endpoint
-and record index); and ``Summary``: the outcome, downtime and QEMU's own figures. All are
+status sequence (``Endpoint``); the records passed over or noted (``RecordIssue``, by
+endpoint and record index, which ``timeline_io`` maps to the file and line of the one
+``Issue`` type); and ``Summary``: the outcome, downtime and QEMU's own figures. All are
 frozen dataclasses with a ``to_dict`` for JSON; times are host realtime in ns.
 """
 
@@ -202,8 +203,10 @@ class Pause:
 
 
 @dataclass(frozen=True)
-class Issue:
-    """A record the builder passed over (``skip``) or wants to point at (``note``).
+class RecordIssue:
+    """A record the builder passed over (``skip``) or wants to point at (``note``), by its
+    place in the builder's input; ``analysis.analyze.timeline_io`` maps it to the file and
+    line of an ``Issue`` (``probe.events.Issue``, the one type readers report).
 
     :param endpoint: the endpoint whose records hold it.
     :param index: the record's position (0-based) in that endpoint's input; the reader
@@ -330,7 +333,7 @@ class Timeline:
     phases: tuple[Phase, ...]
     pauses: tuple[Pause, ...]
     endpoints: tuple[Endpoint, ...]
-    issues: tuple[Issue, ...]
+    issues: tuple[RecordIssue, ...]
     origin_ns: int | None
 
     def phase_at(self, t_ns: int) -> Phase | None:
@@ -372,7 +375,7 @@ class Timeline:
         return [p.name for p in self.phases]
 
     @property
-    def skipped(self) -> tuple[Issue, ...]:
+    def skipped(self) -> tuple[RecordIssue, ...]:
         """The issues that are skipped records."""
         return tuple(i for i in self.issues if i.severity == "skip")
 

@@ -6,7 +6,7 @@ events need a QMP event name and a usable time (QEMU's timestamp, else the recei
 ``analysis.rundir.qmp.event_time``'s rule, with a note when the stamp was unusable);
 other records need a valid ``host_real_ns``. What survives becomes ``_Mark`` objects
 (one point in time, on which clock) and ``_Report`` objects (a status reported by an
-event or a polled reply), collected in a ``_Parsed``; what does not is an ``Issue``
+event or a polled reply), collected in a ``_Parsed``; what does not is an ``RecordIssue``
 naming the record's index. ``_role_of`` tells a source from a destination.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from analysis.analyze.timeline_model import (
     Clock,
-    Issue,
+    RecordIssue,
     Role,
 )
 from analysis.rundir.qmp import KNOWN_STATUSES, is_int, qemu_ns, receive_ns
@@ -64,7 +64,7 @@ class _Parsed:
     times: list[int] = field(default_factory=list)
     says_ram: bool = False
     says_socket: bool = False
-    issues: list[Issue] = field(default_factory=list)
+    issues: list[RecordIssue] = field(default_factory=list)
     unknown: set[str] = field(default_factory=set)
 
     def set_order(self, order: int) -> None:
@@ -115,7 +115,7 @@ def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
         ep.records += 1
 
         def skip(message: str, index: int = index) -> None:
-            ep.issues.append(Issue(name, index, message))
+            ep.issues.append(RecordIssue(name, index, message))
 
         if not isinstance(rec, Mapping):
             skip(f"expected a JSON object, got {type(rec).__name__}")
@@ -166,7 +166,9 @@ def _parse_event(
         t, clock = host_ns, "host"
         if rec.get("timestamp") is not None:
             ep.issues.append(
-                Issue(ep.name, index, f"{name}: unusable QEMU timestamp, using the host's", "note")
+                RecordIssue(
+                    ep.name, index, f"{name}: unusable QEMU timestamp, using the host's", "note"
+                )
             )
     else:
         skip(f"{name} event without a usable 'timestamp' or 'host_real_ns'")
@@ -227,7 +229,7 @@ def _note_unknown(ep: _Parsed, index: int, status: str) -> None:
         return
     ep.unknown.add(status)
     message = f"unknown migration status {status!r} (kept as a phase of that name)"
-    ep.issues.append(Issue(ep.name, index, message, "note"))
+    ep.issues.append(RecordIssue(ep.name, index, message, "note"))
 
 
 def _role_of(ep: _Parsed) -> Role | None:

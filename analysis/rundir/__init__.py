@@ -39,7 +39,6 @@ from typing import IO, Any
 
 from analysis.errors import RunDirError
 from analysis.rundir.jsonl import Issue, iter_records, printable
-from probe.events import Skip
 
 META = "meta.json"
 GUEST_EVENTS = "guest-events.jsonl"
@@ -115,27 +114,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def read_jsonl_numbered(
-    path: str | Path, on_skip: Callable[[Skip], None] | None = None, dedupe: bool = False
+    path: str | Path, on_skip: Callable[[Issue], None] | None = None, dedupe: bool = False
 ) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each valid record of a JSONL file, reporting bad
-    lines (``analysis.rundir.jsonl.iter_records`` with ``Skip`` for each line passed over; a file
-    that cannot be read is one skip at line 0).
+    lines (``analysis.rundir.jsonl.iter_records``; a file that cannot be read is one
+    ``Issue`` at line 0).
 
     :param path: the file.
     :param on_skip: called with each line passed over.
     :param dedupe: pass over lines repeating an earlier one byte for byte.
     :return: the objects in file order with their 1-based line numbers.
     """
-
-    def issue(it: Issue) -> None:
-        if on_skip is not None:
-            on_skip(Skip(it.path, it.line, it.reason))
-
-    yield from iter_records(Path(path), issue, dedupe)
+    yield from iter_records(Path(path), on_skip or (lambda _issue: None), dedupe)
 
 
 def read_jsonl(
-    path: str | Path, on_skip: Callable[[Skip], None] | None = None
+    path: str | Path, on_skip: Callable[[Issue], None] | None = None
 ) -> Iterator[dict[str, Any]]:
     """Yield the JSON objects of a JSONL file (``read_jsonl_numbered`` without the numbers).
 

@@ -48,9 +48,11 @@ import math
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO
+
+from probe.events import Issue as Issue  # the one Issue type, re-exported for the host readers
+from probe.events import Severity as Severity
 
 #: Longest line read (longer lines are skipped unread).
 MAX_LINE_BYTES = 1 << 20
@@ -65,25 +67,6 @@ INT_MIN = -(1 << 63)
 INT_MAX = (1 << 64) - 1
 #: Largest nanosecond value (time fields are int64).
 MAX_NS = (1 << 63) - 1
-
-Severity = Literal["skip", "note"]
-
-
-@dataclass(frozen=True)
-class Issue:
-    """A line passed over (``skip``) or worth pointing at (``note``), by file and line.
-
-    ``path`` is printable text (``printable``); line 0 means the file as a whole.
-    """
-
-    path: str
-    line: int
-    reason: str
-    severity: Severity = "skip"
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line > 0 else self.path
-        return f"{where}: {self.reason}"
 
 
 def printable(path: str | os.PathLike[str] | bytes) -> str:
