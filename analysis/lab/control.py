@@ -20,9 +20,6 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from analysis.lab.errors import QemuError, ScenarioError
-from analysis.lab.health import required_probes as required_probes  # for analysis.lab.libvirt
-from analysis.lab.health import wait_agent as wait_agent  # for analysis.lab.libvirt
-from analysis.lab.spec import POSTCOPY as POSTCOPY  # for analysis.lab.libvirt
 from analysis.lab.spec import Say
 from analysis.rundir import JsonlWriter, host_now
 

@@ -37,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from analysis.lab.errors import ScenarioError
-from analysis.lab.health import required_probes as required_probes  # for analysis.lab.libvirt
-from analysis.lab.health import wait_agent as wait_agent  # for analysis.lab.libvirt
 from analysis.rundir import host_now
 
 FREEZER = Path("/sys/fs/cgroup/freezer")

@@ -18,8 +18,6 @@ from analysis import rundir
 from analysis.errors import RecorderError
 from analysis.lab import qemu as lq
 from analysis.lab.errors import LabError
-from analysis.lab.health import required_probes as required_probes  # for analysis.lab.libvirt
-from analysis.lab.health import wait_agent as wait_agent  # for analysis.lab.libvirt
 from analysis.record.exporter import parse_listen
 from probe.canary import DEFAULT_CANARIES
 
