@@ -90,8 +90,8 @@ from analysis.lab.health import (
 from analysis.lab.health import required_probes as required_probes  # for analysis.lab.libvirt
 from analysis.lab.health import wait_agent as wait_agent  # for analysis.lab.libvirt
 from analysis.lab.proxy import Forwarder
-from analysis.lab.spec import MIGRATING, LabOptions, Say
 from analysis.lab.spec import POSTCOPY as POSTCOPY  # for analysis.lab.libvirt
+from analysis.lab.spec import SPECS, LabOptions, Say
 from analysis.lab.summary import AGENT_METRICS, HEALTH, STEPS, render, write_summary
 from analysis.record.exporter import ExporterServer, MigrationExporter, parse_listen
 from analysis.record.qmp_endpoint import StatusChange
@@ -132,7 +132,8 @@ class Scenario:
         self.guest = guest
         self.say = say
         self.out = opts.out
-        self.migrates = opts.scenario in MIGRATING
+        self.spec = SPECS[opts.scenario]
+        self.migrates = self.spec.migrates
         self.qemus: list[lq.Qemu] = []
         self.controls: dict[str, Control] = {}
         self.status_events: dict[tuple[str, str], asyncio.Event] = {}
@@ -267,7 +268,7 @@ class Scenario:
         """Drive a precopy/postcopy/paused/paused-stop migration to completion."""
         src, dst = self.controls["src"], self.controls["dst"]
         scenario = self.opts.scenario
-        postcopy = scenario in POSTCOPY
+        postcopy = self.spec.postcopy
         if postcopy:
             caps = [{"capability": "postcopy-ram", "state": True}]
             await src.cmd("migrate-set-capabilities", {"capabilities": caps})
@@ -291,14 +292,14 @@ class Scenario:
             self.say("migrate-start-postcopy")
             await src.cmd("migrate-start-postcopy")
             await self.wait_status("dst", ("postcopy-active", "completed"), 30)
-        if scenario in ("paused", "paused-stop"):
+        if self.spec.pause is not None:
             await self._pause_and_recover(src, dst)
         await self.wait_status("src", ("completed",), MIGRATION_TIMEOUT_S)
         await self.wait_status("dst", ("completed",), 30)
         self.say("migration completed")
 
     async def _pause_and_recover(self, src: Control, dst: Control) -> None:
-        stop_policy = self.opts.scenario == "paused-stop"
+        stop_policy = self.spec.pause == "vcpus-stopped"
         await asyncio.sleep(0.3)
         if self.status_events.get(("src", "completed")):
             raise ScenarioError(
@@ -484,12 +485,8 @@ class Scenario:
                 task.result()
             await self._write_kmsg()
             await self._baseline()
-            if self.migrates:
-                await self.migrate()
-            elif self.opts.scenario == "stall":
-                await self.stall()
-            else:
-                await self.stall_vcpu()
+            drive = {"migrate": self.migrate, "stall": self.stall, "stall-vcpu": self.stall_vcpu}
+            await drive[self.spec.driver]()
             self.mark("settled")
             workload_stop = self._stop_workload()
             health, body, error = await self._check_guest()

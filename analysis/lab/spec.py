@@ -1,8 +1,10 @@
 """What a lab run is asked to do: the scenarios, their defaults, and the checked ``LabOptions``.
 
-``SCENARIOS`` names every scenario with one line of help; ``MIGRATING`` and ``POSTCOPY``
-say which migrate and which switch to postcopy, ``DEFAULT_WORKLOAD`` which run the guest's
-memory workload unless told otherwise. ``LabOptions`` holds one run's parameters
+``SPECS`` describes every scenario in one table, one ``ScenarioSpec`` each: what drives
+it (a migration, a SIGSTOP of QEMU, a freeze of one vCPU thread), whether it switches to
+postcopy, whether postcopy is paused and with which policy for the destination's vCPUs,
+and its default memory workload. ``SCENARIOS``, ``MIGRATING`` and ``POSTCOPY`` are views of
+that table. ``LabOptions`` holds one run's parameters
 (``tsprobe lab run``'s options) and ``check``s them before anything boots, so a bad
 combination is one usage line, not a lab error; ``kernel_args`` and ``workload_size``
 derive what the guest is given. ``analysis.lab.scenarios`` runs them.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from analysis import rundir
 from analysis.errors import RecorderError
@@ -30,27 +33,83 @@ Say = Callable[[str], None]
 CLOCKSOURCES = ("tsc", "hpet", "acpi_pm", "kvm-clock", "refined-jiffies", "jiffies")
 
 
-SCENARIOS: dict[str, str] = {
-    "precopy": "precopy migration with a bandwidth limit",
-    "postcopy": "precopy, then postcopy with a memory workload",
-    "paused": "postcopy, migrate-pause for --hold, recover; vCPUs keep running",
-    "paused-stop": "as paused, with the destination's vCPUs stopped while paused",
-    "stall": "SIGSTOP/SIGCONT the whole QEMU for each --stall",
-    "stall-vcpu": "freeze one vCPU thread (--cpu) for --stall with the cgroup freezer",
+#: What drives a scenario's disturbance: a migration, a SIGSTOP of the whole QEMU, or a
+#: cgroup freeze of one vCPU thread.
+Driver = Literal["migrate", "stall", "stall-vcpu"]
+#: While postcopy is paused for ``--hold``: the destination's vCPUs keep running (QEMU's
+#: behaviour, the one libvirt merged) or are stopped (the proposed policy).
+Pause = Literal["vcpus-run", "vcpus-stopped"]
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One scenario: what drives it and how it migrates.
+
+    :param name: what ``--scenario`` takes.
+    :param help: one line for ``--help``.
+    :param driver: what drives the disturbance (``Driver``).
+    :param postcopy: the migration switches to postcopy.
+    :param pause: postcopy is paused for ``--hold`` and recovered, with this policy for the
+        destination's vCPUs; None: no pause.
+    :param workload: the default ``--workload`` (the guest's memory workload; ``0``: none).
+    """
+
+    name: str
+    help: str
+    driver: Driver
+    postcopy: bool = False
+    pause: Pause | None = None
+    workload: str = "0"
+
+    @property
+    def migrates(self) -> bool:
+        """Whether the scenario migrates the guest."""
+        return self.driver == "migrate"
+
+
+#: Every scenario, one spec each (``analysis.lab.scenarios`` runs them).
+SPECS: dict[str, ScenarioSpec] = {
+    spec.name: spec
+    for spec in (
+        ScenarioSpec("precopy", "precopy migration with a bandwidth limit", "migrate"),
+        ScenarioSpec(
+            "postcopy",
+            "precopy, then postcopy with a memory workload",
+            "migrate",
+            postcopy=True,
+            workload="64M",
+        ),
+        ScenarioSpec(
+            "paused",
+            "postcopy, migrate-pause for --hold, recover; vCPUs keep running",
+            "migrate",
+            postcopy=True,
+            pause="vcpus-run",
+            workload="64M",
+        ),
+        ScenarioSpec(
+            "paused-stop",
+            "as paused, with the destination's vCPUs stopped while paused",
+            "migrate",
+            postcopy=True,
+            pause="vcpus-stopped",
+            workload="64M",
+        ),
+        ScenarioSpec("stall", "SIGSTOP/SIGCONT the whole QEMU for each --stall", "stall"),
+        ScenarioSpec(
+            "stall-vcpu",
+            "freeze one vCPU thread (--cpu) for --stall with the cgroup freezer",
+            "stall-vcpu",
+        ),
+    )
 }
-
-
-MIGRATING = frozenset({"precopy", "postcopy", "paused", "paused-stop"})
-
-
+#: Views of ``SPECS`` for their readers: the help line per name, the migrating ones, the
+#: postcopy ones.
+SCENARIOS: dict[str, str] = {name: spec.help for name, spec in SPECS.items()}
+MIGRATING = frozenset(name for name, spec in SPECS.items() if spec.migrates)
+POSTCOPY = frozenset(name for name, spec in SPECS.items() if spec.postcopy)
 #: ``--via``: who drives the migration.
 VIAS = ("qemu", "libvirt")
-
-
-POSTCOPY = frozenset({"postcopy", "paused", "paused-stop"})
-
-
-DEFAULT_WORKLOAD = {"postcopy": "64M", "paused": "64M", "paused-stop": "64M"}
 
 
 @dataclass
@@ -171,7 +230,8 @@ class LabOptions:
         """The workload's working set (``0``: none)."""
         if self.workload is not None:
             return self.workload
-        return DEFAULT_WORKLOAD.get(self.scenario, "0")
+        spec = SPECS.get(self.scenario)
+        return spec.workload if spec is not None else "0"
 
 
 def clocksource_args(name: str) -> list[str]:
