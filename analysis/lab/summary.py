@@ -1,9 +1,9 @@
-"""The lab's short summary of a run directory (until the full report exists).
+"""The lab's short summary of a run directory (lab-summary.json, lab-summary.txt).
 
 ``summarize(rundir)`` reads what ``tsprobe lab run`` left there and answers:
 
-- phases: ``analysis.analyze.timeline.build_timeline`` over ``qmp-*.jsonl`` (none for the stall
-  scenarios, which do not migrate);
+- phases: ``analysis.analyze.timeline_io.read_timeline`` over ``qmp-*.jsonl`` (the one
+  reader of the QMP records; none for the stall scenarios, which do not migrate);
 - the guest's stalls per CPU and per phase. A stall's start is a guest CLOCK_REALTIME
   reading; it is put on the host's clock with the offset of the last ``/clock`` sample
   taken before it (in guest time), so a stall that began in ``postcopy-paused`` lands
@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
 from analysis.analyze.load import is_stop_command
-from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_io import read_timeline
 from analysis.analyze.timeline_model import Timeline
 from analysis.rundir import jsonl
 from analysis.rundir.qmp import stop_windows
@@ -264,8 +264,8 @@ def summarize(run: Path) -> dict[str, Any]:
     """
     meta: dict[str, Any] = jsonl.read_document_quietly(run / rundir.META) or {}
     lab = meta.get("lab", {})
-    qmp = {name: _records(path) for name, path in rundir.qmp_endpoints(run).items()}
-    timeline = build_timeline(qmp) if any(qmp.values()) and lab.get("migrates") else None
+    qmp, built = read_timeline(run, lambda _issue: None)  # the one QMP reader, quietly
+    timeline = built if any(qmp.values()) and lab.get("migrates") else None
     events = _records(run / rundir.GUEST_EVENTS)
     steps = _records(run / STEPS)
     windows = stopped_windows(qmp, steps)
