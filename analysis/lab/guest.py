@@ -102,9 +102,8 @@ HOOKS_SCRIPT = HERE / "guest_hooks.py"
 WORKLOAD_SCRIPT = HERE / "guest_workload.py"
 #: The kernel command line every lab guest gets (scenarios append their own words).
 #: ``cryptomgr.notests`` and ``initcall_blacklist=crypto_kdf108_init`` skip the crypto
-#: self-tests, which took 1.2 s of a 4.5 s kernel start under TCG (``initcall_debug``:
-#: crypto_kdf108_init 0.78 s, crypto_algapi_init 0.43 s); /init then ran after 3.1 to
-#: 3.7 s instead of 4.3 to 4.5 s. The lab guest uses no kernel crypto that needs them.
+#: self-tests, a large part of the kernel's start under TCG (docs/lab-notes.md). The lab
+#: guest uses no kernel crypto that needs them.
 BASE_CMDLINE = (
     "console=ttyS0 loglevel=5 panic=-1 rdinit=/init"
     " cryptomgr.notests initcall_blacklist=crypto_kdf108_init"

@@ -424,8 +424,8 @@ class Scenario:
         its answer is the workload's verdict on the guest's memory (``self.memory``).
 
         Its job ends with the migration, and on the destination (whose QEMU translates the
-        guest's code anew) it delays the agent's answers to the health check: the first
-        came after 2.9 to 8.7 s with it and 1.2 to 3.9 s without (paused, 4 runs each).
+        guest's code anew) it would delay the agent's answers to the health check
+        (docs/lab-notes.md has the delays measured).
         """
         if not self.migrates or self.opts.workload_size in ("0", ""):
             return None

@@ -217,9 +217,9 @@ class LabOptions:
         elif self.scenario == "stall-vcpu":
             # Under multi-threaded TCG every HPET read (the default clocksource) is MMIO
             # emulated under QEMU's big lock, which a frozen vCPU thread can keep from
-            # the others (see the module docstring; seen: CPU 0 stalled 250-700 ms in 3
-            # of 6 freezes of CPU 1 with the HPET). The TSC is read without leaving the
-            # translated code, so fewer freezes need a retry.
+            # the others (analysis.lab.freeze; docs/lab-notes.md has the stalls seen with
+            # the HPET). The TSC is read without leaving the translated code, so fewer
+            # freezes need a retry.
             words += clocksource_args("tsc")
         if self.workload_size not in ("0", ""):
             words += [f"tsprobe.wss={self.workload_size}", f"tsprobe.wcpu={self.workload_cpu}"]
