@@ -273,10 +273,14 @@ def test_interrupt_stops_the_run_and_keeps_study_json(
 ) -> None:
     behave(monkeypatch, **{"paused-stop": "hang"})
     out = tmp_path / "s"
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: under `make test &` the study would never see this Ctrl-C. The
+    # study is started as a terminal starts it, with SIGINT at its default.
     proc = subprocess.Popen(
         [sys.executable, "-m", "tsprobe.cli", "lab", "study", "--scenario", "paused,paused-stop",
          "--hold", "1s", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while "paused-stop-h1s" not in (fake.read_text() if fake.exists() else ""):
@@ -284,7 +288,12 @@ def test_interrupt_stops_the_run_and_keeps_study_json(
         time.sleep(0.1)
     time.sleep(0.5)
     proc.send_signal(sig)
-    output, _ = proc.communicate(timeout=60)
+    try:
+        output, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a study that did not stop leaves no process behind (its run's group
+        subprocess.run(["pkill", "-f", str(out)], check=False)  # is its own session)
+        raise
     assert proc.returncode == 130, output
     assert "interrupted" in output
     doc = json.loads((out / "study.json").read_text())

@@ -106,9 +106,12 @@ record of either file::
     completed        +3.98s    -         dst+src MIGRATION completed
 
 Records the builder cannot use are skips naming the record: an event without a QMP event
-name (upper case, digits, underscores: an event named anything else is not QEMU's),
-a record without a usable time (QEMU's ``timestamp`` or ``host_real_ns`` in (0, 2**63)
-ns), a ``MIGRATION`` event without ``data.status``. Unknown statuses and events are kept.
+name (upper case, digits, underscores: an event named anything else is not QEMU's), a
+record whose ``type`` is not a record type's name (lower case, digits, ``_`` and ``-``,
+at most 64: the recorder's types and any later one), a record without a usable time
+(QEMU's ``timestamp`` or ``host_real_ns`` in (0, 2**63) ns), a ``MIGRATION`` event
+without ``data.status``, a ``MIGRATION_PASS`` whose ``data.pass`` is not a QAPI ``int``
+in [0, 2**63). Unknown statuses, events and record types are kept.
 
 ``Timeline.phase_at(t)`` finds the phase holding a host realtime ``t`` (half-open
 intervals; an open phase holds everything after its start). ``Timeline.summary()`` gives

@@ -22,6 +22,7 @@ from analysis.analyze.timeline_model import (
     RecordIssue,
     Role,
 )
+from analysis.rundir.jsonl import MAX_NS
 from analysis.rundir.qmp import KNOWN_STATUSES, is_int, qemu_ns, receive_ns
 
 _SOURCE_WORDS = frozenset({"src", "source"})
@@ -107,6 +108,8 @@ def _mark_key(mark: _Mark) -> tuple[int, int, int]:
 
 #: What QEMU's event names are made of (QAPI: upper case, digits, underscores).
 _EVENT_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+#: What the recorder's record types are made of (``event``, ``reply``, ``timeout``, ...).
+_RECORD_TYPE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
@@ -123,6 +126,9 @@ def _parse_endpoint(name: str, order: int, records: Iterable[Any]) -> _Parsed:
         kind = rec.get("type")
         if not isinstance(kind, str) or not kind:
             skip("record without a 'type'")
+            continue
+        if not _RECORD_TYPE.fullmatch(kind):
+            skip("record whose 'type' is not a record type name (a-z, 0-9, _, -)")
             continue
         host_ns = receive_ns(rec.get("host_real_ns"))
         if kind == "event":
@@ -185,8 +191,8 @@ def _parse_event(
         ep.events.append(_Report(mark, status, "event"))
     elif name == "MIGRATION_PASS":
         number = data.get("pass") if isinstance(data, Mapping) else None
-        if not is_int(number):
-            skip("MIGRATION_PASS event without an integer data.pass")
+        if not is_int(number) or not 0 <= number <= MAX_NS:
+            skip("MIGRATION_PASS event whose data.pass is not an integer in [0, 2**63)")
             return
         ep.passes.append((mark, int(number)))
     elif name == "STOP":
