@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from agent.config import AgentConfig, resolve_cpus
 from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
-from agent.main import CANARY_NAMES, DEFAULT_CANARIES, Agent, AgentConfig, resolve_cpus
+from agent.main import Agent
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.base import Probe
+from probe.canary import DEFAULT_CANARIES, parse_canaries
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import LogSpecError, ProbeUnavailable
 from probe.procfs import parse_cpu_list
@@ -69,7 +71,7 @@ class ParsedType(_AnyBase):
 
 
 class CanariesType(_NamesBase):
-    """``none`` or a comma-separated list of canary names."""
+    """``none`` or a comma-separated list of canary names (``probe.canary.parse_canaries``)."""
 
     name = "CANARIES"
 
@@ -78,16 +80,10 @@ class CanariesType(_NamesBase):
     ) -> tuple[str, ...]:
         if isinstance(value, tuple):
             return value
-        names = [part.strip() for part in str(value).split(",") if part.strip()]
-        if names == ["none"]:
-            return ()
-        if not names:
-            self.fail("expected canary names or 'none'", param, ctx)
-        for name in names:
-            if name not in CANARY_NAMES:
-                allowed = ", ".join((*CANARY_NAMES, "none"))
-                self.fail(f"unknown canary {name!r}: choose from {allowed}", param, ctx)
-        return tuple(dict.fromkeys(names))
+        try:
+            return parse_canaries(str(value))
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class LogSpecType(_TextBase):
@@ -300,6 +296,33 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 """
 
 
+def _check_periods(interval: int, threshold: int, stall_mode: str, **periods: int) -> None:
+    """Every period positive, and in tick mode a threshold longer than the interval.
+
+    :param periods: the other periods by option name (``clock_period`` -> --clock-period).
+    :raise click.BadParameter: naming the option.
+    """
+    if interval <= 0:
+        raise click.BadParameter("must be positive", param_hint="--interval")
+    if stall_mode == "tick" and threshold <= interval:
+        raise click.BadParameter(
+            "must be longer than --interval (a gap is measured in sampler periods)",
+            param_hint="--threshold",
+        )
+    for name, value in periods.items():
+        if value <= 0:
+            raise click.BadParameter("must be positive", param_hint="--" + name.replace("_", "-"))
+
+
+def _events_path(events: str | None) -> str | None:
+    """``--events``: the default spool, ``none`` for none, or a checked path."""
+    if events is None:
+        return default_spool_path()
+    if events.strip().lower() == "none":
+        return None
+    return check_spool_path(events)
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--cpus",
@@ -451,27 +474,16 @@ def agent(
     It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to a
     rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
     """
-    if interval <= 0:
-        raise click.BadParameter("must be positive", param_hint="--interval")
-    if stall_mode == "tick" and threshold <= interval:
-        raise click.BadParameter(
-            "must be longer than --interval (a gap is measured in sampler periods)",
-            param_hint="--threshold",
-        )
-    for value, hint in (
-        (clock_period, "--clock-period"),
-        (clock_step_threshold, "--clock-step-threshold"),
-        (heartbeat_interval, "--heartbeat-interval"),
-        (rpc_interval, "--rpc-interval"),
-    ):
-        if value <= 0:
-            raise click.BadParameter("must be positive", param_hint=hint)
-    if events is None:
-        events_path: str | None = default_spool_path()
-    elif events.strip().lower() == "none":
-        events_path = None
-    else:
-        events_path = check_spool_path(events)
+    _check_periods(
+        interval,
+        threshold,
+        stall_mode,
+        clock_period=clock_period,
+        clock_step_threshold=clock_step_threshold,
+        heartbeat_interval=heartbeat_interval,
+        rpc_interval=rpc_interval,
+    )
+    events_path = _events_path(events)
     config = AgentConfig(
         cpus=cpus,
         interval_ns=interval,

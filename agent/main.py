@@ -31,31 +31,26 @@ scrape time, and the log watcher's names are the label universe of
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from agent.errors import AgentError, ConfigError
+from agent.config import LOGWATCH, AgentConfig, resolve_cpus
+from agent.errors import AgentError
 from agent.eventlog import (
-    DEFAULT_KEEP_SPOOLS,
-    DEFAULT_MAX_SPOOL_BYTES,
-    DEFAULT_RING_SIZE,
     EventLog,
     Page,
 )
-from agent.http import DEFAULT_LISTEN, AgentHTTPServer
+from agent.http import AgentHTTPServer
 from agent.metrics import (
     CONTENT_TYPE,
     DEFAULT_CLOCKS,
     DEFAULT_PROBES,
-    DEFAULT_TIMEOUTS_NS,
     DEFAULT_WARNING_KINDS,
     AgentMetrics,
     ScrapeHooks,
@@ -64,10 +59,11 @@ from agent.metrics import (
 from agent.workers import stop_fork_server
 from probe import __version__
 from probe.base import Health, Probe, now_pair
+from probe.canary import CANARY_NAMES
 from probe.errors import LogSpecError
 from probe.events import RawEvent
 from probe.logwatch import parse_log_spec
-from probe.procfs import format_cpu_list, read_online_cpus
+from probe.procfs import format_cpu_list
 from probe.roots import Roots
 
 #: The ``probe`` labels each built-in probe reports in ``health()``.
@@ -76,133 +72,11 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
     "clock": ("clock", "adjtimex", "ptp"),
     "kmsg": ("kmsg",),
 }
-#: Canary names the command line accepts.
-CANARY_NAMES = ("timer", "heartbeat", "rpc")
-#: The canaries that run unless told otherwise (the agent's and the lab guest's).
-DEFAULT_CANARIES = ("timer", "heartbeat")
-#: The probe name of the log watcher (``--watch-log``).
-LOGWATCH = "logwatch"
 
 #: How often ``run()`` looks for a signal.
 _POLL_S = 0.1
 #: The signals that stop the agent cleanly.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """Every setting of ``tsprobe agent``; the field names follow the flags.
-
-    :param cpus: CPUs to sample; None means every online CPU.
-    :param interval_ns: the samplers' period (--interval).
-    :param threshold_ns: the shortest gap recorded as a stall (--threshold).
-    :param listen: the HTTP address (--listen).
-    :param events_path: the spool file, or None for memory only (--events).
-    :param timeouts_ns: the timeout ladder (--timeouts).
-    :param canaries: requested canaries (--canaries); empty for none.
-    :param heartbeat_interval_ns: the heartbeat canary's interval (--heartbeat-interval).
-    :param rpc_interval_ns: the rpc canary's time between requests (--rpc-interval).
-    :param watch_logs: ``PATH:REGEX[:NAME]`` specifications (--watch-log), as given.
-    :param duration_ns: run this long, then exit; None runs until a signal (--duration).
-    :param stall: run the stall probe (--stall/--no-stall).
-    :param clock: run the clock probe (--clock/--no-clock).
-    :param kmsg: run the kernel message probe (--kmsg/--no-kmsg).
-    :param stall_mode: ``tick`` (sleeping loop) or ``spin`` (--stall-mode).
-    :param stall_fifo: run tick samplers at SCHED_FIFO (--stall-fifo).
-    :param clock_period_ns: the clock probe's period (--clock-period).
-    :param clock_step_threshold_ns: the smallest step reported (--clock-step-threshold).
-    :param clock_ptp: read the host clock through ptp_kvm (--clock-ptp).
-    :param procfs: the proc root (--path.procfs).
-    :param sysfs: the sys root (--path.sysfs).
-    :param devfs: the dev root (--path.devfs).
-    :param ring_size: events /events can serve (--events-ring).
-    :param spool_max_bytes: spool size that triggers a rotation.
-    :param spool_keep: rotated spool files kept.
-    """
-
-    cpus: tuple[int, ...] | None = None
-    interval_ns: int = 1_000_000
-    threshold_ns: int = 2_000_000
-    listen: str = DEFAULT_LISTEN
-    events_path: str | None = None
-    timeouts_ns: tuple[int, ...] = DEFAULT_TIMEOUTS_NS
-    canaries: tuple[str, ...] = DEFAULT_CANARIES
-    heartbeat_interval_ns: int = 5_000_000
-    rpc_interval_ns: int = 10_000_000
-    watch_logs: tuple[str, ...] = ()
-    duration_ns: int | None = None
-    stall: bool = True
-    clock: bool = True
-    kmsg: bool = True
-    stall_mode: str = "tick"
-    stall_fifo: bool = True
-    clock_period_ns: int = 10_000_000
-    clock_step_threshold_ns: int = 1_000_000
-    clock_ptp: bool = True
-    procfs: str = "/proc"
-    sysfs: str = "/sys"
-    devfs: str = "/dev"
-    ring_size: int = DEFAULT_RING_SIZE
-    spool_max_bytes: int = DEFAULT_MAX_SPOOL_BYTES
-    spool_keep: int = DEFAULT_KEEP_SPOOLS
-
-    def roots(self) -> Roots:
-        """The filesystem roots the path flags name."""
-        return Roots(self.procfs, self.sysfs, self.devfs)
-
-    def enabled(self, probe: str) -> bool:
-        """Whether the flags enable a probe.
-
-        :param probe: ``stall``, ``clock``, ``kmsg``, a canary or ``logwatch``.
-        :return: the flag's value: a canary when listed in --canaries, the log watcher when
-            --watch-log was given (True for other names).
-        """
-        if probe in CANARY_NAMES:
-            return probe in self.canaries
-        if probe == LOGWATCH:
-            return bool(self.watch_logs)
-        return bool(getattr(self, probe, True))
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as JSON-ready values (for the ``agent_start`` event)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
-
-
-def online_cpus(roots: Roots) -> list[int]:
-    """The online CPUs, from /sys/devices/system/cpu/online.
-
-    :param roots: where /sys is.
-    :raise ConfigError: when the file is unreadable or malformed.
-    :return: the CPUs, ascending.
-    """
-    path = roots.sys_path("devices", "system", "cpu", "online")
-    try:
-        return read_online_cpus(roots)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"cannot read the online CPUs from {path}: {err}") from err
-
-
-def resolve_cpus(requested: Sequence[int] | None, roots: Roots) -> list[int]:
-    """The CPUs to sample: the requested ones, which must be online, or every online CPU.
-
-    :param requested: --cpus, or None for all online.
-    :param roots: where /sys is.
-    :raise ConfigError: when a requested CPU is not online, or /sys cannot say.
-    :return: the CPUs, ascending.
-    """
-    online = online_cpus(roots)
-    if requested is None:
-        return online
-    offline = sorted(set(requested) - set(online))
-    if offline:
-        raise ConfigError(
-            f"--cpus: CPU {format_cpu_list(offline)} is not online"
-            f" (online: {format_cpu_list(online)})"
-        )
-    return sorted(set(requested))
 
 
 def _sync_reading(state: Any) -> SyncReading | None:

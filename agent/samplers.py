@@ -23,8 +23,9 @@ Stall events reach ``emit`` within about a second: a sampler sends its stall lin
 with its once-a-second heartbeat, because every wake-up of this process costs more than the
 line it carries.
 
-Each sampler costs about 3 MB PSS (forked from a ``python -I -S``, see ``agent.workers``); if the
-agent dies, each sampler exits at its next write (within about a second).
+Each sampler is a small process (forked from a ``python -I -S``, see ``agent.workers``; its
+CPU and memory cost: ``probe.stall``'s header, ``bench/agent_overhead``, docs/lab-notes.md);
+if the agent dies, each sampler exits at its next write (within about a second).
 """
 
 from __future__ import annotations

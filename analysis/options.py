@@ -6,6 +6,9 @@ One checker per kind of value, so that ``record``, ``report``, ``compare``, ``la
 - An output directory (``--out``) is not empty or blank: ``--out ""`` used to write into
   the current directory. Whether it can be created is for the command to find out (the
   command line turns the system's refusal into one line).
+- The guest agent's canaries (``--canaries`` of ``lab run`` and ``lab study``) are
+  checked by the probe's own parser (``probe.canary.parse_canaries``), so the lab and the
+  agent accept the same names without the host side importing the agent.
 - A size (``512M``, ``64M``, ``50M``; K, M, G are powers of 1024, a trailing ``B`` or
   ``iB`` is allowed) is a finite, non-negative number of ASCII digits, at most
   ``MAX_SIZE`` bytes (1 TiB): ``nan``, ``inf`` and 400-digit sizes used to overflow.
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from probe.canary import parse_canaries
 
 #: The most vCPUs a lab guest may have (QEMU's q35 machine takes up to 288; a TCG lab
 #: guest with more than a few is already slow).
@@ -64,3 +69,19 @@ class OutDir(click.Path):
         if isinstance(value, str) and not value.strip():
             self.fail("must name a directory, not an empty or blank string", param, ctx)
         return super().convert(value, param, ctx)
+
+
+def check_canaries(
+    ctx: click.Context | None, param: click.Parameter | None, value: Any
+) -> tuple[str, ...]:
+    """A ``--canaries`` value as canary names (a click callback; ``()`` for ``none``).
+
+    :raise click.BadParameter: when ``probe.canary.parse_canaries`` refuses it.
+    :return: the names; a tuple (an already converted value) is passed through.
+    """
+    if isinstance(value, tuple):
+        return value
+    try:
+        return parse_canaries(str(value))
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from None

@@ -77,6 +77,31 @@ LATENCY_BUCKETS_NS: tuple[int, ...] = (
     200 * S,
     300 * S,
 )
+#: Canary names the command line accepts (``--canaries``).
+CANARY_NAMES = ("timer", "heartbeat", "rpc")
+#: The canaries that run unless told otherwise (the agent's and the lab guest's).
+DEFAULT_CANARIES = ("timer", "heartbeat")
+
+
+def parse_canaries(text: str) -> tuple[str, ...]:
+    """Parse ``--canaries``: ``none`` or a comma-separated list of ``CANARY_NAMES``.
+
+    :param text: the option's value.
+    :raise ValueError: when it names no canary or an unknown one.
+    :return: the names, each once, in the order given (``()`` for ``none``).
+    """
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["none"]:
+        return ()
+    if not names:
+        raise ValueError("expected canary names or 'none'")
+    for name in names:
+        if name not in CANARY_NAMES:
+            allowed = ", ".join((*CANARY_NAMES, "none"))
+            raise ValueError(f"unknown canary {name!r}: choose from {allowed}")
+    return tuple(dict.fromkeys(names))
+
+
 #: Smallest slack of any timeout, and the fraction of ``T`` above it.
 MIN_SLACK_NS = MS
 SLACK_DIVISOR = 10

@@ -24,7 +24,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from probe.errors import EventFormatError
 
@@ -172,16 +172,36 @@ def parse_event(line: str) -> Event:
     return event_from_dict(obj)
 
 
+#: What an ``Issue`` is: a line passed over (``skip``), or kept but worth pointing at (``note``).
+Severity = Literal["skip", "note"]
+
+
 @dataclass(frozen=True)
-class Skip:
-    """A line a reader passed over, and why."""
+class Issue:
+    """A line a reader passed over (``skip``) or worth pointing at (``note``), by file and line.
+
+    The one type of every reader of JSON Lines and transcripts: this module's event reader,
+    the host's run-directory readers (``analysis.rundir.jsonl``) and the libvirt transcript
+    parser. ``path`` is printable text; line 0 means the file as a whole.
+    """
 
     path: str
-    line_no: int
+    line: int
     reason: str
+    severity: Severity = "skip"
+
+    @property
+    def line_no(self) -> int:
+        """The 1-based line number (0: the file as a whole)."""
+        return self.line
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line_no}: {self.reason}"
+        where = f"{self.path}:{self.line}" if self.line > 0 else self.path
+        return f"{where}: {self.reason}"
+
+
+#: A line a reader passed over: an ``Issue`` of severity ``skip`` (the readers' name for it).
+Skip = Issue
 
 
 def iter_event_file(

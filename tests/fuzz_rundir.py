@@ -922,7 +922,11 @@ def _preload() -> None:
     for name in ("tsprobe.cli", *(spec.split(":")[0] for spec in _command_modules())):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    for name in ("analysis.attribution", "analysis.report", "analysis.compare"):
+    for name in (
+        "analysis.analyze.attribution",
+        "analysis.report.summary",
+        "analysis.report.compare",
+    ):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
 

@@ -16,8 +16,8 @@ import pytest
 from click.testing import CliRunner
 
 import agent.cli as cli
+from agent.config import AgentConfig, resolve_cpus
 from agent.errors import ConfigError
-from agent.main import AgentConfig, resolve_cpus
 from agent.metrics import DEFAULT_WARNING_KINDS
 from probe.errors import ProbeUnavailable
 from probe.events import iter_event_file

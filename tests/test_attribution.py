@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.alignment import stop_request
-from analysis.attribution import Analysis, analyse
-from analysis.findings import findings
-from analysis.loader import load_run
+from analysis.analyze.attribution import Analysis, analyse
+from analysis.analyze.findings import findings
+from analysis.analyze.load import load_run
+from analysis.rundir.qmp import stop_request
 from tests.analysis_runs import BASE, MS, RESUME, STOP, S, build_run, write_jsonl
 
 

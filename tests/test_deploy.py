@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.exporter import STATUS_CODES
+from analysis.record.exporter import STATUS_CODES
 from tests.liveagent import free_port, http_get, live_agent
 from tests.liveprom import PROMETHEUS, PROMTOOL, live_prometheus
 from tests.promql import (

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from prometheus_client.exposition import generate_latest
 
+from analysis.analyze.timeline import build_timeline
 from analysis.errors import RecorderError
-from analysis.exporter import STATUS_CODES, MigrationExporter, parse_listen
-from analysis.prom_phases import timeline_from_exporter
-from analysis.prom_tables import Series
-from analysis.recorder import _TappedWriter
-from analysis.timeline import KNOWN_STATUSES, build_timeline
+from analysis.prom.phases import timeline_from_exporter
+from analysis.prom.tables import Series
+from analysis.record.exporter import STATUS_CODES, MigrationExporter, parse_listen
+from analysis.record.recorder import _TappedWriter
+from analysis.rundir.qmp import KNOWN_STATUSES
 from tests.liveagent import http_get
 
 FIXTURE_RUN = Path(__file__).parent / "fixtures" / "runs" / "postcopy-pause-recover"

@@ -13,8 +13,8 @@ import json
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from analysis import guest_events as ge
-from analysis.jsonl import decode_record
+from analysis.rundir import guest_events as ge
+from analysis.rundir.jsonl import decode_record
 
 BOOT = "8d52b27a-dfe8-4301-95ca-003551b13ee0"
 GOOD = (

@@ -27,11 +27,13 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.colors import to_rgba
 
-from analysis.attribution import Analysis, analyse
-from analysis.findings import findings
-from analysis.loader import load_run, read_vcpu_states, vcpu_interval
-from analysis.report import build_summary, render_markdown
-from analysis.report_plots import BINS, HOST_COLOURS, _host_bands
+from analysis.analyze.attribution import Analysis, analyse
+from analysis.analyze.findings import findings
+from analysis.analyze.load import load_run
+from analysis.report.plots import BINS, HOST_COLOURS, _host_bands
+from analysis.report.render import render_markdown
+from analysis.report.summary import build_summary
+from analysis.rundir.vcpu_states import read_vcpu_states, vcpu_interval
 from tests.analysis_runs import BASE, MS, S, build_run, guest_event, qmp_event, write_jsonl
 from tsprobe.cli import main
 

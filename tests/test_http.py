@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
 from agent.errors import ConfigError, ListenError
 from agent.http import MAX_PAGE, QueryError, parse_events_query, parse_listen, read_clocks
-from agent.main import Agent, AgentConfig
+from agent.main import Agent
 from probe.base import Health
 from probe.events import Event, iter_event_file, parse_event
 from tests.fakeprobes import (

@@ -30,9 +30,11 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 
+from analysis.lab.freeze import FREEZER
 from analysis.lab.guest import Guest, build_guest
 from analysis.lab.qemu import QEMU_CACHE, cached_qemus
-from analysis.lab.scenarios import FREEZER, LabOptions, run_scenario
+from analysis.lab.scenarios import run_scenario
+from analysis.lab.spec import LabOptions
 
 pytestmark = [
     pytest.mark.slow,

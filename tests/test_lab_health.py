@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from analysis.lab import scenarios
+from analysis.lab import health as lab_health
 
 
 class _Agent(ThreadingHTTPServer):
@@ -48,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
             with agent.lock:
                 for cpu, step in agent.step.items():
                     agent.counts[cpu] += step
-                probes = {p: {"up": True} for p in scenarios.required_probes(())}
+                probes = {p: {"up": True} for p in lab_health.required_probes(())}
                 body = json.dumps(
                     {"status": "ok", "samples": agent.counts, "probes": probes}
                 ).encode()
@@ -76,9 +76,9 @@ def _agent(step: dict[str, int], hang_first_s: float = 0.0) -> Iterator[int]:
 
 def test_every_cpu_moving_ends_the_wait_at_the_first_read_that_shows_it() -> None:
     with _agent({"0": 500, "1": 480}) as port:
-        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        first = lab_health._sample_counts(lab_health._healthz(port, 5.0))
         t0 = time.monotonic()
-        rates = scenarios._sampling_rates(port, first, cpus=2)
+        rates = lab_health._sampling_rates(port, first, cpus=2)
         took = time.monotonic() - t0
     assert set(rates) == {"0", "1"}
     # one read 0.5 s after the first: 500 and 480 samples in about 0.5 s
@@ -89,11 +89,11 @@ def test_every_cpu_moving_ends_the_wait_at_the_first_read_that_shows_it() -> Non
 def test_a_cpu_that_never_moves_reads_zero_after_the_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(scenarios, "SAMPLING_WAIT_S", 1.2)
+    monkeypatch.setattr(lab_health, "SAMPLING_WAIT_S", 1.2)
     with _agent({"0": 500, "1": 0}) as port:
-        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        first = lab_health._sample_counts(lab_health._healthz(port, 5.0))
         t0 = time.monotonic()
-        rates = scenarios._sampling_rates(port, first, cpus=2)
+        rates = lab_health._sampling_rates(port, first, cpus=2)
         took = time.monotonic() - t0
     assert rates["1"] == 0 and rates["0"] > 0
     assert took >= 1.2  # it waited for CPU 1 the whole time
@@ -101,11 +101,11 @@ def test_a_cpu_that_never_moves_reads_zero_after_the_wait(
 
 def test_a_cpu_missing_from_the_answer_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
     # A two-CPU guest whose agent reports one CPU: the other is not sampling.
-    monkeypatch.setattr(scenarios, "SAMPLING_WAIT_S", 1.2)
+    monkeypatch.setattr(lab_health, "SAMPLING_WAIT_S", 1.2)
     with _agent({"0": 500}) as port:
-        first = scenarios._sample_counts(scenarios._healthz(port, 5.0))
+        first = lab_health._sample_counts(lab_health._healthz(port, 5.0))
         t0 = time.monotonic()
-        rates = scenarios._sampling_rates(port, first, cpus=2)
+        rates = lab_health._sampling_rates(port, first, cpus=2)
         took = time.monotonic() - t0
     assert "1" not in rates and rates["0"] > 0
     assert took >= 1.2
@@ -113,20 +113,20 @@ def test_a_cpu_missing_from_the_answer_is_waited_for(monkeypatch: pytest.MonkeyP
 
 def test_get_or_error_returns_the_body_or_the_error() -> None:
     with _agent({"0": 1}) as port:
-        ok = scenarios._get_or_error(f"http://127.0.0.1:{port}/metrics", 5.0)
-        body, error = scenarios._get_or_error(f"http://127.0.0.1:{port}/nothing", 5.0)
+        ok = lab_health._get_or_error(f"http://127.0.0.1:{port}/metrics", 5.0)
+        body, error = lab_health._get_or_error(f"http://127.0.0.1:{port}/nothing", 5.0)
     assert ok == (b"tsprobe_up 1\n", None)
     assert body == b"" and isinstance(error, OSError)
 
 
 def test_a_hanging_first_health_read_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
     # The first /healthz hangs for 3 s; with 0.5 s reads the second read answers at once.
-    monkeypatch.setattr(scenarios, "HEALTH_READ_S", 0.5)
+    monkeypatch.setattr(lab_health, "HEALTH_READ_S", 0.5)
     answers: list[float] = []
     with _agent({"0": 500, "1": 500}, hang_first_s=3.0) as port:
         t0 = time.monotonic()
-        health, down, err, times = scenarios._poll_health(
-            port, scenarios.required_probes(()), lambda: answers.append(time.monotonic() - t0)
+        health, down, err, times = lab_health._poll_health(
+            port, lab_health.required_probes(()), lambda: answers.append(time.monotonic() - t0)
         )
     assert health["status"] == "ok" and not down and err is None
     assert times["answer_s"] is not None and 0.5 <= times["answer_s"] < 2.0

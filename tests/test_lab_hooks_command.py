@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from analysis.lab import scenarios
+from analysis.lab import health
 
 
 @contextmanager
@@ -55,22 +55,22 @@ def _late_hooks(
 
 def test_an_empty_answer_is_tried_again_and_the_line_is_acted_on_once() -> None:
     with _late_hooks(refuse_first=3) as (port, lines):
-        result = scenarios.hooks_command(port, "step 2000000000", wait_s=5.0)
+        result = health.hooks_command(port, "step 2000000000", wait_s=5.0)
     assert result == {"ok": True, "n": 1}
     assert lines == ["step 2000000000\n"]
 
 
 def test_hooks_that_never_answer_give_one_line_after_the_wait() -> None:
-    refused = pytest.raises(scenarios.ScenarioError)
+    refused = pytest.raises(health.ScenarioError)
     with _late_hooks(refuse_first=10**6) as (port, lines), refused as info:
-        scenarios.hooks_command(port, "ping", wait_s=0.5)
+        health.hooks_command(port, "ping", wait_s=0.5)
     assert str(info.value) == "lab hooks did not answer 'ping' within 0.5 s"
     assert lines == []
 
 
 def test_a_refusal_from_the_hooks_is_not_tried_again() -> None:
     refusal = b'{"ok": false, "error": "nope"}\n'
-    refused = pytest.raises(scenarios.ScenarioError, match="refused 'kmsg x': nope")
+    refused = pytest.raises(health.ScenarioError, match="refused 'kmsg x': nope")
     with _late_hooks(refuse_first=0, answer=refusal) as (port, lines), refused:
-        scenarios.hooks_command(port, "kmsg x", wait_s=5.0)
+        health.hooks_command(port, "kmsg x", wait_s=5.0)
     assert lines == ["kmsg x\n"]

@@ -195,7 +195,7 @@ def _report(out: Path) -> None:
 
 def test_libvirt_9_null_details_parse() -> None:
     # libvirt 9.0's virsh prints "<null>" for an event without data (seen in the lab).
-    from analysis.libvirt_events import LibvirtParser
+    from analysis.record.libvirt_events import LibvirtParser
 
     line = "2026-12-06 14:07:13.832+0000: event STOP for domain 'tsprobe-lab': <null>\n"
     [record] = LibvirtParser("x").feed(line, 1)

@@ -14,7 +14,7 @@ from qemu.qmp import QMPClient
 
 from analysis.lab import qemu as lq
 from analysis.lab.errors import QemuError
-from analysis.lab.scenarios import OOPS, memory_line, memory_problem
+from analysis.lab.health import OOPS, memory_line, memory_problem
 from tests.qemu_helpers import QEMU_PARAMS, start_qemu
 
 V72 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright (c) 2003-2022"

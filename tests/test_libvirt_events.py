@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from analysis.libvirt_events import LibvirtParser, parse_transcript
-from analysis.recorder import Recorder
+from analysis.record.libvirt_events import LibvirtParser, parse_transcript
+from analysis.record.recorder import Recorder
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "libvirt"
 REPO = Path(__file__).resolve().parent.parent

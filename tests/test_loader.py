@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from analysis.analyze.load import load_run
 from analysis.errors import RecordFormatError
-from analysis.loader import load_run
 from tests.analysis_runs import BASE, MS, S, build_run, guest_event
 from tsprobe.cli import main
 

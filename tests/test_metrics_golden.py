@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.main import Agent, AgentConfig
+from agent.config import AgentConfig
+from agent.main import Agent
 from agent.metrics import DEFAULT_WARNING_KINDS
 from tests.fakeprobes import FIXTURE_ROOTS, FakeClock, FakeKmsg, FakeStall, FakeSync
 

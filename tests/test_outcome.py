@@ -119,7 +119,7 @@ def test_summary_leads_with_the_outcome_and_never_says_no_stall(run: Path, tmp_p
 def test_report_leads_with_the_outcome(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from analysis.report_cli import report
+    from analysis.report.cli import report
 
     copy = _copy(SOFT_LOCKUP, tmp_path)
     write_summary(copy)
@@ -144,7 +144,7 @@ def test_a_long_stop_is_recovered_and_the_report_says_the_clock_stood_still(
 ) -> None:
     from click.testing import CliRunner
 
-    from analysis.report_cli import report
+    from analysis.report.cli import report
 
     outcome = classify(STOPPED)
     assert outcome.name == "recovered" and outcome.kernel_warnings == {}
@@ -164,7 +164,7 @@ def test_a_long_stop_is_recovered_and_the_report_says_the_clock_stood_still(
 def test_report_of_a_run_without_an_outcome_has_none(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from analysis.report_cli import report
+    from analysis.report.cli import report
 
     copy = _copy(RECOVERED, tmp_path)
     assert CliRunner().invoke(report, [str(copy)]).exit_code == 0

@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent.http import QueryError, parse_events_query
-from analysis import jsonl
-from analysis.libvirt_events import parse_transcript
 from analysis.options import MAX_SIZE, SIZE_UNITS, parse_size
-from analysis.vcpu_threads import parse_schedstat as parse_task_schedstat
-from analysis.vcpu_threads import parse_stack, parse_state, parse_syscall
+from analysis.record.libvirt_events import parse_transcript
+from analysis.record.vcpu_threads import parse_schedstat as parse_task_schedstat
+from analysis.record.vcpu_threads import parse_stack, parse_state, parse_syscall
+from analysis.rundir import jsonl
 from probe import kmsg, kmsg_patterns
 from probe.addresses import MAX_HOST, parse_port, split_host_port
 from probe.durations import (

@@ -38,8 +38,8 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 
-from analysis.prom_source import PromClient
-from analysis.prom_tables import parse_matrix
+from analysis.prom.source import PromClient
+from analysis.prom.tables import parse_matrix
 from tests.liveagent import free_port
 from tests.liveprom import PROMETHEUS, LiveProm, live_prometheus
 

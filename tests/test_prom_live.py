@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis.prom_source import fetch_tables
-from analysis.prom_tables import BEFORE_PHASE, PromTables
-from analysis.timeline_cli import load_run
+from analysis.analyze.timeline_io import load_timeline
+from analysis.prom.source import fetch_tables
+from analysis.prom.tables import BEFORE_PHASE, PromTables
 from tests.liveagent import free_port, http_get, live_agent, stop_process
 from tests.liveprom import PROMETHEUS, PROMTOOL, LiveProm, live_prometheus
 from tests.qemu_helpers import QEMU, Controller, make_blob, qemu_pair
@@ -207,7 +207,7 @@ def test_tables_with_phases_from_the_run_directory(scenario: Scenario) -> None:
     assert tables.phase_source == f"run directory {scenario.run}"
     _check_tables(tables, scenario)
     # The exporter's timestamps give the run directory's own boundaries.
-    timeline = load_run(scenario.run, lambda _s: None, lambda _n: None)
+    timeline = load_timeline(scenario.run, lambda _s: None, lambda _n: None)
     by_exporter = fetch_tables(
         scenario.prom.url, scenario.instance, scenario.start_s, scenario.end_s
     )

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
+from analysis.analyze.timeline_model import Boundary, Phase
 from analysis.errors import PrometheusError
-from analysis.prom_phases import windows_from_phases
-from analysis.prom_render import render_markdown, table_rows
-from analysis.prom_source import (
+from analysis.prom.phases import windows_from_phases
+from analysis.prom.render import render_markdown, table_rows
+from analysis.prom.source import (
     PromClient,
     choose_step,
     fetch_tables,
@@ -23,7 +24,7 @@ from analysis.prom_source import (
     promql_string,
     scrape_interval,
 )
-from analysis.prom_tables import (
+from analysis.prom.tables import (
     BEFORE_PHASE,
     WHOLE_RANGE,
     Series,
@@ -33,7 +34,6 @@ from analysis.prom_tables import (
     counter_increase,
     parse_matrix,
 )
-from analysis.timeline import Boundary, Phase
 from tests.liveagent import free_port
 
 T0 = 1_795_640_000.0

@@ -28,7 +28,7 @@ import pytest
 from qemu.qmp import EventListener
 
 from analysis.errors import RecorderError
-from analysis.recorder import Recorder, RecorderResult
+from analysis.record.recorder import Recorder, RecorderResult
 from tests.qemu_helpers import (
     QEMU,
     Controller,

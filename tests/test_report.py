@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from analysis.attribution import analyse
-from analysis.loader import load_run
-from analysis.timeline import build_timeline
+from analysis.analyze.attribution import analyse
+from analysis.analyze.load import load_run
+from analysis.analyze.timeline import build_timeline
 from tsprobe.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

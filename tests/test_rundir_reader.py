@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from analysis.jsonl import Issue, decode_line, iter_records, read_document
-from analysis.loader import load_run
+from analysis.analyze.load import load_run
+from analysis.rundir.jsonl import Issue, decode_line, iter_records, read_document
 from tsprobe.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lab-runs" / "paused"

@@ -1,4 +1,4 @@
-"""The study report (analysis.study_report): cells, aggregates and verdicts.
+"""The study report (analysis.report.study): cells, aggregates and verdicts.
 
 The recorded study under tests/fixtures/study/recorded is a real ``tsprobe lab study``
 (QEMU 7.2.22, single-threaded TCG), trimmed by tests/fixtures/study/trim.py; the figures
@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from analysis.lab.cli import lab
 from analysis.lab.study import RunRecord
-from analysis.study_report import (
+from analysis.report.study import (
     aggregate,
     outcome_text,
     ran_while_blocked_ms,

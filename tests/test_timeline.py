@@ -1,4 +1,4 @@
-"""The migration phase timeline (analysis.timeline) and ``tsprobe timeline``.
+"""The migration phase timeline (analysis.analyze.timeline) and ``tsprobe timeline``.
 
 The realistic sequences are tests/fixtures/qmp/*.jsonl, transcribed from QEMU 7.2
 migrations of two bare machines on loopback (see the README there for how and the exact
@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from analysis.analyze.timeline import build_timeline
+from analysis.analyze.timeline_model import Timeline, phase_name
 from analysis.rundir import read_jsonl_numbered
-from analysis.timeline import Timeline, build_timeline, phase_name
 from tsprobe.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,7 +13,7 @@ Known workloads (threads of this process or a child, blocked in the kernel for r
   ``running``.
 
 Tolerance: an interval's ends are each late by at most one poll period plus one pass of
-reads (docstring of analysis.vcpu_sampler), so a length is within ``TOL_NS`` (one 10 ms
+reads (docstring of analysis.record.vcpu_sampler), so a length is within ``TOL_NS`` (one 10 ms
 period plus 5 ms) of the truth. The truth comes from an independent reading: the test's own
 1 ms polls of the thread's ``wchan``/``syscall`` for the start, its own release for the end.
 The states are cross-checked against ``ps`` (procps), another reader of the same threads.
@@ -36,9 +36,9 @@ from typing import Any
 
 import pytest
 
+from analysis.record.vcpu_sampler import VcpuSampler
+from analysis.record.vcpu_threads import ThreadFiles, classify
 from analysis.rundir import JsonlWriter
-from analysis.vcpu_sampler import VcpuSampler
-from analysis.vcpu_threads import ThreadFiles, classify
 from tests.blocked_threads import FutexWords, MissingPage, sigstop_for, wait_futex
 
 POLL_NS = 10_000_000

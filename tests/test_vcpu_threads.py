@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.vcpu_threads import (
+from analysis.record.vcpu_threads import (
     COND_SPAN,
     HomeFutex,
     Reading,

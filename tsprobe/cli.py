@@ -30,11 +30,11 @@ from probe import __version__
 #: name -> (module:attribute, one-line help shown in ``tsprobe --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("agent.cli:agent", "Run the in-guest measurement agent."),
-    "record": ("analysis.record_cli:record", "Record a migration: QMP on both sides, the agents."),
-    "timeline": ("analysis.timeline_cli:timeline", "Print the migration phases of a run."),
+    "record": ("analysis.record.cli:record", "Record a migration: QMP on both sides, the agents."),
+    "timeline": ("analysis.analyze.cli:timeline", "Print the migration phases of a run."),
     "lab": ("analysis.lab.cli:lab", "Build the lab guest and run migration scenarios."),
-    "report": ("analysis.report_cli:report", "Write report.html, report.md, summary.json."),
-    "compare": ("analysis.compare_cli:compare", "Compare runs side by side."),
+    "report": ("analysis.report.cli:report", "Write report.html, report.md, summary.json."),
+    "compare": ("analysis.report.compare_cli:compare", "Compare runs side by side."),
 }
 
 

@@ -111,6 +111,16 @@ def main() -> int:
             _, stderr = proc.communicate()
     print("\n== agent's own messages ==")
     print(stderr.strip() or "(none)")
+    _print_events(events, victim if held_ns else None, held_ns)
+    print("\n== health ==")
+    print(json.dumps(health, indent=1))
+    _print_metrics(metrics)
+    print(f"\nevent log: {workdir / 'events.jsonl'}")
+    return 0
+
+
+def _print_events(events: list[Event], victim: int | None, held_ns: int) -> None:
+    """The events by kind, the stalls per CPU, and the injected freeze against its stall."""
     print("\n== events ==")
     kinds = Counter(e.kind for e in events)
     print(", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())))
@@ -125,7 +135,7 @@ def main() -> int:
             f"CPU {cpu}: {len(lengths)} stalls, longest {format_duration(lengths[-1])}, "
             f"causes {dict(causes)}"
         )
-    if held_ns:
+    if victim is not None:
         mine = [e for e in by_cpu.get(victim, []) if (e.duration_ns or 0) >= held_ns // 2]
         for event in mine:
             error_ns = (event.duration_ns or 0) - held_ns
@@ -136,8 +146,10 @@ def main() -> int:
     for event in events:
         if event.kind in ("clock_step", "clocksource_change", "kernel_warning"):
             print(f"{event.kind}: {json.dumps(dict(event.fields))}")
-    print("\n== health ==")
-    print(json.dumps(health, indent=1))
+
+
+def _print_metrics(metrics: str) -> None:
+    """The lines of /metrics a reader checks first."""
     print("\n== /metrics (excerpt) ==")
     for line in metrics.splitlines():
         if line.startswith(
@@ -150,8 +162,6 @@ def main() -> int:
             )
         ):
             print(line)
-    print(f"\nevent log: {workdir / 'events.jsonl'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ How it fits together (``tsprobe lab run --scenario NAME --out RUNDIR``)::
           |                      serial console to a file, user-mode net with hostfwd on
           |                      127.0.0.1 (agent 9466, lab hooks 9467), two QMP sockets each
           v
-    scenarios.Scenario.run()     waits for the agent, starts analysis.recorder.Recorder on
+    scenarios.Scenario.run()     waits for the agent, starts analysis.record.recorder.Recorder on
           |                      one monitor per QEMU and on the agent (through
           |                      proxy.Forwarder, which follows the guest to the destination),
           |                      drives QEMU on the other monitor (timeouts, OOB), checks the
@@ -29,56 +29,14 @@ busybox ``nc`` on port 9467, which runs ``guest_hooks.py`` for each request of t
 console, and ``guest_workload.py``, the optional memory workload from
 ``tsprobe.wss=``/``tsprobe.wcpu=`` on the kernel command line.
 
-What was learnt on this kind of machine (2 cores, QEMU 7.2, Debian 12 kernel 6.1, TCG):
+What was measured on this kind of machine (boot times, the agent's answers after a pause,
+the clocksource under TCG, QEMU 10.0 under multi-threaded TCG) is in docs/lab-notes.md.
 
-- Boot to an agent with every probe up: 9.2 to 17.6 s (12 s on average) in a migrating
-  run, and as varied between runs of the same scenario (kernel to init 2.2 to 3.6 s
-  without the crypto self-tests, 4.3 to 5 s with them; the agent's Python start is most of
-  the rest, ~30x slower than native under TCG). In an otherwise idle guest: a warm
-  ``python3 -S -c pass`` 0.2 s (the first one 1.65 s), ``import prometheus_client``
-  1.8 s, ``import click`` 1.1 s, ``import http.server`` 1.2 s, ``tsprobe agent --help``
-  2.6 s, a worker's imports 0.24 s. With the six workers forked from the fork server
-  (``agent.forkserver``) instead of each started as a fresh interpreter, and the hooks run
-  per request instead of as a resident Python, the average migrating boot went from
-  15.0 s to 12.0 and 12.5 s (``bench/lab_scenarios --repeat 3``). The
-  host's second core stays mostly idle all the while (single-threaded TCG: one host thread
-  for every vCPU), and that thread is busy through the whole boot (QEMU's CPU time equalled
-  the wall time in 6 boots of 11.3 to 14.4 s), a good part of it translating: 200,000
-  translation blocks by the end of a boot (HMP ``info jit``), and 55,000 more on the
-  destination in the 4.5 s after paused-stop's ``cont``.
-- Right after a 4 s pause the agent takes 1 to 7 s to answer a request (a /clock or
-  /healthz takes 0.1 to 0.5 s once it settles; /metrics 1 to 5 s, and one asked for right
-  when the migration completed went unanswered for 15 s). The recorder's 1 s
-  requests time out meanwhile (13 of them after one pause), and the agent still answers
-  each one it gave up on. With 5 s requests only 2 failed and the agent answered the
-  health check after 1.4 to 2.9 s instead of 1.7 to 6.8 s, but a request in flight to
-  the source at a precopy's switchover then hung 5 s, and a precopy run kept no /clock
-  sample after the switchover but the last one: the lab keeps 1 s.
-- The guest's clocksource under TCG is ``hpet``: it counts QEMU's virtual clock, so it
-  stands still while QEMU has the vCPUs stopped (precopy downtime, the postcopy
-  switchover, ``stop``) and the guest's realtime falls behind the host's by that much; it
-  runs on through a SIGSTOP or a cgroup freeze, which the guest sees as a gap.
-- ``/clock`` round trips take 15 to 250 ms under TCG, so the lag is estimated from the
-  reply's receipt (the agent reads its clocks just before answering), not the midpoint.
-- ``paused``: the vCPUs are usually already blocked on a requested page when the pause
-  comes, so the stall starts in postcopy-active and ends after recovery (3.77 s for a
-  3.02 s pause).
-- QEMU 10.0.2 (bookworm-backports, unpacked by scripts/setup) under multi-threaded TCG,
-  source and destination (``bench/lab_scenarios --qemu 10.0 --repeat 3
-  --precopy-workload 8M``): every migrating run 15.6 to 17.6 s, boots 5.5 to 7.9 s, all
-  healthy, no workload page lost a write (12 runs; 2048 pages checked 94 to 102 times in
-  precopy, 16384 pages 38 to 53 times in the postcopy ones). 10.0 reports ``device``
-  right after the STOP of the switchover and ``postcopy-recover-setup`` on the source
-  (``analysis.timeline`` rules 2 and 7). Multi-threaded TCG forced on 7.2.22 lost no
-  write the workload could see either (precopy 8M x4 and 2M x3, postcopy x3, paused x3):
-  the workload's check finds a stale page (tests/test_lab_workload.py writes one), but
-  these runs never made one.
-- ``paused-stop``: ``stop`` is sent before the pause (QEMU's monitor can hang on it while
-  postcopy-paused); with the vCPUs stopped, the destination's monitor answered
-  ``query-status`` during the pause.
-
-Modules: ``guest`` (build), ``elf`` and ``cpio`` (its binary formats), ``qemu`` (command
-lines, processes, accelerator), ``proxy``, ``scenarios``, ``summary``, ``cli``,
-``errors``; ``guest_hooks.py``, ``guest_workload.py`` and ``init.sh`` run inside the
-guest only.
+Modules: ``spec`` (the scenarios and ``LabOptions``), ``scenarios`` (a run, step by step),
+``control`` (the lab's own QMP monitor), ``health`` (is the guest well), ``freeze`` (the
+stall scenarios' freezes), ``summary`` and ``outcome`` (lab-summary.txt, the guest's
+outcome), ``study`` and ``study_cli`` (the policy study), ``libvirt`` (``--via libvirt``),
+``guest`` (build), ``wheel``, ``elf`` and ``cpio`` (its inputs and binary formats),
+``qemu`` (command lines, processes, accelerator), ``proxy``, ``cli``, ``errors``;
+``guest_hooks.py``, ``guest_workload.py`` and ``init.sh`` run inside the guest only.
 """

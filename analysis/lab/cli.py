@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
-from agent.cli import CanariesType
-from agent.main import DEFAULT_CANARIES
 from analysis.lab.errors import LabError
-from analysis.options import MAX_VCPUS, OutDir, parse_size
+from analysis.options import MAX_VCPUS, OutDir, check_canaries, parse_size
+from probe.canary import DEFAULT_CANARIES
 from probe.durations import parse_duration, parse_duration_list
 from probe.errors import DurationError
 
@@ -178,7 +177,8 @@ from source to destination) and the host migration exporter.
 )
 @click.option(
     "--canaries",
-    type=CanariesType(),
+    metavar="CANARIES",
+    callback=check_canaries,
     default=",".join(DEFAULT_CANARIES),
     show_default=True,
     help="The guest agent's canaries (timer, heartbeat, rpc; none).",
@@ -226,7 +226,8 @@ def run_cmd(
     linger: str,
 ) -> None:
     """Run one lab scenario end to end, print its summary, exit with the guest's outcome."""
-    from analysis.lab.scenarios import CLOCKSOURCES, SCENARIOS, LabOptions, run_scenario
+    from analysis.lab.scenarios import run_scenario
+    from analysis.lab.spec import CLOCKSOURCES, SCENARIOS, LabOptions
 
     if scenario not in SCENARIOS:
         raise click.BadParameter(

@@ -102,9 +102,8 @@ HOOKS_SCRIPT = HERE / "guest_hooks.py"
 WORKLOAD_SCRIPT = HERE / "guest_workload.py"
 #: The kernel command line every lab guest gets (scenarios append their own words).
 #: ``cryptomgr.notests`` and ``initcall_blacklist=crypto_kdf108_init`` skip the crypto
-#: self-tests, which took 1.2 s of a 4.5 s kernel start under TCG (``initcall_debug``:
-#: crypto_kdf108_init 0.78 s, crypto_algapi_init 0.43 s); /init then ran after 3.1 to
-#: 3.7 s instead of 4.3 to 4.5 s. The lab guest uses no kernel crypto that needs them.
+#: self-tests, a large part of the kernel's start under TCG (docs/lab-notes.md). The lab
+#: guest uses no kernel crypto that needs them.
 BASE_CMDLINE = (
     "console=ttyS0 loglevel=5 panic=-1 rdinit=/init"
     " cryptomgr.notests initcall_blacklist=crypto_kdf108_init"
@@ -532,21 +531,12 @@ def _human(size: int) -> str:
     return f"{size} B"
 
 
-def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict[str, Any]:
-    debs = cache / "debs"
-    kdeb = apt.fetch(inputs.kernel_package, inputs.kernel_version, debs)
-    bdeb = apt.fetch(BUSYBOX_PACKAGE, inputs.busybox_version, debs)
-    log(f"kernel: {kdeb.name} ({_human(kdeb.stat().st_size)}), busybox: {bdeb.name}")
-    unpack = work / "unpack"
-    for part in ("kernel", "busybox"):
-        (unpack / part).mkdir(parents=True)
-    _run(["dpkg-deb", "-x", str(kdeb), str(unpack / "kernel")])
-    _run(["dpkg-deb", "-x", str(bdeb), str(unpack / "busybox")])
-    bzimage = next((unpack / "kernel" / "boot").glob("vmlinuz-*"), None)
-    if bzimage is None:
-        raise GuestBuildError(f"{kdeb.name} holds no /boot/vmlinuz-*")
-    out = work / "out"
-    out.mkdir()
+def _stage_kernel(bzimage: Path, out: Path, log: Log) -> tuple[Path, str]:
+    """The kernel to boot, in ``out``: the ELF vmlinux extracted from the bzImage when it
+    has a PVH note (PVH boot is faster), else the bzImage itself.
+
+    :return: the kernel file and the boot method (``pvh`` or ``bzimage``).
+    """
     boot = "bzimage"
     kernel = out / "bzImage"
     try:
@@ -562,6 +552,42 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
         log(f"kernel: no vmlinux in the bzImage ({err}): booting the bzImage")
     if boot == "bzimage":
         shutil.copyfile(bzimage, kernel)
+    return kernel, boot
+
+
+def _write_initramfs(root: Path, out: Path) -> tuple[Path, int]:
+    """The initramfs of ``root``, uncompressed (under TCG unpacking a compressed one costs
+    the boot more than the larger cache entry costs; docs/lab-notes.md has the figures),
+    with /dev/console and /dev/null.
+
+    :return: the file and its number of entries.
+    """
+    initrd = out / "initramfs.cpio"
+    with open(initrd, "wb") as fh:
+        writer = cpio.CpioWriter(fh)
+        writer.chardev("dev/console", 5, 1)
+        writer.chardev("dev/null", 1, 3, 0o666)
+        entries = writer.tree(root)
+        writer.close()
+    return initrd, entries
+
+
+def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict[str, Any]:
+    debs = cache / "debs"
+    kdeb = apt.fetch(inputs.kernel_package, inputs.kernel_version, debs)
+    bdeb = apt.fetch(BUSYBOX_PACKAGE, inputs.busybox_version, debs)
+    log(f"kernel: {kdeb.name} ({_human(kdeb.stat().st_size)}), busybox: {bdeb.name}")
+    unpack = work / "unpack"
+    for part in ("kernel", "busybox"):
+        (unpack / part).mkdir(parents=True)
+    _run(["dpkg-deb", "-x", str(kdeb), str(unpack / "kernel")])
+    _run(["dpkg-deb", "-x", str(bdeb), str(unpack / "busybox")])
+    bzimage = next((unpack / "kernel" / "boot").glob("vmlinuz-*"), None)
+    if bzimage is None:
+        raise GuestBuildError(f"{kdeb.name} holds no /boot/vmlinuz-*")
+    out = work / "out"
+    out.mkdir()
+    kernel, boot = _stage_kernel(bzimage, out, log)
 
     root = work / "root"
     for name in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run"):
@@ -588,16 +614,7 @@ def _build(inputs: Inputs, apt: _Apt, cache: Path, work: Path, log: Log) -> dict
     _copy_real(INIT_SCRIPT, root / "init")
     os.chmod(root / "init", 0o755)
 
-    # Uncompressed: under TCG the kernel took 0.3 to 0.7 s to unpack the zstd (-12) image
-    # (QEMU start to init's first console line: 4.79 s with it, 4.10 s without, means of
-    # 4 boots each); the cache holds 23 MiB instead of 8.5 MiB.
-    initrd = out / "initramfs.cpio"
-    with open(initrd, "wb") as fh:
-        writer = cpio.CpioWriter(fh)
-        writer.chardev("dev/console", 5, 1)
-        writer.chardev("dev/null", 1, 3, 0o666)
-        entries = writer.tree(root)
-        writer.close()
+    initrd, entries = _write_initramfs(root, out)
     sizes = {"kernel": kernel.stat().st_size, "initramfs": initrd.stat().st_size}
     log(
         f"initramfs: {entries} entries, {_human(sizes['initramfs'])} (uncompressed); "

@@ -23,35 +23,29 @@ health check treats that line as a problem). A stale page is missed only when it
 multiple of 255 passes old (12.75 s at one pass per 50 ms). Reading a chunk just before
 writing it keeps the extra cost to a strided copy of pages the write touches anyway.
 
-Why passes and not a busy loop: a pass over 64 MiB takes 3 to 5 ms in a TCG guest. A
-loop without pauses made 200 to 300 passes a second and took a whole vCPU, which under
+Why passes and not a busy loop: a loop without pauses takes a whole vCPU, which under
 single-threaded TCG is half of what the guest gets, beside an agent that already keeps
-the guest busy. Passed every 10 ms, it took 14 % of the guest's CPU time (ticks in
-/proc/PID/stat over a steady stretch with the agent running) when the guest had time to
-spare, and 37 to 40 % (``/proc/PID/schedstat``) beside the agent's samplers and canaries:
-passes ran late and then back to back. Every 50 ms it takes 22 to 26 %. That changes
-nothing the migration sees: each page is written again long before precopy's next
-dirty-bitmap sync (a 64 MiB round takes over a second at the lab's 50 MiB/s), and a pass
-reaches every page the destination still lacks within 50 ms of the switchover.
+the guest busy; a pass every 50 ms keeps the workload's share of the guest's CPU modest
+(docs/lab-notes.md has the shares measured). That changes nothing the migration sees:
+each page is written again long before precopy's next dirty-bitmap sync (a 64 MiB round
+takes over a second at the lab's 50 MiB/s), and a pass reaches every page the destination
+still lacks within 50 ms of the switchover.
 
 Once STOP_FILE exists (the host asks the lab hooks for ``workload stop`` when the
 migration has completed) it checks every page's stamp once more, writes its verdict to
 RESULT_FILE (one JSON line, renamed into place: ``{"ok": true, "stopped": "workload",
 "passes": N, "pages": P, "bad_pages": B, "checks": C}``, C the page checks made; the
 hooks' shell waits for it and answers it to the host), prints ``tsprobe-lab: workload:
-stopped after N passes`` and exits: its job ends with the migration. Left running on the
-destination, whose QEMU has to translate the guest's code anew, it slowed the agent's
-first answer after a paused run from 1.2 to 3.9 s to 2.9 to 8.7 s (4 runs each,
-alternated).
+stopped after N passes`` and exits: its job ends with the migration (left running on the
+destination, whose QEMU has to translate the guest's code anew, it slows the agent's
+answers; docs/lab-notes.md).
 
 Why it is its own file and imports nothing beyond ``os``, ``sys`` and ``time`` (built into
 the interpreter): under TCG every import is paid at emulation speed, and once the agent's
-1 ms samplers run at SCHED_FIFO on every vCPU the guest has little time left. When the
-workload was a subcommand of the hooks, their argparse, json and socket took 11.7 s to
-import there (``-X importtime``) and the loop began 15.5 s after the process started.
-This script starts, allocates and touches its pages while the agent starts, before its
-samplers run, and then waits in a cheap poll, so that starting to dirty memory
-costs nothing once the agent runs.
+1 ms samplers run at SCHED_FIFO on every vCPU the guest has little time left (the import
+times measured are in docs/lab-notes.md). This script starts, allocates and touches its
+pages while the agent starts, before its samplers run, and then waits in a cheap poll, so
+that starting to dirty memory costs nothing once the agent runs.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import jsonl, rundir
+from analysis import rundir
+from analysis.rundir import jsonl
 from probe.durations import format_duration
 from probe.kmsg_patterns import classify as classify_kmsg
 

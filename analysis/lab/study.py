@@ -4,7 +4,7 @@ A study is the cross product scenario x hold x clocksource x accel, each *cell* 
 ``repeat`` times. The question it answers (../shared/context) is a policy choice while
 postcopy is paused: keep the vCPUs running (``paused``) or stop them (``paused-stop``);
 its answer is a distribution over runs, so every cell is repeated and the report
-(``analysis.study_report``) gives k of n, medians and spreads.
+(``analysis.report.study``) gives k of n, medians and spreads.
 
 Order. Runs go round-robin over the repeats (``plan_runs``): every cell's first run, then
 every cell's second, and so on, so a drift of the shared machine (another job, a warm
@@ -16,7 +16,7 @@ has ``run_timeout_s`` (a base plus a multiple of its hold); past it the run's pr
 group gets SIGTERM (the lab kills its QEMUs on it), then SIGKILL. Whatever happened is
 kept in ``study-run.json`` in the run directory (``RunRecord``: exit status, wall time,
 timeout, the tail of the lab's output in ``study-run.log``) and the run's outcome is read
-by ``analysis.study_report.read_cell``: ``lab-outcome.json`` when the lab wrote one, else
+by ``analysis.report.study.read_cell``: ``lab-outcome.json`` when the lab wrote one, else
 ``lab-error`` with that evidence.
 
 Complete run (skipped by ``--resume``): ``study-run.json`` records an ended run (not
@@ -480,7 +480,8 @@ def run_study(
     :raise LabError: on bad parameters or an ``out`` holding another study.
     :return: counts of what ran, with the names of the runs that ended in ``lab-error``.
     """
-    from analysis import study_report
+    from analysis.report import study as study_report
+    from analysis.report.study_render import write_reports
 
     params.check()
     params = check_out(out, params, resume)
@@ -520,7 +521,7 @@ def run_study(
         say("study: interrupted; the runs finished so far are in study.json")
     state["status"] = "interrupted" if interrupted else "complete"
     doc = study_report.write_study_json(out, params, plan, state)
-    study_report.write_reports(out, doc)
+    write_reports(out, doc)
     say(f"study: report {out / 'study.html'} (and study.md, study.json)")
     if failed:
         say(f"study: {len(failed)} run(s) ended in lab-error: {', '.join(failed)}")
@@ -551,7 +552,7 @@ def _one_run(
     :return: its outcome and wall time.
     :raise Interrupted: on Ctrl-C (the record says so).
     """
-    from analysis import study_report
+    from analysis.report import study as study_report
 
     rundir = runs_dir / spec.name
     if rundir.exists():

@@ -1,6 +1,6 @@
 """``tsprobe lab study`` and ``tsprobe lab study-report``: the policy study's commands.
 
-The runner is ``analysis.lab.study``, the report ``analysis.study_report``; both are
+The runner is ``analysis.lab.study``, the report ``analysis.report.study``; both are
 imported when a command runs. Exit status of ``lab study``: 0 when every planned run has
 ended (runs that ended in ``lab-error`` included: they are listed, and ``--resume
 --retry-errors`` runs them again), 1 for a study that cannot start (one line: another
@@ -15,12 +15,16 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
 
 from analysis.options import MAX_VCPUS, OutDir
 from probe.durations import parse_duration
 from probe.errors import DurationError
+
+if TYPE_CHECKING:
+    from analysis.lab.study import StudyParams
 
 ACCELS = ("auto", "kvm", "tcg", "tcg-single", "tcg-multi")
 CLOCKSOURCE = re.compile(r"^[a-z0-9_-]+$")
@@ -68,8 +72,7 @@ def _check_passed(
 ) -> None:
     """Check the options passed to every lab run the way lab run checks them, before the
     first run, so a bad value is one usage line instead of a study of lab errors."""
-    from agent.cli import CanariesType
-    from analysis.options import parse_size
+    from analysis.options import check_canaries, parse_size
 
     if workload is not None and workload.strip() != "0":
         parse_size(workload, "--workload")
@@ -83,7 +86,7 @@ def _check_passed(
         except DurationError as err:
             raise click.BadParameter(str(err), param_hint="--baseline") from None
     if canaries is not None:
-        CanariesType().convert(canaries, None, None)
+        check_canaries(None, None, canaries)
 
 
 def _holds(text: str) -> tuple[int, ...]:
@@ -188,37 +191,9 @@ def study_cmd(
     if not scenarios or not holds:
         raise click.UsageError("--scenario and --hold are required (or --report-only)")
     from analysis.lab import qemu as lq
-    from analysis.lab.scenarios import SCENARIOS
-    from analysis.lab.study import StudyParams, run_study, run_timeout_s
+    from analysis.lab.study import StudyParams, run_timeout_s
 
-    names = _list(scenarios, "--scenario")
-    for name in names:
-        if name not in SCENARIOS:
-            raise click.BadParameter(
-                f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}",
-                param_hint="--scenario",
-            )
-    sources = _list(clocksources, "--clocksource")
-    if any(cs != "default" for cs in sources) and not _run_has_option("--clocksource"):
-        raise click.ClickException(
-            "this tsprobe's lab run has no --clocksource yet: use --clocksource default"
-        )
-    import analysis.lab.scenarios as lab_scenarios
-
-    known: tuple[str, ...] = getattr(lab_scenarios, "CLOCKSOURCES", ())
-    for cs in sources:
-        if not CLOCKSOURCE.match(cs) or (known and cs != "default" and cs not in known):
-            raise click.BadParameter(
-                f"{cs!r} is not a clocksource of the lab's kernel: choose from "
-                f"default, {', '.join(known)}",
-                param_hint="--clocksource",
-            )
-    accel_list = _list(accels, "--accel")
-    for a in accel_list:
-        if a not in ACCELS:
-            raise click.BadParameter(
-                f"{a!r}: choose from {', '.join(ACCELS)}", param_hint="--accel"
-            )
+    names, sources, accel_list = _axes(scenarios, clocksources, accels)
     _check_passed(workload, mem, baseline, canaries, bandwidth)
     holds_ns = _holds(holds)
     planned = len(names) * len(holds_ns) * len(sources) * len(accel_list) * repeat
@@ -231,27 +206,16 @@ def study_cmd(
         lq.qemu_version(lq.resolve_qemu(qemu))  # a QEMU that runs, before the first run
     except LabError as err:
         raise click.ClickException(str(err)) from err
-    extra: list[str] = []
-    for flag, value in (
-        ("--workload", workload),
-        ("--vcpus", vcpus),
-        ("--mem", mem),
-        ("--baseline", baseline),
-        ("--canaries", canaries),
-        ("--bandwidth", bandwidth),
-        ("--via", via),
-    ):
-        if value is not None:
-            extra += [flag, str(value)]
-    timeout: Callable[[int], float] = run_timeout_s
-    if run_timeout is not None:
-        try:
-            fixed = parse_duration(run_timeout) / 1e9
-        except DurationError as err:
-            raise click.BadParameter(str(err), param_hint="--run-timeout") from None
-        if fixed <= 0:
-            raise click.BadParameter("must be positive", param_hint="--run-timeout")
-        timeout = lambda _hold_ns: fixed  # noqa: E731
+    extra = _passed_on(
+        workload=workload,
+        vcpus=vcpus,
+        mem=mem,
+        baseline=baseline,
+        canaries=canaries,
+        bandwidth=bandwidth,
+        via=via,
+    )
+    timeout = _timeout(run_timeout, run_timeout_s)
 
     params = StudyParams(
         scenarios=names,
@@ -260,8 +224,22 @@ def study_cmd(
         accels=accel_list,
         repeat=repeat,
         qemu=qemu,
-        extra=tuple(extra),
+        extra=extra,
     )
+
+    _run(params, out, resume, retry_errors, timeout)
+
+
+def _run(
+    params: StudyParams,
+    out: Path,
+    resume: bool,
+    retry_errors: bool,
+    timeout: Callable[[int], float],
+) -> None:
+    """Run the study, SIGTERM taken as Ctrl-C; say what ran (exit 130 when interrupted)."""
+    from analysis.lab.errors import LabError
+    from analysis.lab.study import run_study
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -288,9 +266,73 @@ def study_cmd(
         raise SystemExit(130)
 
 
+def _axes(
+    scenarios: str, clocksources: str, accels: str
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The study's scenarios, clocksources and accelerators, each checked.
+
+    :raise click.BadParameter: naming the option of a value the lab does not know.
+    """
+    from analysis.lab.spec import SCENARIOS
+
+    names = _list(scenarios, "--scenario")
+    for name in names:
+        if name not in SCENARIOS:
+            raise click.BadParameter(
+                f"unknown scenario {name!r}: choose from {', '.join(SCENARIOS)}",
+                param_hint="--scenario",
+            )
+    sources = _list(clocksources, "--clocksource")
+    if any(cs != "default" for cs in sources) and not _run_has_option("--clocksource"):
+        raise click.ClickException(
+            "this tsprobe's lab run has no --clocksource yet: use --clocksource default"
+        )
+    from analysis.lab.spec import CLOCKSOURCES as known
+
+    for cs in sources:
+        if not CLOCKSOURCE.match(cs) or (known and cs != "default" and cs not in known):
+            raise click.BadParameter(
+                f"{cs!r} is not a clocksource of the lab's kernel: choose from "
+                f"default, {', '.join(known)}",
+                param_hint="--clocksource",
+            )
+    accel_list = _list(accels, "--accel")
+    for a in accel_list:
+        if a not in ACCELS:
+            raise click.BadParameter(
+                f"{a!r}: choose from {', '.join(ACCELS)}", param_hint="--accel"
+            )
+    return names, sources, accel_list
+
+
+def _passed_on(**options: str | int | None) -> tuple[str, ...]:
+    """The options every lab run gets, as ``lab run`` flags (``vcpus`` -> ``--vcpus N``)."""
+    extra: list[str] = []
+    for name, value in options.items():
+        if value is not None:
+            extra += [f"--{name}", str(value)]
+    return tuple(extra)
+
+
+def _timeout(run_timeout: str | None, default: Callable[[int], float]) -> Callable[[int], float]:
+    """``--run-timeout`` as the seconds a run of each hold may take (``default`` without it).
+
+    :raise click.BadParameter: when it is not a positive duration.
+    """
+    if run_timeout is None:
+        return default
+    try:
+        fixed = parse_duration(run_timeout) / 1e9
+    except DurationError as err:
+        raise click.BadParameter(str(err), param_hint="--run-timeout") from None
+    if fixed <= 0:
+        raise click.BadParameter("must be positive", param_hint="--run-timeout")
+    return lambda _hold_ns: fixed
+
+
 def _report(out: Path) -> None:
     from analysis.lab.errors import LabError
-    from analysis.study_report import write_reports
+    from analysis.report.study_render import write_reports
 
     try:
         paths = write_reports(out)

@@ -1,9 +1,9 @@
-"""The lab's short summary of a run directory (until the full report exists).
+"""The lab's short summary of a run directory (lab-summary.json, lab-summary.txt).
 
 ``summarize(rundir)`` reads what ``tsprobe lab run`` left there and answers:
 
-- phases: ``analysis.timeline.build_timeline`` over ``qmp-*.jsonl`` (none for the stall
-  scenarios, which do not migrate);
+- phases: ``analysis.analyze.timeline_io.read_timeline`` over ``qmp-*.jsonl`` (the one
+  reader of the QMP records; none for the stall scenarios, which do not migrate);
 - the guest's stalls per CPU and per phase. A stall's start is a guest CLOCK_REALTIME
   reading; it is put on the host's clock with the offset of the last ``/clock`` sample
   taken before it (in guest time), so a stall that began in ``postcopy-paused`` lands
@@ -43,10 +43,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from analysis import jsonl, rundir
-from analysis.alignment import stop_request
-from analysis.loader import is_stop_command
-from analysis.timeline import Timeline, build_timeline
+from analysis import rundir
+from analysis.analyze.load import is_stop_command
+from analysis.analyze.timeline_io import read_timeline
+from analysis.analyze.timeline_model import Timeline
+from analysis.rundir import jsonl
+from analysis.rundir.qmp import stop_windows
 from probe.durations import format_duration
 
 STEPS = "lab-steps.jsonl"
@@ -60,48 +62,39 @@ def _records(path: Path) -> list[dict[str, Any]]:
     return jsonl.records_quietly(path)
 
 
-def _qemu_time(record: dict[str, Any]) -> int:
-    stamp = record.get("timestamp")
-    if isinstance(stamp, dict) and "seconds" in stamp:
-        return int(stamp["seconds"]) * 1_000_000_000 + int(stamp.get("microseconds", 0)) * 1000
-    return int(record.get("host_real_ns", 0))
-
-
 def stopped_windows(
     qmp: dict[str, list[dict[str, Any]]], steps: Iterable[dict[str, Any]] = ()
 ) -> list[dict[str, Any]]:
-    """Every window in which QEMU had the guest's vCPUs stopped: a STOP to the next RESUME.
+    """Every window in which QEMU had the guest's vCPUs stopped, as JSON
+    (``analysis.rundir.qmp.stop_windows``: the one STOP -> RESUME rule).
 
     :param qmp: records per endpoint.
     :param steps: ``lab-steps.jsonl``: its ``stop`` commands date the freezes they caused
-        (``requested_ns``; see ``analysis.alignment.stop_request``).
+        (``requested_ns``; see ``analysis.rundir.qmp.stop_request``).
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
-        order (an unterminated STOP has ``end_ns`` None).
+        order; a STOP still open at the end is the last, with ``end_ns`` None.
     """
-    requests = [s for s in steps if is_stop_command(s)]
-    marks = []
-    for name, records in qmp.items():
-        for rec in records:
-            if rec.get("type") == "event" and rec.get("event") in ("STOP", "RESUME"):
-                marks.append((_qemu_time(rec), str(rec["event"]), name))
-    marks.sort()
-    windows: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    for t, event, name in marks:
-        if event == "STOP" and current is None:
-            current = {
-                "start_ns": t,
+    closed, still_open = stop_windows(qmp, [s for s in steps if is_stop_command(s)])
+    windows: list[dict[str, Any]] = [
+        {
+            "start_ns": w.start_ns,
+            "end_ns": w.end_ns,
+            "stopped_by": w.stopped_by,
+            "resumed_by": w.resumed_by,
+            "requested_ns": w.requested_ns,
+        }
+        for w in closed
+    ]
+    if still_open is not None:
+        windows.append(
+            {
+                "start_ns": still_open.start_ns,
                 "end_ns": None,
-                "stopped_by": name,
+                "stopped_by": still_open.stopped_by,
                 "resumed_by": None,
-                "requested_ns": stop_request(name, t, requests),
+                "requested_ns": still_open.requested_ns,
             }
-        elif event == "RESUME" and current is not None:
-            current.update(end_ns=t, resumed_by=name)
-            windows.append(current)
-            current = None
-    if current is not None:
-        windows.append(current)
+        )
     return windows
 
 
@@ -271,8 +264,8 @@ def summarize(run: Path) -> dict[str, Any]:
     """
     meta: dict[str, Any] = jsonl.read_document_quietly(run / rundir.META) or {}
     lab = meta.get("lab", {})
-    qmp = {name: _records(path) for name, path in rundir.qmp_endpoints(run).items()}
-    timeline = build_timeline(qmp) if any(qmp.values()) and lab.get("migrates") else None
+    qmp, built = read_timeline(run, lambda _issue: None)  # the one QMP reader, quietly
+    timeline = built if any(qmp.values()) and lab.get("migrates") else None
     events = _records(run / rundir.GUEST_EVENTS)
     steps = _records(run / STEPS)
     windows = stopped_windows(qmp, steps)
@@ -280,97 +273,20 @@ def summarize(run: Path) -> dict[str, Any]:
     health = jsonl.read_document_quietly(run / HEALTH) or {}
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
 
-    seqs = [int(e["seq"]) for e in events if "seq" in e]
-    agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
-    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
-    continuity = {
-        "events": len(seqs),
-        "first_seq": seqs[0] if seqs else None,
-        "last_seq": seqs[-1] if seqs else None,
-        "missing": missing[:50],
-        "missing_count": len(missing),
-        "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
-        "agent_starts": len(agent_ids),
-        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
-    }
+    continuity = _continuity(events)
 
-    stalls: list[dict[str, Any]] = []
-    for event in events:
-        if event.get("kind") != "stall":
-            continue
-        start_host = clock.to_host(int(event["real_ns"]))
-        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
-        stalls.append(
-            {
-                "seq": event.get("seq"),
-                "cpu": event.get("cpu"),
-                "duration_ns": event.get("duration_ns"),
-                "cause": event.get("cause"),
-                "host_start_ns": start_host,
-                "host_end_ns": end_host,
-                "phase": _phase_name(timeline, start_host),
-                "phases_overlapped": _overlapped(timeline, start_host, end_host),
-            }
-        )
-    per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
-    for stall in stalls:
-        slot = per_cpu.setdefault(str(stall["cpu"]), {}).setdefault(
-            stall["phase"], {"count": 0, "longest_ns": 0, "total_ns": 0}
-        )
-        slot["count"] += 1
-        slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
-        slot["total_ns"] += int(stall["duration_ns"] or 0)
+    stalls = _placed_stalls(events, clock, timeline)
+    per_cpu = _per_cpu_phase(stalls)
 
     steps_seen = [
         {"clock": e.get("clock"), "step_ns": e.get("step_ns"), "bracket_ns": e.get("bracket_ns")}
         for e in events
         if e.get("kind") == "clock_step"
     ]
-    if windows and windows[-1]["end_ns"] is not None:
-        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
-        after = clock.lag(windows[-1]["end_ns"], None)
-    else:
-        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
-        after = clock.lag(marks.get("settled"), None)
-    ended = [w for w in windows if w["end_ns"] is not None]
-    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
-    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
-    lag = {
-        "before": before,
-        "after": after,
-        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
-        "vcpus_stopped_ns": stopped_ns,
-        "vcpus_stopped_max_ns": stopped_max_ns,
-        "stopped_windows": windows,
-        "clocksource": next(
-            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
-            None,
-        ),
-    }
+    lag = _clock_lag(windows, clock, marks)
 
     timeouts = _timeouts(events, clock, timeline)
-    injected = []
-    for step in steps:
-        if step.get("type") != "inject":
-            continue
-        freeze = int(step["freeze_ns"])
-        t0, t1 = int(step["host_start_ns"]), int(step["host_end_ns"])
-        match: dict[str, Any] = {}
-        for stall in stalls:
-            start = stall["host_start_ns"]
-            if start is None or stall["duration_ns"] is None:
-                continue
-            # The guest's gap begins at its last sample before the freeze.
-            if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
-                match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
-        expired: dict[str, dict[str, dict[str, int]]] = {}
-        for t in timeouts:
-            # A deadline that fell due inside the freeze (with 20 ms for the clock map's
-            # error and the freeze taking hold: a heartbeat's is its peer's last beat + T).
-            if t["host_ns"] is not None and t0 - 20_000_000 <= t["host_ns"] <= t1 + 20_000_000:
-                by_cpu = expired.setdefault(t["canary"], {}).setdefault(str(t["cpu"]), {})
-                by_cpu[t["timeout"]] = by_cpu.get(t["timeout"], 0) + 1
-        injected.append({**step, "guest_stalls_ns": match, "guest_timeouts": expired})
+    injected = _injected(steps, stalls, timeouts)
 
     summary: dict[str, Any] = {
         "run": str(run),
@@ -408,6 +324,117 @@ def summarize(run: Path) -> dict[str, Any]:
     return summary
 
 
+def _continuity(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the agent's ``seq`` is continuous: no event lost, in order, one agent."""
+    seqs = [int(e["seq"]) for e in events if "seq" in e]
+    agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+    return {
+        "events": len(seqs),
+        "first_seq": seqs[0] if seqs else None,
+        "last_seq": seqs[-1] if seqs else None,
+        "missing": missing[:50],
+        "missing_count": len(missing),
+        "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
+        "agent_starts": len(agent_ids),
+        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
+    }
+
+
+def _placed_stalls(
+    events: list[dict[str, Any]], clock: ClockMap, timeline: Timeline | None
+) -> list[dict[str, Any]]:
+    """The guest's stalls on the host's clock, each with the phase it began in."""
+    stalls: list[dict[str, Any]] = []
+    for event in events:
+        if event.get("kind") != "stall":
+            continue
+        start_host = clock.to_host(int(event["real_ns"]))
+        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
+        stalls.append(
+            {
+                "seq": event.get("seq"),
+                "cpu": event.get("cpu"),
+                "duration_ns": event.get("duration_ns"),
+                "cause": event.get("cause"),
+                "host_start_ns": start_host,
+                "host_end_ns": end_host,
+                "phase": _phase_name(timeline, start_host),
+                "phases_overlapped": _overlapped(timeline, start_host, end_host),
+            }
+        )
+    return stalls
+
+
+def _per_cpu_phase(stalls: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per CPU and phase: the count, the longest and the total of the stalls."""
+    per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
+    for stall in stalls:
+        slot = per_cpu.setdefault(str(stall["cpu"]), {}).setdefault(
+            stall["phase"], {"count": 0, "longest_ns": 0, "total_ns": 0}
+        )
+        slot["count"] += 1
+        slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
+        slot["total_ns"] += int(stall["duration_ns"] or 0)
+    return per_cpu
+
+
+def _clock_lag(
+    windows: list[dict[str, Any]], clock: ClockMap, marks: dict[str, int]
+) -> dict[str, Any]:
+    """The guest clock's lag before and after the disturbance, against the vCPU stops."""
+    if windows and windows[-1]["end_ns"] is not None:
+        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
+        after = clock.lag(windows[-1]["end_ns"], None)
+    else:
+        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
+        after = clock.lag(marks.get("settled"), None)
+    ended = [w for w in windows if w["end_ns"] is not None]
+    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
+    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
+    return {
+        "before": before,
+        "after": after,
+        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
+        "vcpus_stopped_ns": stopped_ns,
+        "vcpus_stopped_max_ns": stopped_max_ns,
+        "stopped_windows": windows,
+        "clocksource": next(
+            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
+            None,
+        ),
+    }
+
+
+def _injected(
+    steps: list[dict[str, Any]], stalls: list[dict[str, Any]], timeouts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each injected freeze with the guest's matching stalls and the deadlines inside it."""
+    injected = []
+    for step in steps:
+        if step.get("type") != "inject":
+            continue
+        freeze = int(step["freeze_ns"])
+        t0, t1 = int(step["host_start_ns"]), int(step["host_end_ns"])
+        match: dict[str, Any] = {}
+        for stall in stalls:
+            start = stall["host_start_ns"]
+            if start is None or stall["duration_ns"] is None:
+                continue
+            # The guest's gap begins at its last sample before the freeze.
+            if t0 - 1_000_000_000 <= start <= t1 and int(stall["duration_ns"]) >= freeze // 2:
+                match.setdefault(str(stall["cpu"]), []).append(int(stall["duration_ns"]))
+        expired: dict[str, dict[str, dict[str, int]]] = {}
+        for t in timeouts:
+            # A deadline that fell due inside the freeze (with 20 ms for the clock map's
+            # error and the freeze taking hold: a heartbeat's is its peer's last beat + T).
+            if t["host_ns"] is not None and t0 - 20_000_000 <= t["host_ns"] <= t1 + 20_000_000:
+                by_cpu = expired.setdefault(t["canary"], {}).setdefault(str(t["cpu"]), {})
+                by_cpu[t["timeout"]] = by_cpu.get(t["timeout"], 0) + 1
+        injected.append({**step, "guest_stalls_ns": match, "guest_timeouts": expired})
+    return injected
+
+
 def _ms(ns: Any) -> str:
     return "-" if ns is None else f"{int(ns) / 1e6:.1f} ms"
 
@@ -430,69 +457,11 @@ def _no_stalls(outcome: dict[str, Any]) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     """The summary as a few lines of text."""
-    lab = summary.get("lab", {})
     outcome = summary.get("guest_outcome") or {}
-    lines = []
-    if outcome:
-        cs = outcome.get("clocksource") or {}
-        lines.append(
-            f"guest outcome: {outcome['outcome']} (clocksource {cs.get('used') or '?'}, "
-            f"{'asked for' if cs.get('requested') else 'the kernel choice'})"
-        )
-        lines += [f"  - {e}" for e in outcome.get("evidence", [])]
-        warnings = outcome.get("kernel_warnings") or {}
-        if warnings:
-            lines.append("  kernel warnings: " + ", ".join(f"{k} {n}" for k, n in warnings.items()))
-        lines += [f"  clock: {n}" for n in (outcome.get("details") or {}).get("clock_notes", [])]
-    lines.append(f"scenario {summary.get('scenario')}: {summary.get('run')}")
-    if lab.get("qemu_version"):
-        lines.append(
-            f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
-        )
-    lines.append(
-        f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
-        f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
-        f"wall {lab.get('wall_s')} s"
-    )
-    if summary["phases"]:
-        lines.append(
-            "  phases: "
-            + ", ".join(f"{p['name']} {_ms(p['duration_ns'])}" for p in summary["phases"])
-        )
-        ts = summary.get("timeline_summary") or {}
-        lines.append(
-            f"  downtime (src STOP -> dst RESUME) {_ms(ts.get('downtime_ns'))}, QEMU downtime "
-            f"{ts.get('qemu_downtime_ms')} ms, postcopy blocktime "
-            f"{ts.get('postcopy_blocktime_ms')} ms per vCPU {ts.get('postcopy_vcpu_blocktime_ms')}"
-        )
-    for cpu, phases in sorted(summary["stalls_per_cpu_phase"].items()):
-        parts = [
-            f"{name} {v['count']}x longest {_ms(v['longest_ns'])}" for name, v in phases.items()
-        ]
-        lines.append(f"  CPU {cpu} stalls: " + "; ".join(parts))
-    for stall in summary["stalls"]:
-        if int(stall["duration_ns"] or 0) >= 1_000_000_000 and stall["phases_overlapped"]:
-            lines.append(
-                f"    CPU {stall['cpu']}: {_ms(stall['duration_ns'])} over "
-                + " > ".join(stall["phases_overlapped"])
-            )
-    if not summary["stalls_per_cpu_phase"]:
-        lines.append("  stalls: " + _no_stalls(outcome))
-    for inj in summary["injected"]:
-        got = ", ".join(
-            f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
-            for cpu, vals in sorted(inj["guest_stalls_ns"].items())
-        )
-        lines.append(
-            f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
-            f"{got or 'nothing'}"
-        )
-        for canary, cpus in sorted(inj.get("guest_timeouts", {}).items()):
-            got = "; ".join(
-                f"CPU {cpu} " + ", ".join(f"{t} {n}x" for t, n in per_t.items())
-                for cpu, per_t in sorted(cpus.items())
-            )
-            lines.append(f"    {canary} deadlines expired inside it: {got}")
+    lines: list[str] = []
+    lines += _outcome_lines(outcome)
+    lines += _run_lines(summary)
+    lines += _stall_lines(summary, outcome)
     for canary, per_t in summary.get("timeouts_per_phase", {}).items():
         parts = [
             f"{t}: " + ", ".join(f"{phase} {n}" for phase, n in phases.items())
@@ -538,6 +507,86 @@ def render(summary: dict[str, Any]) -> str:
         + (f" ({'; '.join(health.get('problems', []))})" if health.get("problems") else "")
     )
     return "\n".join(lines)
+
+
+def _outcome_lines(outcome: dict[str, Any]) -> list[str]:
+    """The guest's outcome first: its evidence, kernel warnings and clock notes."""
+    lines: list[str] = []
+    if not outcome:
+        return lines
+    cs = outcome.get("clocksource") or {}
+    lines.append(
+        f"guest outcome: {outcome['outcome']} (clocksource {cs.get('used') or '?'}, "
+        f"{'asked for' if cs.get('requested') else 'the kernel choice'})"
+    )
+    lines += [f"  - {e}" for e in outcome.get("evidence", [])]
+    warnings = outcome.get("kernel_warnings") or {}
+    if warnings:
+        lines.append("  kernel warnings: " + ", ".join(f"{k} {n}" for k, n in warnings.items()))
+    lines += [f"  clock: {n}" for n in (outcome.get("details") or {}).get("clock_notes", [])]
+    return lines
+
+
+def _run_lines(summary: dict[str, Any]) -> list[str]:
+    """The scenario, QEMU and guest, and the migration's phases and downtime."""
+    lab = summary.get("lab", {})
+    lines: list[str] = []
+    lines.append(f"scenario {summary.get('scenario')}: {summary.get('run')}")
+    if lab.get("qemu_version"):
+        lines.append(
+            f"  QEMU {lab['qemu_version']} ({lab.get('qemu_binary')}): {lab.get('accel_line')}"
+        )
+    lines.append(
+        f"  guest: {lab.get('accel')}, {lab.get('vcpus')} vCPUs, {lab.get('mem_mb')} MiB, "
+        f"workload {lab.get('workload') or 'none'}; boot to agent {lab.get('boot_s')} s; "
+        f"wall {lab.get('wall_s')} s"
+    )
+    if summary["phases"]:
+        lines.append(
+            "  phases: "
+            + ", ".join(f"{p['name']} {_ms(p['duration_ns'])}" for p in summary["phases"])
+        )
+        ts = summary.get("timeline_summary") or {}
+        lines.append(
+            f"  downtime (src STOP -> dst RESUME) {_ms(ts.get('downtime_ns'))}, QEMU downtime "
+            f"{ts.get('qemu_downtime_ms')} ms, postcopy blocktime "
+            f"{ts.get('postcopy_blocktime_ms')} ms per vCPU {ts.get('postcopy_vcpu_blocktime_ms')}"
+        )
+    return lines
+
+
+def _stall_lines(summary: dict[str, Any], outcome: dict[str, Any]) -> list[str]:
+    """Stalls per CPU and phase, the long ones across phases, and the injected freezes."""
+    lines: list[str] = []
+    for cpu, phases in sorted(summary["stalls_per_cpu_phase"].items()):
+        parts = [
+            f"{name} {v['count']}x longest {_ms(v['longest_ns'])}" for name, v in phases.items()
+        ]
+        lines.append(f"  CPU {cpu} stalls: " + "; ".join(parts))
+    for stall in summary["stalls"]:
+        if int(stall["duration_ns"] or 0) >= 1_000_000_000 and stall["phases_overlapped"]:
+            lines.append(
+                f"    CPU {stall['cpu']}: {_ms(stall['duration_ns'])} over "
+                + " > ".join(stall["phases_overlapped"])
+            )
+    if not summary["stalls_per_cpu_phase"]:
+        lines.append("  stalls: " + _no_stalls(outcome))
+    for inj in summary["injected"]:
+        got = ", ".join(
+            f"CPU {cpu} {'/'.join(_ms(v) for v in vals)}"
+            for cpu, vals in sorted(inj["guest_stalls_ns"].items())
+        )
+        lines.append(
+            f"  injected {inj['what']} {_ms(inj['freeze_ns'])} (host-measured): guest saw "
+            f"{got or 'nothing'}"
+        )
+        for canary, cpus in sorted(inj.get("guest_timeouts", {}).items()):
+            got = "; ".join(
+                f"CPU {cpu} " + ", ".join(f"{t} {n}x" for t, n in per_t.items())
+                for cpu, per_t in sorted(cpus.items())
+            )
+            lines.append(f"    {canary} deadlines expired inside it: {got}")
+    return lines
 
 
 def write_summary(run: Path) -> dict[str, Any]:
