@@ -202,9 +202,16 @@ def test_seed_case_one_vcpu_on_a_missing_page_the_other_waiting_on_a_lock(
             if r["start_mono_ns"] >= stopped_until and r["end_mono_ns"] <= began[i]
         ]
         halted = sum(length(r) for r in ran if r["state"] == "halted")
-        assert halted >= 0.5 * sum(length(r) for r in ran), ran
+        assert halted >= 0.5 * sum(length(r) for r in ran), [
+            {k: r.get(k) for k in ("state", "wchan", "futex", "stat", "stack")} for r in ran
+        ]
         assert not [r for r in ran if r["state"] in ("userfault", "stopped")]
-    fault = next(r for r in per_vcpu[0] if r["state"] == "userfault")
+    faults = [r for r in per_vcpu[0] if r["state"] == "userfault"]
+    assert len(faults) == 1, [
+        (r["state"], r.get("wchan"), r["start_mono_ns"] - began[0], length(r) // 1_000_000)
+        for r in per_vcpu[0]
+    ]
+    (fault,) = faults
     on_lock = [r for r in per_vcpu[1] if r.get("futex") == hex(words.address(2))]
     brief = [(r["state"], length(r) // 1_000_000, r.get("futex")) for r in per_vcpu[1]]
     assert len(on_lock) == 1, brief  # one interval on the lock's word ...
@@ -220,13 +227,21 @@ def test_seed_case_one_vcpu_on_a_missing_page_the_other_waiting_on_a_lock(
     assert all(r["futex"] != hex(words.address(2)) and length(r) <= TOL_NS for r in waits)
 
 
-BUSY = "import time\nwhile True: pass\n"
+BUSY = "import sys\nsys.stdout.write('r')\nsys.stdout.flush()\nwhile True: pass\n"
+
+
+def busy() -> subprocess.Popen[bytes]:
+    """A process spinning on a CPU, returned once it spins: while its interpreter starts it
+    sleeps in the kernel now and then (page faults on its files), which reads ``other``."""
+    child = subprocess.Popen([sys.executable, "-c", BUSY], stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.read(1) == b"r"
+    return child
 
 
 def test_a_sigstopped_process_reads_stopped_for_as_long_as_it_was_stopped(
     tmp_path: Path,
 ) -> None:
-    child = subprocess.Popen([sys.executable, "-c", BUSY])
+    child = busy()
     run = Sampling(tmp_path)
     try:
         run.sampler.watch("q", child.pid, {0: child.pid})
@@ -246,7 +261,7 @@ def test_a_sigstopped_process_reads_stopped_for_as_long_as_it_was_stopped(
 
 
 def test_a_process_that_exits_closes_its_intervals_with_a_note(tmp_path: Path) -> None:
-    child = subprocess.Popen([sys.executable, "-c", BUSY])
+    child = busy()
     run = Sampling(tmp_path)
     try:
         run.sampler.watch("q", child.pid, {0: child.pid, 1: child.pid})
@@ -269,8 +284,8 @@ def test_states_agree_with_ps(tmp_path: Path) -> None:
     """Each thread's state as the sampler reads it, against procps ps on the same threads."""
     page = MissingPage()
     words = FutexWords(2)
-    child = subprocess.Popen([sys.executable, "-c", BUSY])
-    stopped_child = subprocess.Popen([sys.executable, "-c", BUSY])
+    child = busy()
+    stopped_child = busy()
     os.kill(stopped_child.pid, signal.SIGSTOP)
     waiter = threading.Thread(target=words.wait, args=(1,), daemon=True)
     waiter.start()

@@ -331,3 +331,27 @@ def test_the_stack_of_a_real_sleeping_thread() -> None:
     if stack is None:
         pytest.skip("/proc/PID/task/TID/stack is not readable here (needs root)")
     assert any(name.startswith("futex") for name in stack), stack
+
+
+def test_a_reading_caught_going_to_sleep_is_read_again(tmp_path: Path) -> None:
+    # A thread read at the instant it goes to sleep (state set, time accounted, still in
+    # schedule()) reads wchan 0; it then sleeps without running, so its schedstat stays:
+    # that reading must not stand for the sleep (seen under load: a 400 ms userfault read
+    # as "other"). A real wchan is kept while the thread does not run.
+    task = tmp_path / "7" / "task" / "8"
+    task.mkdir(parents=True)
+    (task / "stat").write_text("8 (qemu) S 1 2 3\n")
+    (task / "schedstat").write_text("1000 20 5\n")
+    (task / "wchan").write_text("")
+    (task / "syscall").write_text("-1 0x7ffd 0x5555\n")
+    files = ThreadFiles(tmp_path, 7, 8)
+    try:
+        caught = files.read()
+        assert caught.wchan == "0"
+        (task / "wchan").write_text("handle_userfault")
+        asleep = files.read(caught)
+        assert asleep.wchan == "handle_userfault"
+        (task / "wchan").write_text("something_else")
+        assert files.read(asleep) is asleep  # not run since: not read again
+    finally:
+        files.close()

@@ -58,7 +58,8 @@ the snapshots in ``tests/fixtures/proc-vcpu/``.
 What ``other`` was is kept for the reader: its state letter and, where the reader may read
 it (root), the first frames of the thread's kernel stack (``stack``, read once when an
 ``other`` interval opens; a wchan of ``0`` on a sleeping thread means every frame was a
-scheduler function or the stack could not be unwound).
+scheduler function or the stack could not be unwound; a thread read at the instant it
+goes to sleep reads it too, so such a reading is never reused for the next one).
 
 Reading is apart from parsing: ``parse_state``, ``parse_schedstat``, ``parse_syscall``
 and ``parse_stack`` are pure and tested on literal text; ``ThreadFiles`` keeps the files of
@@ -231,7 +232,10 @@ class ThreadFiles:
 
         A thread that has not run since ``previous`` (same on-CPU time and timeslices, the
         same sleeping state letter) still sleeps where it slept: its wchan and futex word
-        are taken from ``previous`` instead of being read again.
+        are taken from ``previous`` instead of being read again, unless ``previous`` read a
+        wchan of ``0``: a thread caught going to sleep (its state already set, its time
+        already accounted, still on its CPU in ``schedule()``) reads ``0`` once, and kept,
+        that reading would hide its real wait for as long as it sleeps.
 
         :param previous: this thread's previous reading, if any.
         :raise ThreadGone: when the thread has exited.
@@ -243,6 +247,7 @@ class ThreadFiles:
             if (
                 previous is not None
                 and letter != "R"
+                and previous.wchan != "0"
                 and (letter, run_ns, slices) == (previous.letter, previous.run_ns, previous.slices)
             ):
                 return previous
