@@ -22,7 +22,7 @@ import pytest
 
 from analysis.lab.errors import LabError
 from analysis.lab.guest import Guest
-from analysis.lab.libvirt import (
+from analysis.lab.libvirt_host import (
     DOMAIN,
     TOOLS,
     Daemon,

@@ -381,7 +381,6 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
     stills = [s for s in standstills(samples) if s["span_ns"] >= STANDSTILL_NS]
     ids = _boot_ids(samples, events)
     rates = {str(c): float(v) for c, v in (health.get("samples_per_s") or {}).items()}
-    settle = health.get("sampling_window_s") or health.get("settle_s")
     details: dict[str, Any] = {
         "settle_s": health.get("settle_s"),
         "sampling_window_s": health.get("sampling_window_s"),
@@ -407,29 +406,8 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
         return Outcome("lab-error", tuple(errors), warnings, clocksource, details)
 
     broken = recovery_evidence(run, steps)
-    vcpus = int(lab.get("vcpus") or len(rates) or 0)
-    idle = [c for c in map(str, range(vcpus)) if rates.get(c, 0.0) <= 0.0]
-    if not health and broken:
-        pass  # the run ended before a health check: the recovery's evidence says it all
-    elif health.get("answer_s") is None:
-        problem = next(
-            (p for p in health.get("problems") or [] if "does not answer" in str(p)),
-            "the agent did not answer",
-        )
-        broken.append(f"lab-health.json: {problem}")
-    elif idle:
-        window = f"{float(settle):.1f} s" if settle else "settle time"
-        rates_text = ", ".join(f"{c}: {rates.get(c, 0.0):g}/s" for c in sorted(rates) or idle)
-        who = "CPU " + " and ".join(idle) if len(idle) <= 2 else "CPUs " + ", ".join(idle)
-        broken.append(
-            f"{who} took no sample in the {window} after the agent first answered "
-            f"(lab-health.json samplers {rates_text})"
-        )
-    down = health.get("probes_down") or []
-    required = [p for p in down if p not in ("ptp", "adjtimex")]
-    if required and health.get("answer_s") is not None:
-        broken.append(f"lab-health.json: probes still down after the settle time: "
-                      f"{', '.join(map(str, required))}")  # fmt: skip
+    if health or not broken:  # without a health check the recovery's evidence says it all
+        broken += _health_evidence(health, int(lab.get("vcpus") or len(rates) or 0), rates)
     for still in stills:
         broken.append(
             f"clock-samples.jsonl: the guest's clock stood still: CLOCK_MONOTONIC read "
@@ -443,6 +421,49 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
         broken.append(
             f"clock-samples.jsonl/guest-events.jsonl: {len(ids)} boot ids: the guest rebooted"
         )
+    hurt = _hurt_evidence(warnings, examples, console, lag, lost, stopped_max)
+    if broken:  # what hurt it too, after what kept it from recovering
+        return Outcome("not-recovered", tuple(broken + hurt), warnings, clocksource, details)
+    if hurt:
+        return Outcome("degraded", tuple(hurt), warnings, clocksource, details)
+    fine = _fine_evidence(health, rates, growth, stopped_max, warnings)
+    return Outcome("recovered", tuple(fine), warnings, clocksource, details)
+
+
+def _health_evidence(health: dict[str, Any], vcpus: int, rates: dict[str, float]) -> list[str]:
+    """What lab-health.json says kept the guest from coming back: the agent silent, a CPU
+    without samples in the settle time, probes still down."""
+    out: list[str] = []
+    idle = [c for c in map(str, range(vcpus)) if rates.get(c, 0.0) <= 0.0]
+    settle = health.get("sampling_window_s") or health.get("settle_s")
+    if health.get("answer_s") is None:
+        problem = next(
+            (p for p in health.get("problems") or [] if "does not answer" in str(p)),
+            "the agent did not answer",
+        )
+        out.append(f"lab-health.json: {problem}")
+    elif idle:
+        window = f"{float(settle):.1f} s" if settle else "settle time"
+        rates_text = ", ".join(f"{c}: {rates.get(c, 0.0):g}/s" for c in sorted(rates) or idle)
+        who = "CPU " + " and ".join(idle) if len(idle) <= 2 else "CPUs " + ", ".join(idle)
+        out.append(
+            f"{who} took no sample in the {window} after the agent first answered "
+            f"(lab-health.json samplers {rates_text})"
+        )
+    down = health.get("probes_down") or []
+    required = [p for p in down if p not in ("ptp", "adjtimex")]
+    if required and health.get("answer_s") is not None:
+        out.append(f"lab-health.json: probes still down after the settle time: "
+                   f"{', '.join(map(str, required))}")  # fmt: skip
+    return out
+
+
+def _hurt_evidence(
+    warnings: dict[str, int], examples: dict[str, list[str]], console: _Console,
+    lag: dict[str, Any], lost: int | None, stopped_max: int,
+) -> list[str]:  # fmt: skip
+    """What hurt a guest that came back: kernel warnings of the kinds in ``HURTING``, an
+    oops, guest time lost beyond the stops."""
     hurt: list[str] = []
     for kind, n in warnings.items():
         if kind in HURTING:
@@ -456,10 +477,14 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
             f"{int(lag['before']['lag_ns']) / 1e9:.2f} s before, "
             f"{int(lag['after']['lag_ns']) / 1e9:.2f} s after)"
         )
-    if broken:  # what hurt it too, after what kept it from recovering
-        return Outcome("not-recovered", tuple(broken + hurt), warnings, clocksource, details)
-    if hurt:
-        return Outcome("degraded", tuple(hurt), warnings, clocksource, details)
+    return hurt
+
+
+def _fine_evidence(
+    health: dict[str, Any], rates: dict[str, float], growth: Any, stopped_max: int,
+    warnings: dict[str, int],
+) -> list[str]:  # fmt: skip
+    """Why a guest counts as recovered: sampling, answering, no time lost, no warning."""
     fine = [
         "lab-health.json: every CPU sampled again ("
         + ", ".join(f"{c}: {v:g}/s" for c, v in sorted(rates.items()))
@@ -473,7 +498,7 @@ def classify(run: Path, summary: dict[str, Any] | None = None) -> Outcome:
         )
     others = ", ".join(f"{k} {n}" for k, n in warnings.items())
     fine.append(f"no kernel warning that hurts{f' (others: {others})' if others else ''}")
-    return Outcome("recovered", tuple(fine), warnings, clocksource, details)
+    return fine
 
 
 def clock_notes(

@@ -198,7 +198,7 @@ class LabOptions:
                 raise LabError(
                     f"--via libvirt migrates: choose from {', '.join(sorted(MIGRATING))}"
                 )
-            from analysis.lab.libvirt import check_host
+            from analysis.lab.libvirt_host import check_host
 
             check_host()
         if self.kmsg is not None and (not self.kmsg.strip() or "\n" in self.kmsg):
