@@ -18,8 +18,9 @@ restarts become records in ``agent-NAME.jsonl``. While the agent is unreachable 
 migration freezes the guest, so requests time out) it retries with exponential backoff
 capped at ``MAX_BACKOFF_S``; ``since`` is kept, so everything missed is fetched afterwards.
 When the recording ends it fetches once more, whatever happened before, with a timeout of
-at least ``FINAL_TIMEOUT_S``: a loaded guest may answer too slowly for the request timeout
-for a while after a stall, and its last events must still reach the run directory.
+at least ``FINAL_TIMEOUT_S``, and takes a last clock sample with the same timeout: a loaded
+guest may answer too slowly for the request timeout for a while after a stall, and its
+last events and its clock after the migration must still reach the run directory.
 
 Clock samples: every ``clock_period_ns`` and on request (each migration phase change) a
 burst of ``burst_reads`` ``/clock`` reads; the read with the shortest round trip is kept,
@@ -386,13 +387,14 @@ class AgentRecorder:
         self._burst_wanted.set()
 
     async def clock_burst(
-        self, reason: str, stop: asyncio.Event | None = None
+        self, reason: str, stop: asyncio.Event | None = None, timeout_s: float | None = None
     ) -> dict[str, Any] | None:
         """Read /clock ``burst_reads`` times; record and return the best sample.
 
         :param reason: why the burst was taken (recorded).
         :param stop: when set, the burst ends after the read in flight (a periodic burst
             need not delay the recording's end: the final burst follows).
+        :param timeout_s: per read, instead of the client's timeout (the final burst).
         :return: the record written, or None when no read succeeded.
         """
         best: tuple[HttpReply, dict[str, Any]] | None = None
@@ -401,7 +403,7 @@ class AgentRecorder:
             if stop is not None and stop.is_set():
                 break
             try:
-                reply = await self._get("/clock")
+                reply = await self._get("/clock", timeout_s)
                 body = json.loads(reply.body)
             except FetchError:
                 break
@@ -470,7 +472,12 @@ class AgentRecorder:
             # Also after failures: an agent that answered too slowly for the request
             # timeout (a loaded guest right after a stall) still holds the events, and
             # the end of the recording must not lose them.
-            if await self.fetch_events(max(self._timeout_s, FINAL_TIMEOUT_S)):
-                await self.clock_burst("final")
+            final_timeout = max(self._timeout_s, FINAL_TIMEOUT_S)
+            await self.fetch_events(final_timeout)
+            # With the same patience, whether or not the fetch got through: the clock lag
+            # after a migration is read from this sample, and the recorder had none from
+            # the destination in a CI run whose agent was unreachable for the last 5 s
+            # (QEMU 10.0 MTTCG precopy on a loaded host).
+            await self.clock_burst("final", timeout_s=final_timeout)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
