@@ -118,12 +118,9 @@ from analysis.lab.libvirt_host import (
     tcg_wrapper,
 )
 from analysis.lab.scenarios import (
-    BOOT_TIMEOUT_S,
     MIGRATION_TIMEOUT_S,
     POSTCOPY,
     Scenario,
-    required_probes,
-    wait_agent,
 )
 from analysis.rundir import host_now
 
@@ -216,19 +213,7 @@ class LibvirtScenario(Scenario):
             DomainQemu(specs["src"], self.daemons["src"], started),
             DomainQemu(specs["dst"], self.daemons["dst"], started),
         ]
-        self.boot_s = round(
-            wait_agent(
-                specs["src"].agent_port,
-                self.qemus[0],
-                BOOT_TIMEOUT_S,
-                required_probes(self.opts.canaries),
-            ),
-            2,
-        )
-        if self.opts.workload_size not in ("0", ""):
-            self.qemus[0].wait_console("tsprobe-lab: workload:", 30)
-        self.say(f"guest agent up, sampling every CPU {self.boot_s} s after virsh start")
-        self._note_clocksource()
+        self.wait_guest(specs["src"].agent_port, "virsh start")
 
     def _choose_emulator(self) -> str:
         """The QEMU and accelerator; the emulator libvirt runs (the TCG wrapper under TCG)."""

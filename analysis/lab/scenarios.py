@@ -86,9 +86,9 @@ from analysis.lab.health import (
     hooks_command,
     memory_line,
     memory_problem,
+    required_probes,
+    wait_agent,
 )
-from analysis.lab.health import required_probes as required_probes  # for analysis.lab.libvirt
-from analysis.lab.health import wait_agent as wait_agent  # for analysis.lab.libvirt
 from analysis.lab.proxy import Forwarder
 from analysis.lab.spec import POSTCOPY as POSTCOPY  # for analysis.lab.libvirt
 from analysis.lab.spec import SPECS, LabOptions, Say
@@ -223,21 +223,27 @@ class Scenario:
         if self.migrates:
             dst_spec = lq.QemuSpec(name="dst", incoming=True, **common)  # type: ignore[arg-type]
             self.qemus.append(lq.start(dst_spec))
-        # Every probe the health check wants, not the samplers alone: a canary or the
-        # clock probe that comes up during the disturbance misses it (a slow boot can bring
-        # the canaries up only after the pause, with no /clock burst in the baseline).
+        self.wait_guest(src_spec.agent_port, "QEMU started")
+
+    def wait_guest(self, agent_port: int, since: str) -> None:
+        """Wait for the source guest's agent (and its workload), note the clocksource.
+
+        Every probe the health check wants, not the samplers alone: a canary or the clock
+        probe that comes up during the disturbance misses it (a slow boot can bring the
+        canaries up only after the pause, with no /clock burst in the baseline).
+
+        :param agent_port: the agent's forwarded port on the source.
+        :param since: what the boot time counts from, for the progress line.
+        """
         self.boot_s = round(
             wait_agent(
-                src_spec.agent_port,
-                self.qemus[0],
-                BOOT_TIMEOUT_S,
-                required_probes(self.opts.canaries),
+                agent_port, self.qemus[0], BOOT_TIMEOUT_S, required_probes(self.opts.canaries)
             ),
             2,
         )
         if self.opts.workload_size not in ("0", ""):
             self.qemus[0].wait_console("tsprobe-lab: workload:", 30)
-        self.say(f"guest agent up, sampling every CPU {self.boot_s} s after QEMU started")
+        self.say(f"guest agent up, sampling every CPU {self.boot_s} s after {since}")
         self._note_clocksource()
 
     def _note_clocksource(self) -> None:
