@@ -433,6 +433,17 @@ def _seq(line: bytes) -> int:
     return int(m[1]) if m else 0
 
 
+def _on_a_stall(name: str, key: str, value: bytes) -> Mutation:
+    """A guest-events mutation that sets ``key`` of one random stall line to ``value``."""
+
+    def edit(lines: list[bytes], rng: random.Random) -> Expect:
+        i = rng.choice(_stall_lines(lines))
+        lines[i] = _set(lines[i], key, value)
+        return Expect("reported", "guest-events.jsonl", (i + 1,))
+
+    return _guest(name)(edit)
+
+
 def _guest_mutations() -> Iterator[Mutation]:
     @_guest("seq-backwards")
     def seq_backwards(lines: list[bytes], rng: random.Random) -> Expect:
@@ -467,60 +478,12 @@ def _guest_mutations() -> Iterator[Mutation]:
         lines[i] = re.sub(rb'"seq":\d+,', b"", lines[i])
         return Expect("reported", "guest-events.jsonl", (i + 1,))
 
-    @_guest("phantom-cpu-10^30")
-    def phantom(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "cpu", str(10**30).encode())
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("phantom-cpu-7")
-    def phantom7(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "cpu", b"7")
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
     @_guest("phantom-cpu-added")
     def phantom_added(lines: list[bytes], rng: random.Random) -> Expect:
         i = rng.choice(_stall_lines(lines))
         extra = _set(_set(lines[i], "cpu", b"9"), "seq", str(10**6).encode())
         lines.append(extra)
         return Expect("reported", "guest-events.jsonl", (len(lines),))
-
-    @_guest("negative-cpu")
-    def negative_cpu(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "cpu", b"-1")
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("duration-leading-zeros")
-    def duration_zeros(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "duration_ns", b"000000099")
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("duration-2^63")
-    def duration_huge(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "duration_ns", str(2**63).encode())
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("mono-plus-duration-overflow")
-    def mono_overflow(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "mono_ns", str(2**63 - 10).encode())
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("negative-duration")
-    def negative_duration(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "duration_ns", b"-5")
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
-
-    @_guest("mono-4301-digits")
-    def mono_digits(lines: list[bytes], rng: random.Random) -> Expect:
-        i = rng.choice(_stall_lines(lines))
-        lines[i] = _set(lines[i], "mono_ns", b"9" * 4301)
-        return Expect("reported", "guest-events.jsonl", (i + 1,))
 
     @_guest("boot-id-surrogate")
     def boot_surrogate(lines: list[bytes], rng: random.Random) -> Expect:
@@ -576,15 +539,15 @@ def _guest_mutations() -> Iterator[Mutation]:
         seq_gap,
         seq_dup_other,
         seq_missing,
-        phantom,
-        phantom7,
+        _on_a_stall("phantom-cpu-10^30", "cpu", str(10**30).encode()),
+        _on_a_stall("phantom-cpu-7", "cpu", b"7"),
         phantom_added,
-        negative_cpu,
-        duration_zeros,
-        duration_huge,
-        mono_overflow,
-        negative_duration,
-        mono_digits,
+        _on_a_stall("negative-cpu", "cpu", b"-1"),
+        _on_a_stall("duration-leading-zeros", "duration_ns", b"000000099"),
+        _on_a_stall("duration-2^63", "duration_ns", str(2**63).encode()),
+        _on_a_stall("mono-plus-duration-overflow", "mono_ns", str(2**63 - 10).encode()),
+        _on_a_stall("negative-duration", "duration_ns", b"-5"),
+        _on_a_stall("mono-4301-digits", "mono_ns", b"9" * 4301),
         boot_surrogate,
         reverse,
         shuffle,
