@@ -35,6 +35,8 @@ from analysis.lab.guest import Guest, build_guest
 from analysis.lab.qemu import QEMU_CACHE, cached_qemus
 from analysis.lab.scenarios import run_scenario
 from analysis.lab.spec import LabOptions
+from analysis.rundir.jsonl import records_quietly
+from analysis.rundir.qmp import event_time
 
 pytestmark = [
     pytest.mark.slow,
@@ -184,9 +186,10 @@ def test_precopy_phases_and_health(precopy: dict[str, Any]) -> None:
     _healthy_and_continuous(precopy)
 
 
-def _qemu_ns(record: dict[str, Any]) -> int:
-    stamp = record["timestamp"]
-    return int(stamp["seconds"]) * 1_000_000_000 + int(stamp["microseconds"]) * 1000
+def _at(record: dict[str, Any]) -> int:
+    t = event_time(record)  # the timeline's own decoder: QEMU's timestamp
+    assert t is not None, record
+    return t
 
 
 def _freeze_bounds(run: Path) -> tuple[int, int]:
@@ -198,14 +201,12 @@ def _freeze_bounds(run: Path) -> tuple[int, int]:
     ``downtime`` of query-migrate, which QEMU starts before it stops the clock; whole ms)
     to RESUME. The gap between the two is the source's pause of its vCPUs, which grows
     with the host's load (a vCPU thread must be scheduled to leave guest code)."""
-    src = [json.loads(line) for line in (run / "qmp-src.jsonl").read_text().splitlines()]
-    dst = [json.loads(line) for line in (run / "qmp-dst.jsonl").read_text().splitlines()]
-    stop = next(_qemu_ns(r) for r in src if r.get("event") == "STOP")
-    resume = next(_qemu_ns(r) for r in dst if r.get("event") == "RESUME")
+    src = records_quietly(run / "qmp-src.jsonl")
+    dst = records_quietly(run / "qmp-dst.jsonl")
+    stop = next(_at(r) for r in src if r.get("event") == "STOP")
+    resume = next(_at(r) for r in dst if r.get("event") == "RESUME")
     done = next(
-        _qemu_ns(r)
-        for r in src
-        if r.get("event") == "MIGRATION" and r["data"]["status"] == "completed"
+        _at(r) for r in src if r.get("event") == "MIGRATION" and r["data"]["status"] == "completed"
     )
     downtime_ms = [
         r["return"]["downtime"]
