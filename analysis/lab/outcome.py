@@ -134,8 +134,8 @@ def _json(path: Path) -> dict[str, Any]:
     return jsonl.read_document_quietly(path) or {}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    return jsonl.records_quietly(path)
+def _jsonl(path: Path, dedupe: bool = False) -> list[dict[str, Any]]:
+    return jsonl.records_quietly(path, dedupe)
 
 
 def _s(ns: float) -> str:
@@ -337,7 +337,8 @@ def recovery_evidence(run: Path, steps: list[dict[str, Any]]) -> list[str]:
         f"({failed.get('error')}); the guest stayed on a destination missing pages"
     ]
     dst = rundir.qmp_endpoints(run).get("dst")
-    late = [r for r in jsonl.records_quietly(dst) if r.get("type") == "timeout"] if dst else []
+    # QMP records are stamped: a repeated line is a copy, not another timeout
+    late = [r for r in _jsonl(dst, dedupe=True) if r.get("type") == "timeout"] if dst else []
     if late:
         commands = Counter(str(r.get("command")) for r in late)
         out.append(

@@ -308,15 +308,17 @@ def read_document_quietly(path: Path) -> dict[str, Any] | None:
     return read_document(path, lambda _: None) if os.path.lexists(path) else None
 
 
-def records_quietly(path: Path) -> list[dict[str, Any]]:
+def records_quietly(path: Path, dedupe: bool = False) -> list[dict[str, Any]]:
     """Every valid record of an optional JSONL file, problems passed over silently.
 
     For the lab's own summaries, which read files the lab itself just wrote; the report
     reads the same files through ``iter_records`` and reports each problem.
+
+    :param dedupe: as for ``iter_records`` (files stamped with the host's clocks).
     """
     if not os.path.lexists(path):
         return []
-    return [obj for _, obj in iter_records(path, lambda _: None)]
+    return [obj for _, obj in iter_records(path, lambda _: None, dedupe)]
 
 
 def read_text_quietly(path: Path, limit: int = MAX_DOC_BYTES) -> str | None:
