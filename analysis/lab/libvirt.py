@@ -509,7 +509,7 @@ class LibvirtScenario(Scenario):
         libvirt learns of the pause from its own monitor's MIGRATION event, on its own
         time: a first answer of ``running (post-copy)`` on the destination was seen after
         tsprobe's monitor had reported postcopy-paused. Kept: the last answer and when
-        (``SIDE_state_while_paused``, ``SIDE_state_after_s``, from the pause).
+        (``SIDE_state_while_paused``, ``SIDE_state_after_s``: seconds from the first ask).
         """
         t0 = time.monotonic()
         while True:
