@@ -723,7 +723,7 @@ def _figures(command: str, stdout: str, target: Path) -> Any:
     return [(r["group"], r["metric"], r["values"][0]) for r in doc.get("rows", [])]
 
 
-def _argv(command: str, run: Path | bytes, out: Path) -> list[Any]:
+def _argv(command: str, run: Path | str | bytes, out: Path) -> list[Any]:
     if command == "timeline":
         return ["timeline", run]
     if command == "timeline --json":
@@ -770,7 +770,7 @@ def _child(argv: list[Any], out: Path, command: str, result: Path, err_path: Pat
     result.write_text(json.dumps(status))
 
 
-def run_command(command: str, run: Path | bytes, work: Path, deadline_s: float) -> Outcome:
+def run_command(command: str, run: Path | str | bytes, work: Path, deadline_s: float) -> Outcome:
     """Run one command on one run directory in a forked child; classify its end."""
     out = work / command.replace(" ", "").replace("-", "")
     out.mkdir(parents=True, exist_ok=True)
@@ -852,7 +852,7 @@ def _agree(outcomes: list[Outcome]) -> None:
         rep.cls, rep.detail = "silently wrong", f"downtime {b} in report, {a} in timeline"
 
 
-def _target(m: Mutation, run: Path, tmp: Path) -> Path | bytes:
+def _target(m: Mutation, run: Path, tmp: Path) -> Path | str | bytes:
     """The path to hand to the commands (most mutations: the mutated copy itself)."""
     if m.name == "run:long-path":
         return str(run) + "/" + "x" * 5000
