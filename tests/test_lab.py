@@ -219,7 +219,7 @@ def _freeze_bounds(run: Path) -> tuple[int, int]:
 def test_precopy_downtime_is_a_clock_lag(precopy: dict[str, Any]) -> None:
     # kvm-clock / the HPET stand still while QEMU has the vCPUs stopped: the guest feels
     # the downtime as its clock falling behind the host's, not as a gap. The lag is read
-    # from /clock samples, each bounding it (summary.ClockMap.lag): the growth lies between
+    # from /clock samples, each bounding it (analysis.analyze.clock_lag): the growth lies between
     # after's lower bound minus before's estimate and after's estimate minus before's lower
     # bound, and that range must meet QEMU's bounds of the freeze (within 5 ms).
     lag = precopy["clock_lag"]

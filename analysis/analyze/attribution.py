@@ -96,6 +96,8 @@ class PointPlaced:
     near: bool
     label: str
     line: int
+    #: The guest segment (``Run.segments``) whose events file holds ``line``; -1 unknown.
+    seg: int = -1
 
 
 @dataclass(frozen=True)
@@ -350,8 +352,8 @@ def analyse(run: Run) -> Analysis:
     stats = _lane_stats(placed, stalled, all_ns, spans, len(run.lanes))
 
     points = [
-        _place_point(kind, t, e, lane, label, line, bounds, n_ph)
-        for kind, t, e, lane, label, line in raw_points
+        _place_point(kind, t, e, lane, label, (line, seg), bounds, n_ph)
+        for kind, t, e, lane, label, line, seg in raw_points
     ]
     sens = _sensitivity(run, placed, points, al.steps, spans, bounds, n_lanes)
     host = join(
@@ -382,9 +384,13 @@ def analyse(run: Run) -> Analysis:
     )
 
 
-def _raw_points(run: Run, al: Alignment) -> list[tuple[str, int, float | None, int, str, int]]:
-    """(kind, host ns, error, lane, label, line) of every timeout and kernel warning."""
-    out: list[tuple[str, int, float | None, int, str, int]] = []
+_RawPoint = tuple[str, int, float | None, int, str, int, int]
+
+
+def _raw_points(run: Run, al: Alignment) -> list[_RawPoint]:
+    """(kind, host ns, error, lane, label, line, segment) of every timeout and kernel
+    warning."""
+    out: list[_RawPoint] = []
     lane_of = {(ln.agent, ln.cpu): i for i, ln in enumerate(run.lanes)}
     for ev in run.warnings:
         seg = run.segments[ev.seg]
@@ -396,7 +402,7 @@ def _raw_points(run: Run, al: Alignment) -> list[tuple[str, int, float | None, i
         lane = lane_of.get((seg.agent, cpu), -1) if isinstance(cpu, int) else -1
         label = str(ev.fields.get("warning", "kernel_warning"))
         err = None if np.isnan(e[0]) else float(e[0])
-        out.append(("kernel_warning", int(h[0]), err, lane, label, ev.line))
+        out.append(("kernel_warning", int(h[0]), err, lane, label, ev.line, ev.seg))
     to = run.timeouts
     for seg in run.segments:
         sel = np.flatnonzero(to.seg == seg.index)
@@ -408,7 +414,9 @@ def _raw_points(run: Run, al: Alignment) -> list[tuple[str, int, float | None, i
             canary = run.canaries[int(to.canary[i])]
             label = f"{canary} {to.timeout_ns[i] / 1e6:g} ms"
             err = None if np.isnan(e[k]) else float(e[k])
-            out.append(("timeout", int(h[k]), err, int(to.lane[i]), label, int(to.line[i])))
+            out.append(
+                ("timeout", int(h[k]), err, int(to.lane[i]), label, int(to.line[i]), seg.index)
+            )
     return out
 
 
@@ -418,14 +426,14 @@ def _place_point(
     e: float | None,
     lane: int,
     label: str,
-    line: int,
+    where: tuple[int, int],
     bounds: I64,
     n_ph: int,
 ) -> PointPlaced:
     p = int(np.clip(np.searchsorted(bounds, t, "right") - 1, 0, n_ph - 1))
     inner = bounds[1:-1]
     near = bool(e is not None and len(inner) and np.min(np.abs(inner - t)) <= e)
-    return PointPlaced(kind, t, e, lane, p, near, label, line)
+    return PointPlaced(kind, t, e, lane, p, near, label, *where)
 
 
 def _asymmetry(

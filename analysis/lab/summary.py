@@ -1,53 +1,44 @@
 """The lab's short summary of a run directory (lab-summary.json, lab-summary.txt).
 
-``summarize(rundir)`` reads what ``tsprobe lab run`` left there and answers:
+Every figure comes from the report's pipeline (``analysis.analyze.load.load_run`` and
+``analysis.analyze.attribution.analyse``): the phases, each guest stall and canary timeout
+and kernel warning on the host's clock with the phase it falls in (attribution's rule:
+the phase holding most of a stall), and the guest clock's lag before and after the
+disturbance (``analysis.analyze.clock_lag``) against the time QEMU had the vCPUs stopped
+(the one STOP -> RESUME rule). This module adds what only the lab knows:
 
-- phases: ``analysis.analyze.timeline_io.read_timeline`` over ``qmp-*.jsonl`` (the one
-  reader of the QMP records; none for the stall scenarios, which do not migrate);
-- the guest's stalls per CPU and per phase. A stall's start is a guest CLOCK_REALTIME
-  reading; it is put on the host's clock with the offset of the last ``/clock`` sample
-  taken before it (in guest time), so a stall that began in ``postcopy-paused`` lands
-  there even though the guest's clock fell behind the host's during the switchover;
-- the guest clock's lag behind the host (host realtime minus guest realtime, from
-  ``clock-samples.jsonl``) before and after the disturbance, and its growth; against it,
-  the time QEMU had the guest's vCPUs stopped (every ``STOP`` to the next ``RESUME``,
-  QEMU's own timestamps), which is what kvm-clock and the HPET hide from the guest. The
-  lag changes only while the vCPUs are stopped, so "before" is read from every sample
-  whose round trip ended before the first stop (from the baseline's start) and "after"
-  from every sample sent after the last resume; without stops (the stall scenarios),
-  the windows are the baseline and the time after the guest settled (``lab-steps.jsonl``
-  marks). Each is the smallest upper bound of its window (``ClockMap.lag``);
-- the stalls injected by the host (``lab-steps.jsonl`` ``inject`` records) and the guest's
-  matching stall per CPU;
-- the canaries' ``timeout`` events (each placed in the phase where its deadline fell
-  due, on the host's clock like a stall's start), counted per canary, ``T`` and phase,
-  and for each injected freeze the expirations whose deadline fell inside it;
-- kernel warnings, the line the lab wrote to /dev/kmsg (``--kmsg``) and the agent's own
-  counters from its last /metrics (``agent-metrics.prom``, kept by the health check):
-  ``tsprobe_timeout_expirations_total`` and ``tsprobe_kernel_warnings_total``;
-- clock steps the guest reported; whether the agent's ``seq`` is continuous (no event
-  lost) from one agent; the health checks (``lab-health.json``);
+- the stalls it injected (``lab-steps.jsonl`` ``inject`` records) with the guest's matching
+  stall per CPU and the canary deadlines that fell due inside each freeze;
+- its marks (baseline start, disturbance start, settled), which bound the clock-lag
+  windows of the scenarios that do not stop the vCPUs;
+- the line it wrote to the guest's /dev/kmsg (``--kmsg``) and the agent's own counters
+  from its last /metrics (``agent-metrics.prom``, kept by the health check);
+- whether the agent's ``seq`` is continuous (no event lost) from one agent; the health
+  checks (``lab-health.json``);
 - the guest's outcome (``analysis.lab.outcome``), rendered first. Without a stall the text
   never says "none above the threshold" when the guest could not have measured one (its
   clock stood still or lost time, or its CPUs stopped sampling).
 
+The pipeline keeps numbers; the rows here take their other fields (``seq``, ``cause``,
+``peer_cpu``, ``gone_ns``, ``text``) from the event's own line, which the pipeline names.
 The result is a JSON-ready dict (``lab-summary.json``) and a text rendering
 (``lab-summary.txt``). ``summary.json`` is left to ``tsprobe report``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from analysis import rundir
-from analysis.analyze.load import is_stop_command
-from analysis.analyze.timeline_io import read_timeline
-from analysis.analyze.timeline_model import Timeline
+from analysis.analyze.attribution import Analysis, analyse
+from analysis.analyze.clock_lag import lag_across
+from analysis.analyze.load import Run, load_run
+from analysis.errors import AnalysisError
 from analysis.rundir import jsonl
+from analysis.rundir.guest_reader import CAUSES
 from analysis.rundir.qmp import stop_windows
 from probe.durations import format_duration
 
@@ -58,23 +49,15 @@ SUMMARY_JSON = "lab-summary.json"
 SUMMARY_TXT = "lab-summary.txt"
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    return jsonl.records_quietly(path)
-
-
-def stopped_windows(
-    qmp: dict[str, list[dict[str, Any]]], steps: Iterable[dict[str, Any]] = ()
-) -> list[dict[str, Any]]:
+def stopped_windows(run: Run) -> list[dict[str, Any]]:
     """Every window in which QEMU had the guest's vCPUs stopped, as JSON
-    (``analysis.rundir.qmp.stop_windows``: the one STOP -> RESUME rule).
+    (``analysis.rundir.qmp.stop_windows``: the one STOP -> RESUME rule; the lab's ``stop``
+    commands date the freezes they caused, ``requested_ns``).
 
-    :param qmp: records per endpoint.
-    :param steps: ``lab-steps.jsonl``: its ``stop`` commands date the freezes they caused
-        (``requested_ns``; see ``analysis.rundir.qmp.stop_request``).
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
         order; a STOP still open at the end is the last, with ``end_ns`` None.
     """
-    closed, still_open = stop_windows(qmp, [s for s in steps if is_stop_command(s)])
+    closed, still_open = stop_windows(run.qmp, run.stop_requests)
     windows: list[dict[str, Any]] = [
         {
             "start_ns": w.start_ns,
@@ -98,143 +81,6 @@ def stopped_windows(
     return windows
 
 
-class ClockMap:
-    """Guest realtime -> host realtime, from the /clock samples and QEMU's stops.
-
-    While QEMU has the vCPUs stopped the guest's clocks stand still (kvm-clock, and the
-    HPET under TCG, count QEMU's virtual clock), so a guest time maps to the host through
-    the last sample before it plus every stopped window in between.
-    """
-
-    def __init__(
-        self,
-        samples: Iterable[dict[str, Any]],
-        stopped: Iterable[dict[str, Any]] = (),
-    ) -> None:
-        self.stopped = [w for w in stopped if w.get("end_ns") is not None]
-        self.samples = sorted(
-            (
-                s
-                for s in samples
-                if isinstance(s.get("clock"), dict) and "realtime_ns" in s["clock"]
-            ),
-            key=lambda s: int(s["host_real_ns"]),
-        )
-
-    @staticmethod
-    def offset(sample: dict[str, Any]) -> int:
-        """Guest realtime minus host realtime of a sample (at the reply's receipt: the
-        agent reads its clocks just before it answers; see ``lag``)."""
-        return int(sample["clock"]["realtime_ns"]) - int(sample["host_recv_real_ns"])
-
-    def to_host(self, guest_real_ns: int) -> int | None:
-        """The host time of a guest realtime reading.
-
-        :return: host realtime in ns, or None without samples.
-        """
-        best = None
-        for sample in self.samples:
-            if int(sample["clock"]["realtime_ns"]) <= guest_real_ns:
-                best = sample
-        if best is None:
-            best = self.samples[0] if self.samples else None
-        if best is None:
-            return None
-        host = guest_real_ns - self.offset(best)
-        since = int(best["host_recv_real_ns"])
-        for window in self.stopped:
-            if since <= window["start_ns"] < host:
-                host += window["end_ns"] - window["start_ns"]
-        return host
-
-    def lag(self, start_ns: int | None, end_ns: int | None) -> dict[str, Any] | None:
-        """Host minus guest realtime from the samples whose round trip lies in a host time
-        window (sent at or after ``start_ns``, received before ``end_ns``).
-
-        The guest read its clocks at some host time between the request's send and the
-        reply's receipt, so each sample bounds the lag: ``send - guest <= lag <= recv -
-        guest``. The agent reads its clocks last, just before it writes the reply
-        (agent/http.py), so the upper bound is the close one: it exceeds the lag only by
-        the reply's way out (a few ms under TCG, where a round trip takes 15 to 100 ms
-        and the midpoint would be off by half of it). The estimate is the smallest upper
-        bound in the window; the largest lower bound is reported beside it.
-
-        :return: ``{"lag_ns", "lower_bound_ns", "samples", "best_rtt_ns"}`` or None
-            without samples.
-        """
-        window = [
-            s
-            for s in self.samples
-            if (start_ns is None or int(s["host_send_real_ns"]) >= start_ns)
-            and (end_ns is None or int(s["host_recv_real_ns"]) < end_ns)
-        ]
-        if not window:
-            return None
-        upper = [int(s["host_recv_real_ns"]) - int(s["clock"]["realtime_ns"]) for s in window]
-        lower = [int(s["host_send_real_ns"]) - int(s["clock"]["realtime_ns"]) for s in window]
-        best = min(range(len(window)), key=lambda i: upper[i])
-        return {
-            "lag_ns": upper[best],
-            "lower_bound_ns": max(lower),
-            "samples": len(window),
-            "best_rtt_ns": int(window[best]["rtt_ns"]),
-        }
-
-
-def _phase_name(timeline: Timeline | None, host_ns: int | None) -> str:
-    if timeline is None or host_ns is None:
-        return "-"
-    phase = timeline.phase_at(host_ns)
-    if phase is None:
-        return "before" if timeline.phases and host_ns < timeline.phases[0].start_ns else "-"
-    return phase.name
-
-
-def _overlapped(timeline: Timeline | None, start: int | None, end: int | None) -> list[str]:
-    if timeline is None or start is None or end is None:
-        return []
-    return [
-        p.name
-        for p in timeline.phases
-        if p.start_ns < end and (p.end_ns is None or p.end_ns > start)
-    ]
-
-
-def _timeouts(
-    events: list[dict[str, Any]], clock: ClockMap, timeline: Timeline | None
-) -> list[dict[str, Any]]:
-    """The canaries' ``timeout`` events, each on the host's clock and in its phase."""
-    out = []
-    for event in events:
-        if event.get("kind") != "timeout" or "real_ns" not in event:
-            continue
-        host = clock.to_host(int(event["real_ns"]))
-        out.append(
-            {
-                "seq": event.get("seq"),
-                "canary": event.get("canary"),
-                "timeout": format_duration(int(event.get("timeout_ns") or 0)),
-                "timeout_ns": event.get("timeout_ns"),
-                "cpu": event.get("cpu"),
-                "peer_cpu": event.get("peer_cpu"),
-                "late_ns": event.get("duration_ns"),
-                "gone_ns": event.get("gone_ns"),
-                "host_ns": host,
-                "phase": _phase_name(timeline, host),
-            }
-        )
-    return out
-
-
-def _per_phase(timeouts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
-    """``{canary: {T: {phase: count}}}``, T in ladder order."""
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    for t in sorted(timeouts, key=lambda t: (str(t["canary"]), int(t["timeout_ns"] or 0))):
-        slot = out.setdefault(str(t["canary"]), {}).setdefault(t["timeout"], {})
-        slot[t["phase"]] = slot.get(t["phase"], 0) + 1
-    return out
-
-
 def agent_counters(path: Path) -> dict[str, dict[str, float]]:
     """The agent's timeout and kernel-warning counters from a saved /metrics page.
 
@@ -256,49 +102,152 @@ def agent_counters(path: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def summarize(run: Path) -> dict[str, Any]:
+class _Lines:
+    """The guest events by (segment, line): the fields the pipeline does not keep."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._files: dict[str, dict[int, dict[str, Any]]] = {}
+
+    def get(self, seg: int, line: int) -> dict[str, Any]:
+        if not 0 <= seg < len(self._run.segments):
+            return {}
+        path = self._run.segments[seg].path
+        if path not in self._files:
+            self._files[path] = dict(rundir.read_jsonl_numbered(path))
+        return self._files[path].get(line, {})
+
+
+def _phase_names(a: Analysis, start: int, end: int) -> list[str]:
+    return [s.name for s in a.spans if s.start_ns < end and s.end_ns > start]
+
+
+def _placed_stalls(a: Analysis, lines: _Lines) -> list[dict[str, Any]]:
+    """The guest's stalls on the host's clock, each with its phase (the pipeline's)."""
+    st, pl = a.run.stalls, a.placed
+    out = []
+    for i in range(len(st)):
+        event = lines.get(int(st.seg[i]), int(st.line[i]))
+        start, end = int(pl.start[i]), int(pl.end[i])
+        out.append(
+            {
+                "seq": event.get("seq"),
+                "cpu": a.run.lanes[int(st.lane[i])].cpu,
+                "duration_ns": int(st.dur[i]),
+                "cause": CAUSES[int(st.cause[i])],
+                "host_start_ns": start,
+                "host_end_ns": end,
+                "phase": a.spans[int(pl.phase[i])].name,
+                "phases_overlapped": _phase_names(a, start, max(end, start + 1)),
+            }
+        )
+    return sorted(out, key=lambda s: (s["host_start_ns"], str(s["cpu"])))
+
+
+def _points(a: Analysis, lines: _Lines, kind: str) -> list[tuple[dict[str, Any], int, str]]:
+    """(event, host ns, phase name) of each placed point of a kind, in host time order."""
+    return [
+        (lines.get(p.seg, p.line), p.host_ns, a.spans[p.phase].name)
+        for p in sorted(a.points, key=lambda p: p.host_ns)
+        if p.kind == kind
+    ]
+
+
+def _timeouts(a: Analysis, lines: _Lines) -> list[dict[str, Any]]:
+    """The canaries' ``timeout`` events, each on the host's clock and in its phase."""
+    return [
+        {
+            "seq": event.get("seq"),
+            "canary": event.get("canary"),
+            "timeout": format_duration(int(event.get("timeout_ns") or 0)),
+            "timeout_ns": event.get("timeout_ns"),
+            "cpu": event.get("cpu"),
+            "peer_cpu": event.get("peer_cpu"),
+            "late_ns": event.get("duration_ns"),
+            "gone_ns": event.get("gone_ns"),
+            "host_ns": host,
+            "phase": phase,
+        }
+        for event, host, phase in _points(a, lines, "timeout")
+    ]
+
+
+def _per_phase(timeouts: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, int]]]:
+    """``{canary: {T: {phase: count}}}``, T in ladder order."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for t in sorted(timeouts, key=lambda t: (str(t["canary"]), int(t["timeout_ns"] or 0))):
+        slot = out.setdefault(str(t["canary"]), {}).setdefault(t["timeout"], {})
+        slot[t["phase"]] = slot.get(t["phase"], 0) + 1
+    return out
+
+
+def summarize(path: Path) -> dict[str, Any]:
     """Summarize a lab run directory.
 
-    :param run: the run directory.
-    :return: a JSON-ready dict (see the module docstring).
+    :param path: the run directory.
+    :return: a JSON-ready dict (see the module docstring); ``error`` when the pipeline could
+        not read the run (the lab-only facts are there still).
     """
-    meta: dict[str, Any] = jsonl.read_document_quietly(run / rundir.META) or {}
+    meta: dict[str, Any] = jsonl.read_document_quietly(path / rundir.META) or {}
     lab = meta.get("lab", {})
-    qmp, built = read_timeline(run, lambda _issue: None)  # the one QMP reader, quietly
-    timeline = built if any(qmp.values()) and lab.get("migrates") else None
-    events = _records(run / rundir.GUEST_EVENTS)
-    steps = _records(run / STEPS)
-    windows = stopped_windows(qmp, steps)
-    clock = ClockMap(_records(run / rundir.CLOCK_SAMPLES), windows)
-    health = jsonl.read_document_quietly(run / HEALTH) or {}
+    events = jsonl.records_quietly(path / rundir.GUEST_EVENTS)
+    steps = jsonl.records_quietly(path / STEPS)
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
-
-    continuity = _continuity(events)
-
-    stalls = _placed_stalls(events, clock, timeline)
-    per_cpu = _per_cpu_phase(stalls)
-
-    steps_seen = [
-        {"clock": e.get("clock"), "step_ns": e.get("step_ns"), "bracket_ns": e.get("bracket_ns")}
-        for e in events
-        if e.get("kind") == "clock_step"
-    ]
-    lag = _clock_lag(windows, clock, marks)
-
-    timeouts = _timeouts(events, clock, timeline)
-    injected = _injected(steps, stalls, timeouts)
-
     summary: dict[str, Any] = {
-        "run": str(run),
+        "run": str(path),
         "scenario": meta.get("scenario"),
         "lab": lab,
+        "kmsg_written": [s.get("text") for s in steps if s.get("type") == "kmsg"],
+        "agent_counters": agent_counters(path / AGENT_METRICS),
+        "continuity": _continuity(events),
+        "health": jsonl.read_document_quietly(path / HEALTH) or {},
+        "marks": marks,
+    }
+    try:
+        a = analyse(load_run(path))
+    except AnalysisError as err:
+        summary["error"] = str(err)
+        a = None
+    summary.update(_figures(a, marks, bool(lab.get("migrates"))))
+    summary["injected"] = _injected(steps, summary["stalls"], summary["timeouts"])
+    return summary
+
+
+def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[str, Any]:
+    """What the pipeline computed, in the lab summary's rows."""
+    if a is None:
+        return {
+            "phases": [],
+            "timeline_summary": None,
+            "stalls": [],
+            "stalls_per_cpu_phase": {},
+            "timeouts": [],
+            "timeouts_per_phase": {},
+            "kernel_warnings": [],
+            "clock_steps": [],
+            "clock_lag": None,
+        }
+    run = a.run
+    timeline = run.timeline if migrates and any(run.qmp.values()) else None
+    lines = _Lines(run)
+    stalls = _placed_stalls(a, lines)
+    timeouts = _timeouts(a, lines)
+    closed, still_open = stop_windows(run.qmp, run.stop_requests)
+    lag = lag_across(
+        run.samples,
+        closed,
+        still_open,
+        (marks.get("baseline_start"), marks.get("disturb_start")),
+        marks.get("settled"),
+    )
+    return {
         "phases": [
             {"name": p.name, "start_ns": p.start_ns, "duration_ns": p.duration_ns}
             for p in (timeline.phases if timeline else ())
         ],
         "timeline_summary": timeline.summary().to_dict() if timeline else None,
         "stalls": stalls,
-        "stalls_per_cpu_phase": per_cpu,
+        "stalls_per_cpu_phase": _per_cpu_phase(stalls),
         "timeouts": timeouts,
         "timeouts_per_phase": _per_phase(timeouts),
         "kernel_warnings": [
@@ -307,21 +256,24 @@ def summarize(run: Path) -> dict[str, Any]:
                 "cpu": e.get("cpu"),
                 "facility": e.get("facility"),
                 "text": e.get("text"),
-                "phase": _phase_name(timeline, clock.to_host(int(e["real_ns"]))),
+                "phase": phase,
             }
-            for e in events
-            if e.get("kind") == "kernel_warning" and "real_ns" in e
+            for e, _, phase in _points(a, lines, "kernel_warning")
         ],
-        "kmsg_written": [s.get("text") for s in steps if s.get("type") == "kmsg"],
-        "agent_counters": agent_counters(run / AGENT_METRICS),
-        "clock_steps": steps_seen,
-        "clock_lag": lag,
-        "injected": injected,
-        "continuity": continuity,
-        "health": health,
-        "marks": marks,
+        "clock_steps": [
+            {
+                "clock": e.fields.get("clock"),
+                "step_ns": e.fields.get("step_ns"),
+                "bracket_ns": e.fields.get("bracket_ns"),
+            }
+            for e in run.clock_steps
+        ],
+        "clock_lag": {
+            **lag.to_dict(),
+            "stopped_windows": stopped_windows(run),
+            "clocksource": next((s.clocksource for s in run.segments if s.clocksource), None),
+        },
     }
-    return summary
 
 
 def _continuity(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,31 +293,6 @@ def _continuity(events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _placed_stalls(
-    events: list[dict[str, Any]], clock: ClockMap, timeline: Timeline | None
-) -> list[dict[str, Any]]:
-    """The guest's stalls on the host's clock, each with the phase it began in."""
-    stalls: list[dict[str, Any]] = []
-    for event in events:
-        if event.get("kind") != "stall":
-            continue
-        start_host = clock.to_host(int(event["real_ns"]))
-        end_host = clock.to_host(int(event["real_ns"]) + int(event.get("duration_ns") or 0))
-        stalls.append(
-            {
-                "seq": event.get("seq"),
-                "cpu": event.get("cpu"),
-                "duration_ns": event.get("duration_ns"),
-                "cause": event.get("cause"),
-                "host_start_ns": start_host,
-                "host_end_ns": end_host,
-                "phase": _phase_name(timeline, start_host),
-                "phases_overlapped": _overlapped(timeline, start_host, end_host),
-            }
-        )
-    return stalls
-
-
 def _per_cpu_phase(stalls: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per CPU and phase: the count, the longest and the total of the stalls."""
     per_cpu: dict[str, dict[str, dict[str, Any]]] = {}
@@ -377,33 +304,6 @@ def _per_cpu_phase(stalls: list[dict[str, Any]]) -> dict[str, dict[str, dict[str
         slot["longest_ns"] = max(slot["longest_ns"], int(stall["duration_ns"] or 0))
         slot["total_ns"] += int(stall["duration_ns"] or 0)
     return per_cpu
-
-
-def _clock_lag(
-    windows: list[dict[str, Any]], clock: ClockMap, marks: dict[str, int]
-) -> dict[str, Any]:
-    """The guest clock's lag before and after the disturbance, against the vCPU stops."""
-    if windows and windows[-1]["end_ns"] is not None:
-        before = clock.lag(marks.get("baseline_start"), windows[0]["start_ns"])
-        after = clock.lag(windows[-1]["end_ns"], None)
-    else:
-        before = clock.lag(marks.get("baseline_start"), marks.get("disturb_start"))
-        after = clock.lag(marks.get("settled"), None)
-    ended = [w for w in windows if w["end_ns"] is not None]
-    stopped_ns = sum(w["end_ns"] - w["start_ns"] for w in ended)
-    stopped_max_ns = sum(w["end_ns"] - (w["requested_ns"] or w["start_ns"]) for w in ended)
-    return {
-        "before": before,
-        "after": after,
-        "growth_ns": (after["lag_ns"] - before["lag_ns"]) if before and after else None,
-        "vcpus_stopped_ns": stopped_ns,
-        "vcpus_stopped_max_ns": stopped_max_ns,
-        "stopped_windows": windows,
-        "clocksource": next(
-            (s["clock"].get("clocksource") for s in clock.samples if "clocksource" in s["clock"]),
-            None,
-        ),
-    }
 
 
 def _injected(
