@@ -15,7 +15,6 @@ usage error instead.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -27,6 +26,7 @@ from agent.errors import AgentError, ConfigError, ListenError
 from agent.http import DEFAULT_LISTEN, parse_listen
 from agent.main import Agent
 from agent.metrics import DEFAULT_WARNING_KINDS
+from agent.registry import PROBES, Factory, Option, load
 from probe.base import Probe
 from probe.canary import DEFAULT_CANARIES, parse_canaries
 from probe.durations import parse_duration, parse_duration_list
@@ -146,80 +146,15 @@ def default_spool_path() -> str:
     return os.path.abspath(USER_SPOOL)
 
 
-# -- probe factories ----------------------------------------------------------------------
+# -- probes ------------------------------------------------------------------------------
 
 
 def _load(module: str, attr: str) -> Any:
-    return getattr(importlib.import_module(module), attr)
+    return load(module, attr)
 
 
-def _stall_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    stall_probe = _load("agent.samplers", "StallProbe")
-    probe: Probe = stall_probe(
-        cpus,
-        config.interval_ns,
-        config.threshold_ns,
-        mode=config.stall_mode,
-        fifo=config.stall_fifo,
-        roots=roots,
-    )
-    return probe
-
-
-def _clock_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    clock_probe = _load("probe.clock", "ClockProbe")
-    probe: Probe = clock_probe(
-        period_ns=config.clock_period_ns,
-        step_threshold_ns=config.clock_step_threshold_ns,
-        roots=roots,
-        ptp=config.clock_ptp,
-    )
-    return probe
-
-
-def _kmsg_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    kmsg_probe = _load("probe.kmsg", "KmsgProbe")
-    probe: Probe = kmsg_probe(roots=roots)
-    return probe
-
-
-def _timer_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    timer_canary = _load("agent.canaries", "TimerCanary")
-    probe: Probe = timer_canary(cpus, config.timeouts_ns)
-    return probe
-
-
-def _heartbeat_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    heartbeat_canary = _load("agent.canaries", "HeartbeatCanary")
-    probe: Probe = heartbeat_canary(cpus, config.timeouts_ns, config.heartbeat_interval_ns)
-    return probe
-
-
-def _rpc_canary(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    rpc_canary = _load("agent.canaries", "RpcCanary")
-    probe: Probe = rpc_canary(cpus, config.timeouts_ns, config.rpc_interval_ns)
-    return probe
-
-
-def _logwatch_probe(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    parse_log_spec = _load("probe.logwatch", "parse_log_spec")
-    logwatch_probe = _load("probe.logwatch", "LogWatchProbe")
-    probe: Probe = logwatch_probe([parse_log_spec(text) for text in config.watch_logs])
-    return probe
-
-
-Factory = Callable[[AgentConfig, Roots, list[int]], Probe]
-
-#: The built-in probes, by name, in start order (the canaries and the log watcher last).
-FACTORIES: dict[str, Factory] = {
-    "stall": _stall_probe,
-    "clock": _clock_probe,
-    "kmsg": _kmsg_probe,
-    "timer": _timer_canary,
-    "heartbeat": _heartbeat_canary,
-    "rpc": _rpc_canary,
-    "logwatch": _logwatch_probe,
-}
+#: The built-in probes' factories, by name, in start order (``agent.registry.PROBES``).
+FACTORIES: dict[str, Factory] = {spec.name: spec.build for spec in PROBES}
 
 
 def build_probes(
@@ -299,7 +234,8 @@ Endpoints: /metrics (Prometheus), /events?since=SEQ&limit=N (JSON Lines),
 def _check_periods(interval: int, threshold: int, stall_mode: str, **periods: int) -> None:
     """Every period positive, and in tick mode a threshold longer than the interval.
 
-    :param periods: the other periods by option name (``clock_period`` -> --clock-period).
+    :param periods: the probes' duration options by parameter name (``clock_period`` ->
+        --clock-period).
     :raise click.BadParameter: naming the option.
     """
     if interval <= 0:
@@ -312,6 +248,54 @@ def _check_periods(interval: int, threshold: int, stall_mode: str, **periods: in
     for name, value in periods.items():
         if value <= 0:
             raise click.BadParameter("must be positive", param_hint="--" + name.replace("_", "-"))
+
+
+def _option_flag(option: Option) -> Callable[[Any], Any]:
+    """One probe option as a click option (``agent.registry.Option``)."""
+    if option.kind == "switch":
+        return click.option(
+            f"--{option.flag}/--no-{option.flag}",
+            option.param,
+            default=bool(option.default),
+            show_default=True,
+            help=option.help,
+        )
+    kind: Any = DURATION if option.kind == "duration" else click.Choice(list(option.choices))
+    return click.option(
+        f"--{option.flag}",
+        option.param,
+        type=kind,
+        default=option.default,
+        show_default=True,
+        help=option.help,
+    )
+
+
+def _probe_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """Add every registered probe's switch and options, in registry order."""
+    flags: list[Callable[[Any], Any]] = []
+    for spec in PROBES:
+        if spec.switch == "flag":
+            flags.append(
+                click.option(
+                    f"--{spec.name}/--no-{spec.name}",
+                    spec.name,
+                    default=True,
+                    show_default=True,
+                    help=spec.help,
+                )
+            )
+        flags.extend(_option_flag(option) for option in spec.options)
+    for flag in reversed(flags):
+        command = flag(command)
+    return command
+
+
+def _probe_settings(params: dict[str, Any]) -> tuple[frozenset[str], dict[str, Any]]:
+    """(switched-off probes, options by key) from the command line's parameters."""
+    off = frozenset(s.name for s in PROBES if s.switch == "flag" and not params.pop(s.name))
+    options = {o.key: params.pop(o.param) for s in PROBES for o in s.options}
+    return off, options
 
 
 def _events_path(events: str | None) -> str | None:
@@ -376,20 +360,6 @@ def _events_path(events: str | None) -> str | None:
     help="Canaries: timer, heartbeat, rpc, or none.",
 )
 @click.option(
-    "--heartbeat-interval",
-    type=DURATION,
-    default="5ms",
-    show_default=True,
-    help="Heartbeat canary: time between two heartbeats of a side.",
-)
-@click.option(
-    "--rpc-interval",
-    type=DURATION,
-    default="10ms",
-    show_default=True,
-    help="Rpc canary: time between the starts of two requests.",
-)
-@click.option(
     "--watch-log",
     "watch_logs",
     type=LogSpecType(),
@@ -400,42 +370,7 @@ def _events_path(events: str | None) -> str | None:
     " the rest is REGEX. Write '\\:' for a colon the rule would misread.",
 )
 @click.option("--duration", type=DURATION, default=None, help="Run this long, then exit.")
-@click.option("--stall/--no-stall", default=True, show_default=True, help="Per-CPU stall probe.")
-@click.option(
-    "--stall-mode",
-    type=click.Choice(["tick", "spin"]),
-    default="tick",
-    show_default=True,
-    help="tick: sleeping loop; spin: busy loop (never at SCHED_FIFO).",
-)
-@click.option(
-    "--stall-fifo/--no-stall-fifo",
-    default=True,
-    show_default=True,
-    help="Run tick samplers at SCHED_FIFO when permitted.",
-)
-@click.option("--clock/--no-clock", default=True, show_default=True, help="Clock step probe.")
-@click.option(
-    "--clock-period",
-    type=DURATION,
-    default="10ms",
-    show_default=True,
-    help="How often the clocks are compared.",
-)
-@click.option(
-    "--clock-step-threshold",
-    type=DURATION,
-    default="1ms",
-    show_default=True,
-    help="Smallest clock step reported.",
-)
-@click.option(
-    "--clock-ptp/--no-clock-ptp",
-    default=True,
-    show_default=True,
-    help="Read the host clock through ptp_kvm when present.",
-)
-@click.option("--kmsg/--no-kmsg", default=True, show_default=True, help="Kernel warning probe.")
+@_probe_flags
 @click.option("--path.procfs", "procfs", default="/proc", show_default=True, help="procfs root.")
 @click.option("--path.sysfs", "sysfs", default="/sys", show_default=True, help="sysfs root.")
 @click.option("--path.devfs", "devfs", default="/dev", show_default=True, help="devfs root.")
@@ -448,21 +383,12 @@ def agent(
     events_ring: int,
     timeouts: tuple[int, ...],
     canaries: tuple[str, ...],
-    heartbeat_interval: int,
-    rpc_interval: int,
     watch_logs: tuple[str, ...],
     duration: int | None,
-    stall: bool,
-    stall_mode: str,
-    stall_fifo: bool,
-    clock: bool,
-    clock_period: int,
-    clock_step_threshold: int,
-    clock_ptp: bool,
-    kmsg: bool,
     procfs: str,
     sysfs: str,
     devfs: str,
+    **probe_params: Any,
 ) -> None:
     """Run the in-guest agent: per-CPU stalls, clock steps, kernel warnings, timeouts.
 
@@ -474,36 +400,25 @@ def agent(
     It serves /metrics, /events, /clock and /healthz over HTTP and writes every event to a
     rotated JSON Lines spool. It runs until --duration elapses or SIGINT/SIGTERM.
     """
+    off, options = _probe_settings(probe_params)
     _check_periods(
         interval,
         threshold,
-        stall_mode,
-        clock_period=clock_period,
-        clock_step_threshold=clock_step_threshold,
-        heartbeat_interval=heartbeat_interval,
-        rpc_interval=rpc_interval,
+        options["stall_mode"],
+        **{o.param: options[o.key] for s in PROBES for o in s.options if o.kind == "duration"},
     )
-    events_path = _events_path(events)
     config = AgentConfig(
         cpus=cpus,
         interval_ns=interval,
         threshold_ns=threshold,
         listen=listen,
-        events_path=events_path,
+        events_path=_events_path(events),
         timeouts_ns=timeouts,
         canaries=canaries,
-        heartbeat_interval_ns=heartbeat_interval,
-        rpc_interval_ns=rpc_interval,
         watch_logs=watch_logs,
         duration_ns=duration,
-        stall=stall,
-        clock=clock,
-        kmsg=kmsg,
-        stall_mode=stall_mode,
-        stall_fifo=stall_fifo,
-        clock_period_ns=clock_period,
-        clock_step_threshold_ns=clock_step_threshold,
-        clock_ptp=clock_ptp,
+        off=off,
+        options=options,
         procfs=procfs,
         sysfs=sysfs,
         devfs=devfs,

@@ -3,7 +3,9 @@
 ``AgentConfig`` is the agent's whole configuration in one frozen value (the command line's
 options, checked by ``agent.cli``; tests build it directly): which probes and canaries
 run, on which CPUs, at which interval and threshold, where events go and where /metrics
-listens. ``enabled(probe)`` is the one answer to "does this probe run".
+listens. Each probe's own options are in ``options``, keyed and defaulted by its entry in
+``agent.registry`` (``option(key)``). ``enabled(probe)`` is the one answer to "does this
+probe run".
 ``resolve_cpus`` turns ``--cpus`` (or all online CPUs, from the injected /sys root) into
 the list the samplers are pinned to.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConfigError
@@ -25,12 +27,10 @@ from agent.http import DEFAULT_LISTEN
 from agent.metrics import (
     DEFAULT_TIMEOUTS_NS,
 )
-from probe.canary import CANARY_NAMES, DEFAULT_CANARIES
+from agent.registry import BY_NAME, OPTIONS
+from probe.canary import DEFAULT_CANARIES
 from probe.procfs import format_cpu_list, read_online_cpus
 from probe.roots import Roots
-
-#: The probe name of the log watcher (``--watch-log``).
-LOGWATCH = "logwatch"
 
 
 @dataclass(frozen=True)
@@ -44,18 +44,11 @@ class AgentConfig:
     :param events_path: the spool file, or None for memory only (--events).
     :param timeouts_ns: the timeout ladder (--timeouts).
     :param canaries: requested canaries (--canaries); empty for none.
-    :param heartbeat_interval_ns: the heartbeat canary's interval (--heartbeat-interval).
-    :param rpc_interval_ns: the rpc canary's time between requests (--rpc-interval).
     :param watch_logs: ``PATH:REGEX[:NAME]`` specifications (--watch-log), as given.
     :param duration_ns: run this long, then exit; None runs until a signal (--duration).
-    :param stall: run the stall probe (--stall/--no-stall).
-    :param clock: run the clock probe (--clock/--no-clock).
-    :param kmsg: run the kernel message probe (--kmsg/--no-kmsg).
-    :param stall_mode: ``tick`` (sleeping loop) or ``spin`` (--stall-mode).
-    :param stall_fifo: run tick samplers at SCHED_FIFO (--stall-fifo).
-    :param clock_period_ns: the clock probe's period (--clock-period).
-    :param clock_step_threshold_ns: the smallest step reported (--clock-step-threshold).
-    :param clock_ptp: read the host clock through ptp_kvm (--clock-ptp).
+    :param off: the probes switched off (``--no-stall``, ``--no-clock``, ``--no-kmsg``).
+    :param options: the probes' own options by ``agent.registry.Option.key``
+        (``clock_period_ns``); an option left out has its registered default.
     :param procfs: the proc root (--path.procfs).
     :param sysfs: the sys root (--path.sysfs).
     :param devfs: the dev root (--path.devfs).
@@ -71,18 +64,10 @@ class AgentConfig:
     events_path: str | None = None
     timeouts_ns: tuple[int, ...] = DEFAULT_TIMEOUTS_NS
     canaries: tuple[str, ...] = DEFAULT_CANARIES
-    heartbeat_interval_ns: int = 5_000_000
-    rpc_interval_ns: int = 10_000_000
     watch_logs: tuple[str, ...] = ()
     duration_ns: int | None = None
-    stall: bool = True
-    clock: bool = True
-    kmsg: bool = True
-    stall_mode: str = "tick"
-    stall_fifo: bool = True
-    clock_period_ns: int = 10_000_000
-    clock_step_threshold_ns: int = 1_000_000
-    clock_ptp: bool = True
+    off: frozenset[str] = frozenset()
+    options: dict[str, Any] = field(default_factory=dict)
     procfs: str = "/proc"
     sysfs: str = "/sys"
     devfs: str = "/dev"
@@ -97,22 +82,38 @@ class AgentConfig:
     def enabled(self, probe: str) -> bool:
         """Whether the flags enable a probe.
 
-        :param probe: ``stall``, ``clock``, ``kmsg``, a canary or ``logwatch``.
-        :return: the flag's value: a canary when listed in --canaries, the log watcher when
-            --watch-log was given (True for other names).
+        :param probe: a name of ``agent.registry.PROBES``.
+        :return: a canary when listed in --canaries, the log watcher when --watch-log was
+            given, another probe unless switched off (True for names not registered).
         """
-        if probe in CANARY_NAMES:
+        spec = BY_NAME.get(probe)
+        if spec is not None and spec.switch == "canary":
             return probe in self.canaries
-        if probe == LOGWATCH:
+        if spec is not None and spec.switch == "log":
             return bool(self.watch_logs)
-        return bool(getattr(self, probe, True))
+        return probe not in self.off
+
+    def option(self, key: str) -> Any:
+        """A probe's option (``clock_period_ns``): as set, else its registered default.
+
+        :raise KeyError: for a key no probe registers.
+        """
+        if key in self.options:
+            return self.options[key]
+        return OPTIONS[key].default_value()
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as JSON-ready values (for the ``agent_start`` event)."""
-        return {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in dataclasses.asdict(self).items()
-        }
+        """The config as JSON-ready values (for the ``agent_start`` event): the settings,
+        each switched probe's state under its name and every option under its key."""
+        out: dict[str, Any] = {}
+        for key, value in dataclasses.asdict(self).items():
+            if key not in ("off", "options"):
+                out[key] = list(value) if isinstance(value, tuple) else value
+        for name, spec in BY_NAME.items():
+            if spec.switch == "flag":
+                out[name] = name not in self.off
+        out.update({key: self.option(key) for key in OPTIONS})
+        return out
 
 
 def online_cpus(roots: Roots) -> list[int]:

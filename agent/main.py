@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-from agent.config import LOGWATCH, AgentConfig, resolve_cpus
+from agent.config import AgentConfig, resolve_cpus
 from agent.errors import AgentError
 from agent.eventlog import (
     EventLog,
@@ -56,21 +56,19 @@ from agent.metrics import (
     ScrapeHooks,
     SyncReading,
 )
+from agent.registry import BY_NAME, LOGWATCH, PROBES
 from agent.workers import stop_fork_server
 from probe import __version__
 from probe.base import Health, Probe, now_pair
-from probe.canary import CANARY_NAMES
 from probe.errors import LogSpecError
 from probe.events import RawEvent
 from probe.logwatch import parse_log_spec
 from probe.procfs import format_cpu_list
 from probe.roots import Roots
 
-#: The ``probe`` labels each built-in probe reports in ``health()``.
+#: The ``probe`` labels each built-in probe switched by flag reports in ``health()``.
 PROBE_SOURCES: dict[str, tuple[str, ...]] = {
-    "stall": ("stall",),
-    "clock": ("clock", "adjtimex", "ptp"),
-    "kmsg": ("kmsg",),
+    spec.name: spec.labels for spec in PROBES if spec.switch == "flag"
 }
 
 #: How often ``run()`` looks for a signal.
@@ -314,7 +312,7 @@ class Agent:
         euid = os.geteuid()
         if euid != 0:
             notes.append(f"running as uid {euid}, not root")
-        if config.stall:
+        if config.enabled("stall"):
             outside = sorted(set(self.cpus) - os.sched_getaffinity(0))
             if outside:
                 notes.append(
@@ -451,34 +449,39 @@ class Agent:
         labels.extend(self.config.canaries)
         return list(dict.fromkeys(labels))
 
+    def _hook(self, hook: str) -> list[tuple[str, Any]]:
+        """(probe name, bound method) of each running probe that answers a scrape hook
+        (``agent.registry.ProbeSpec.hooks``)."""
+        out = []
+        for probe in self.probes:
+            spec = BY_NAME.get(probe.name)
+            method = getattr(probe, spec.hooks[hook], None) if spec and hook in spec.hooks else None
+            if callable(method):
+                out.append((probe.name, method))
+        return out
+
+    def _first(self, hook: str) -> Any:
+        found = self._hook(hook)
+        return found[0][1]() if found else None
+
     def _samples(self) -> Mapping[int, int] | None:
-        probe = self._probe("stall")
-        if probe is None or not callable(getattr(probe, "samples", None)):
-            return None
-        result: Mapping[int, int] = probe.samples()
+        result: Mapping[int, int] | None = self._first("samples")
         return result
 
     def _host_offset_ns(self) -> int | None:
-        probe = self._probe("clock")
-        if probe is None or not callable(getattr(probe, "host_offset_ns", None)):
-            return None
-        value = probe.host_offset_ns()
+        value = self._first("host_offset_ns")
         return value if isinstance(value, int) else None
 
     def _sync(self) -> SyncReading | None:
-        probe = self._probe("clock")
-        if probe is None or not callable(getattr(probe, "sync_state", None)):
-            return None
-        return _sync_reading(probe.sync_state())
+        found = self._hook("sync")
+        return _sync_reading(found[0][1]()) if found else None
 
     def _canary_latency(self) -> Mapping[str, Any]:
         """Each running canary's latency histogram; a canary that fails is left out."""
         out: dict[str, Any] = {}
-        for probe in self.probes:
-            latency = getattr(probe, "latency", None)
-            if probe.name in CANARY_NAMES and callable(latency):
-                with contextlib.suppress(Exception):
-                    out[probe.name] = latency()
+        for name, latency in self._hook("canary_latency"):
+            with contextlib.suppress(Exception):
+                out[name] = latency()
         return out
 
     def _app_timeout_names(self) -> list[str]:
@@ -494,10 +497,7 @@ class Agent:
         return names
 
     def _kmsg_lost(self) -> int | None:
-        probe = self._probe("kmsg")
-        if probe is None or not callable(getattr(probe, "lost", None)):
-            return None
-        value = probe.lost()
+        value = self._first("kmsg_lost")
         return value if isinstance(value, int) else None
 
     def clocksource(self) -> str | None:
@@ -505,14 +505,12 @@ class Agent:
 
         :return: e.g. ``kvm-clock``, or None when unknown.
         """
-        probe = self._probe("clock")
-        if probe is not None and callable(getattr(probe, "clocksource", None)):
-            try:
-                value = probe.clocksource()
-            except Exception:
-                value = None
-            if isinstance(value, str) and value:
-                return value
+        try:
+            value = self._first("clocksource")
+        except Exception:
+            value = None
+        if isinstance(value, str) and value:
+            return value
         return self._read_clocksource()
 
     # -- HTTP backend ------------------------------------------------------------------

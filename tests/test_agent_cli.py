@@ -177,7 +177,8 @@ def test_probe_factories(monkeypatch: pytest.MonkeyPatch) -> None:
         "clock": "not available in this install (No module named 'probe.clock')",
         "kmsg": "/dev/kmsg: permission denied",
     }
-    probes, down = cli.build_probes(AgentConfig(stall=False, kmsg=False), FIXTURE_ROOTS, [0])
+    config = AgentConfig(off=frozenset({"stall", "kmsg"}))
+    probes, down = cli.build_probes(config, FIXTURE_ROOTS, [0])
     assert probes == [] and list(down) == ["clock"]
 
 
@@ -274,3 +275,23 @@ def test_sigterm_while_the_agent_starts_stops_it_cleanly(tmp_path: Path) -> None
     health = _first_health(proc, url, time.monotonic() + 20)
     children = psutil.Process(proc.pid).children(recursive=True)
     _stopped_cleanly(proc, _sigterm(proc), children, spool, health)
+
+
+def test_every_registered_option_is_a_flag_with_its_default() -> None:
+    # One probe option lives in one place (agent.registry): its flag, its default in the
+    # config and its key in agent_start's config all come from the entry.
+    from agent.registry import PROBES
+    from probe.canary import CANARY_NAMES
+
+    assert [s.name for s in PROBES if s.switch == "canary"] == list(CANARY_NAMES)
+    help_text = " ".join(invoke("--help").output.split())
+    written = AgentConfig().to_dict()
+    for spec in PROBES:
+        if spec.switch == "flag":
+            assert f"--{spec.name} / --no-{spec.name}" in help_text
+            assert written[spec.name] is True
+        for option in spec.options:
+            assert f"--{option.flag}" in help_text
+            assert written[option.key] == option.default_value()
+            assert AgentConfig(options={option.key: "x"}).option(option.key) == "x"
+    assert written["clock_period_ns"] == 10_000_000 and written["stall_fifo"] is True
