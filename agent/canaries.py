@@ -1,21 +1,23 @@
-"""The application-timeout canaries as probes: supervised workers whose lines become events.
+r"""The application-timeout canaries as probes: supervised workers whose lines become events.
 
-Three canaries, each a probe named after itself (the ``probe`` label of
-``tsprobe_probe_up`` and the ``canary`` label of the timeout metrics); their workers are
-described in their own modules, the ladder rule in ``probe.canary``:
+Three canaries, each named after itself (the ``probe`` label of ``tsprobe_probe_up`` and
+the ``canary`` label of the timeout metrics); their workers are described in their own
+modules, the ladder rule in ``probe.canary``:
 
 ``timer`` (``TimerCanary``)
     one ``probe.canary_timer`` process per CPU: timed waits whose deadlines fire late.
-``heartbeat`` (``HeartbeatCanary``)
-    one pair of ``probe.canary_heartbeat`` processes per pair of CPUs (``heartbeat_pairs``),
-    joined by an ``AF_UNIX``/``SOCK_DGRAM`` socketpair the agent makes: each side declares
-    the other dead when it falls silent.
+``heartbeat``
+    rides the stall samplers (``agent.samplers``, ``probe.canary_heartbeat``): each CPU's
+    sampler beats on a shared board and declares its peer dead when it falls silent; no
+    process of its own.
 ``rpc`` (``RpcCanary``)
     one ``probe.canary_rpc`` server and client on the first and last CPU, over loopback
     TCP; the agent binds the listening socket on a free port.
 
-Each is an ``agent.workers.Supervisor``: a unit (a CPU's timer, a heartbeat pair, the rpc
-client and server) is started, read and restarted as one. What the probe adds:
+The timer and rpc canaries are ``agent.workers.Supervisor``\ s: a unit (a CPU's timer, the
+rpc client and server) is started, read and restarted as one. What the probe adds (the
+stall probe does the same for the heartbeat's lines, with ``timeout_event`` and
+``Histograms``):
 
 - each ``timeout`` line (one per expired timeout of a measurement, ``probe.canary``)
   becomes a ``timeout`` event: the worker's ``mono_ns`` (when the deadline fell due),
@@ -41,22 +43,21 @@ from typing import Any
 from agent.workers import Launch, Outage, Supervisor, Unit, worker_command
 from probe.base import Health
 from probe.canary import DEFAULT_LADDER_NS, LATENCY_BUCKETS_NS
-from probe.canary_heartbeat import DEFAULT_INTERVAL_NS as DEFAULT_HEARTBEAT_INTERVAL_NS
 from probe.canary_rpc import DEFAULT_INTERVAL_NS as DEFAULT_RPC_INTERVAL_NS
 from probe.canary_timer import DEFAULT_WAIT_NS
 from probe.events import RawEvent
 from probe.procfs import format_cpu_list
 
 __all__ = [
-    "DEFAULT_HEARTBEAT_INTERVAL_NS",
     "DEFAULT_RPC_INTERVAL_NS",
     "DEFAULT_WAIT_NS",
     "CanaryProbe",
-    "HeartbeatCanary",
+    "Histograms",
     "LatencySnapshot",
     "RpcCanary",
     "TimerCanary",
     "heartbeat_pairs",
+    "timeout_event",
 ]
 
 #: Worker fields that are not copied into a ``timeout`` event's kind-specific fields.
@@ -96,14 +97,65 @@ def heartbeat_pairs(cpus: Sequence[int]) -> list[tuple[int, int]]:
     return pairs
 
 
+class Histograms:
+    """A unit's latency histograms: each live process's newest, and the dead ones' total."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[list[int], int]] = {}  # pid -> (counts, sum_ns)
+        self.base_counts = [0] * (len(LATENCY_BUCKETS_NS) + 1)
+        self.base_sum = 0
+
+    def take(self, msg: dict[str, Any]) -> None:
+        """Keep a ``life`` line's histogram (``h``, ``hsum``) for its ``pid``."""
+        self.live[int(msg["pid"])] = ([int(value) for value in msg["h"]], int(msg["hsum"]))
+
+    def retire(self) -> None:
+        """The processes died: add their counts to the total."""
+        for counts, sum_ns in self.live.values():
+            for index, value in enumerate(counts[: len(self.base_counts)]):
+                self.base_counts[index] += value
+            self.base_sum += sum_ns
+        self.live = {}
+
+    def add_to(self, counts: list[int]) -> int:
+        """Add every count to ``counts``; return the sum."""
+        total = 0
+        for unit_counts, unit_sum in [(self.base_counts, self.base_sum), *self.live.values()]:
+            for index, value in enumerate(unit_counts[: len(counts)]):
+                counts[index] += value
+            total += unit_sum
+        return total
+
+
+def snapshot(histograms: Sequence[Histograms]) -> LatencySnapshot:
+    """The sum of several units' histograms."""
+    counts = [0] * (len(LATENCY_BUCKETS_NS) + 1)
+    total = sum(h.add_to(counts) for h in histograms)
+    return LatencySnapshot(tuple(counts), total)
+
+
+def timeout_event(canary: str, msg: dict[str, Any]) -> RawEvent:
+    """A worker's ``timeout`` line as a ``timeout`` event of ``canary``.
+
+    :raise ValueError: without a positive ``timeout_ns`` (the supervisor counts the line
+        as malformed).
+    """
+    mono, real = int(msg["mono_ns"]), int(msg["real_ns"])
+    duration = int(msg["duration_ns"])
+    fields: dict[str, Any] = {"canary": canary}
+    fields.update((key, value) for key, value in msg.items() if key not in _BASE)
+    timeout = fields.get("timeout_ns")
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
+        raise ValueError("timeout line without a positive 'timeout_ns'")
+    return RawEvent("timeout", mono, real, duration, fields)
+
+
 class _CanaryUnit(Unit):
-    """One canary unit; keeps each live process's histogram and the dead ones' total."""
+    """One canary unit and its processes' histograms."""
 
     def __init__(self, key: Any, label: str, cpus: Sequence[int]) -> None:
         super().__init__(key, label, cpus)
-        self.hist: dict[int, tuple[list[int], int]] = {}  # pid -> (counts, sum_ns)
-        self.base_counts = [0] * (len(LATENCY_BUCKETS_NS) + 1)
-        self.base_sum = 0
+        self.hist = Histograms()
 
 
 class CanaryProbe(Supervisor[_CanaryUnit]):
@@ -154,39 +206,19 @@ class CanaryProbe(Supervisor[_CanaryUnit]):
         :return: the counts and sum; updated about once a second per process.
         """
         with self.locked():
-            counts = [0] * (len(LATENCY_BUCKETS_NS) + 1)
-            total = 0
-            for unit in self.units().values():
-                parts = [(unit.base_counts, unit.base_sum), *unit.hist.values()]
-                for unit_counts, unit_sum in parts:
-                    for index, value in enumerate(unit_counts[: len(counts)]):
-                        counts[index] += value
-                    total += unit_sum
-            return LatencySnapshot(tuple(counts), total)
+            return snapshot([unit.hist for unit in self.units().values()])
 
     # -- the supervisor's hooks ---------------------------------------------------------
 
     def on_died(self, unit: _CanaryUnit) -> None:
-        for counts, sum_ns in unit.hist.values():
-            for index, value in enumerate(counts[: len(unit.base_counts)]):
-                unit.base_counts[index] += value
-            unit.base_sum += sum_ns
-        unit.hist = {}
+        unit.hist.retire()
 
     def on_message(self, unit: _CanaryUnit, msg: dict[str, Any]) -> list[RawEvent]:
         kind = msg.get("t")
         if kind == "life":
-            counts = [int(value) for value in msg["h"]]
-            unit.hist[int(msg["pid"])] = (counts, int(msg["hsum"]))
+            unit.hist.take(msg)
         elif kind == "timeout":
-            mono, real = int(msg["mono_ns"]), int(msg["real_ns"])
-            duration = int(msg["duration_ns"])
-            fields: dict[str, Any] = {"canary": self.name}
-            fields.update((key, value) for key, value in msg.items() if key not in _BASE)
-            timeout = fields.get("timeout_ns")
-            if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-                raise ValueError("timeout line without a positive 'timeout_ns'")
-            return [RawEvent("timeout", mono, real, duration, fields)]
+            return [timeout_event(self.name, msg)]
         return []
 
     def outage_event(
@@ -233,55 +265,6 @@ class TimerCanary(CanaryProbe):
     def launch(self, unit: _CanaryUnit) -> Launch:
         args = ["--cpu", str(unit.cpus[0]), "--wait-ns", str(self.wait_ns), *self.ladder_arg()]
         return Launch([worker_command("probe.canary_timer", args, self.python)])
-
-
-class HeartbeatCanary(CanaryProbe):
-    """Pairs of ``probe.canary_heartbeat`` sides (``name = "heartbeat"``).
-
-    :param cpus: the CPUs, paired by ``heartbeat_pairs``.
-    :param timeouts_ns: the timeout ladder.
-    :param interval_ns: the heartbeat interval (``--heartbeat-interval``).
-    :param python: the interpreter that runs the workers.
-    :raise ValueError: on no CPUs, a non-positive interval or ladder.
-    """
-
-    name = "heartbeat"
-
-    def __init__(
-        self,
-        cpus: Sequence[int],
-        timeouts_ns: Sequence[int] = DEFAULT_LADDER_NS,
-        interval_ns: int = DEFAULT_HEARTBEAT_INTERVAL_NS,
-        python: str = sys.executable,
-    ) -> None:
-        if interval_ns <= 0:
-            raise ValueError("heartbeat canary: the interval must be positive")
-        self.interval_ns = interval_ns
-        self.pairs = heartbeat_pairs(cpus)
-        units = [
-            _CanaryUnit(pair, f"cpus {format_cpu_list(sorted(set(pair)))}", pair)
-            for pair in self.pairs
-        ]
-        super().__init__(units, timeouts_ns, python)
-        if len(self.pairs) == 1 and self.pairs[0][0] == self.pairs[0][1]:
-            self._add_note(
-                self.pairs[0][0], "one CPU only: both heartbeat sides share it (no asymmetry)"
-            )
-
-    def launch(self, unit: _CanaryUnit) -> Launch:
-        cpu_a, cpu_b = unit.cpus
-        end_a, end_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        fd_a, fd_b = end_a.detach(), end_b.detach()
-        common = ["--interval-ns", str(self.interval_ns), *self.ladder_arg()]
-        argvs = [
-            worker_command(
-                "probe.canary_heartbeat",
-                ["--cpu", str(cpu), "--peer-cpu", str(peer), "--fd", str(fd), *common],
-                self.python,
-            )
-            for cpu, peer, fd in ((cpu_a, cpu_b, fd_a), (cpu_b, cpu_a, fd_b))
-        ]
-        return Launch(argvs, pass_fds=[(fd_a,), (fd_b,)], close_fds=(fd_a, fd_b))
 
 
 class RpcCanary(CanaryProbe):

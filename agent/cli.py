@@ -153,8 +153,9 @@ def _load(module: str, attr: str) -> Any:
     return load(module, attr)
 
 
-#: The built-in probes' factories, by name, in start order (``agent.registry.PROBES``).
-FACTORIES: dict[str, Factory] = {spec.name: spec.build for spec in PROBES}
+#: The built-in probes' factories, by name, in start order (``agent.registry.PROBES``);
+#: a probe that rides another (the heartbeat) is built by its carrier's.
+FACTORIES: dict[str, Factory] = {spec.name: spec.build for spec in PROBES if not spec.rides}
 
 
 def build_probes(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -71,8 +72,9 @@ PROBE_SOURCES: dict[str, tuple[str, ...]] = {
     spec.name: spec.labels for spec in PROBES if spec.switch == "flag"
 }
 
-#: How often ``run()`` looks for a signal.
-_POLL_S = 0.1
+#: How often ``run()`` looks for a signal when nothing woke it (a backstop: a signal or a
+#: stop request writes to its pipe).
+_POLL_S = 10.0
 #: The signals that stop the agent cleanly.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -158,6 +160,7 @@ class Agent:
         self._signalled = ""
         self._catching = False
         self._lock = threading.Lock()
+        self._wake_w = -1  # run()'s self-pipe, written by request_stop and signal handlers
 
     # -- accessors --------------------------------------------------------------------
 
@@ -392,6 +395,7 @@ class Agent:
         """Labels that are off on purpose: disabled probes, probes not running."""
         off: dict[str, str] = {}
         running = {probe.name for probe in self.probes}
+        running |= {s.name for s in PROBES if s.rides in running and self.config.enabled(s.name)}
         for name, sources in PROBE_SOURCES.items():
             if name not in running and name not in self.unavailable:
                 reason = (
@@ -400,7 +404,10 @@ class Agent:
                 for label in sources:
                     off[label] = reason
         for canary in self.config.canaries:
-            if canary not in running and canary not in self.unavailable:
+            carrier = BY_NAME[canary].rides if canary in BY_NAME else None
+            if carrier and not self.config.enabled(carrier):
+                off[canary] = f"disabled (rides the {carrier} probe: --no-{carrier})"
+            elif canary not in running and canary not in self.unavailable:
                 off[canary] = "not running"
         return off
 
@@ -450,14 +457,15 @@ class Agent:
         return list(dict.fromkeys(labels))
 
     def _hook(self, hook: str) -> list[tuple[str, Any]]:
-        """(probe name, bound method) of each running probe that answers a scrape hook
-        (``agent.registry.ProbeSpec.hooks``)."""
+        """(probe name, bound method) of each enabled probe that answers a scrape hook
+        (``agent.registry.ProbeSpec.hooks``; a riding probe's method is its carrier's)."""
         out = []
-        for probe in self.probes:
-            spec = BY_NAME.get(probe.name)
-            method = getattr(probe, spec.hooks[hook], None) if spec and hook in spec.hooks else None
+        for spec in PROBES:
+            if hook not in spec.hooks or not self.config.enabled(spec.name):
+                continue
+            method = getattr(self._probe(spec.rides or spec.name), spec.hooks[hook], None)
             if callable(method):
-                out.append((probe.name, method))
+                out.append((spec.name, method))
         return out
 
     def _first(self, hook: str) -> Any:
@@ -600,6 +608,13 @@ class Agent:
         if not self._stop_requested.is_set():
             self._stop_reason = reason
             self._stop_requested.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake ``run()`` (async-signal-safe: one write to a non-blocking pipe)."""
+        with contextlib.suppress(OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
 
     @contextlib.contextmanager
     def stopping_on_signals(self) -> Iterator[None]:
@@ -608,7 +623,7 @@ class Agent:
         ``tsprobe agent`` wraps ``start()`` in it too: a supervisor may send SIGTERM as soon
         as the HTTP server answers, before ``run()`` is called, and the agent must still
         stop cleanly and write ``agent_stop``. A handler only records the signal (taking a
-        lock inside a signal handler can deadlock); ``run()`` notices it within ``_POLL_S``.
+        lock inside a signal handler can deadlock) and writes a byte to ``run()``'s pipe.
         Nested use, and use from another thread, change nothing. The previous handlers come
         back on exit.
         """
@@ -618,6 +633,7 @@ class Agent:
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             self._signalled = signal.Signals(signum).name
+            self._wake()
 
         previous = {signum: signal.signal(signum, on_signal) for signum in _STOP_SIGNALS}
         self._catching = True
@@ -638,19 +654,27 @@ class Agent:
         :return: why it returned: ``duration``, ``SIGINT``, ``SIGTERM`` or the stop reason.
         """
         deadline = None if duration_ns is None else time.monotonic_ns() + max(0, duration_ns)
-        with self.stopping_on_signals():
-            while not self._stop_requested.is_set():
-                if self._signalled:
-                    self.request_stop(self._signalled)
-                    break
-                wait_s = _POLL_S
-                if deadline is not None:
-                    remaining = deadline - time.monotonic_ns()
-                    if remaining <= 0:
-                        self.request_stop("duration")
+        wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with self.stopping_on_signals():
+                while not self._stop_requested.is_set():
+                    if self._signalled:
+                        self.request_stop(self._signalled)
                         break
-                    wait_s = min(wait_s, remaining / 1e9)
-                self._stop_requested.wait(wait_s)
+                    wait_s = _POLL_S  # a backstop only: signals and stops write to the pipe
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic_ns()
+                        if remaining <= 0:
+                            self.request_stop("duration")
+                            break
+                        wait_s = min(wait_s, remaining / 1e9)
+                    if select.select([wake_r], [], [], wait_s)[0]:
+                        with contextlib.suppress(OSError):
+                            os.read(wake_r, 64)
+        finally:
+            wake_w, self._wake_w = self._wake_w, -1
+            os.close(wake_r)
+            os.close(wake_w)
         return self._stop_reason
 
     def stop(self) -> None:

@@ -76,6 +76,9 @@ class ProbeSpec:
         --canaries) or ``log`` (on when --watch-log is given).
     :param sources: the ``probe`` labels its ``health()`` reports (default: its name).
     :param hooks: ScrapeHooks field -> the probe's method that answers it.
+    :param rides: the probe that carries this one in its own workers (the heartbeat rides
+        the stall samplers): no factory call of its own; the carrier's factory reads its
+        options, its health and hooks come from the carrier.
     """
 
     name: str
@@ -85,6 +88,7 @@ class ProbeSpec:
     options: tuple[Option, ...] = ()
     sources: tuple[str, ...] = ()
     hooks: Mapping[str, str] = field(default_factory=dict)
+    rides: str | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -98,13 +102,18 @@ def load(module: str, attr: str) -> Any:
 
 
 def _stall(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    probe: Probe = load("agent.samplers", "StallProbe")(
+    samplers = importlib.import_module("agent.samplers")
+    heartbeat = None
+    if config.enabled("heartbeat"):
+        heartbeat = samplers.Heartbeat(config.option("heartbeat_interval_ns"), config.timeouts_ns)
+    probe: Probe = samplers.StallProbe(
         cpus,
         config.interval_ns,
         config.threshold_ns,
         mode=config.option("stall_mode"),
         fifo=config.option("stall_fifo"),
         roots=roots,
+        heartbeat=heartbeat,
     )
     return probe
 
@@ -126,13 +135,6 @@ def _kmsg(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
 
 def _timer(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
     probe: Probe = load("agent.canaries", "TimerCanary")(cpus, config.timeouts_ns)
-    return probe
-
-
-def _heartbeat(config: AgentConfig, roots: Roots, cpus: list[int]) -> Probe:
-    probe: Probe = load("agent.canaries", "HeartbeatCanary")(
-        cpus, config.timeouts_ns, config.option("heartbeat_interval_ns")
-    )
     return probe
 
 
@@ -176,7 +178,13 @@ PROBES: tuple[ProbeSpec, ...] = (
         "flag",
         _clock,
         (
-            Option("clock-period", "duration", "10ms", "How often the clocks are compared."),
+            Option(
+                "clock-period",
+                "duration",
+                "100ms",
+                "How often the clocks are compared (a set of the realtime clock wakes the"
+                " probe at once; 10ms at most without that timerfd).",
+            ),
             Option("clock-step-threshold", "duration", "1ms", "Smallest clock step reported."),
             Option(
                 "clock-ptp", "switch", True, "Read the host clock through ptp_kvm when present."
@@ -195,7 +203,7 @@ PROBES: tuple[ProbeSpec, ...] = (
         "heartbeat",
         "Heartbeats between two CPUs.",
         "canary",
-        _heartbeat,
+        _stall,
         (
             Option(
                 "heartbeat-interval",
@@ -204,7 +212,8 @@ PROBES: tuple[ProbeSpec, ...] = (
                 "Heartbeat canary: time between two heartbeats of a side.",
             ),
         ),
-        hooks={"canary_latency": "latency"},
+        hooks={"canary_latency": "heartbeat_latency"},
+        rides="stall",
     ),
     ProbeSpec(
         "rpc",

@@ -19,6 +19,14 @@ JSON lines on its stdout (the protocol is described in ``probe.stall``). The pro
   ""), ``attempts``. An outage is never silence: it is an event, and ``health()`` reports
   it while it lasts.
 
+With a heartbeat plan (``Heartbeat``: the ``heartbeat`` canary on), the samplers are the
+heartbeat's members too (``probe.canary_heartbeat``): the probe makes the shared board (a
+memfd, one slot per CPU, kept open while the probe runs and passed to every sampler it
+starts), pairs the CPUs (``agent.canaries.heartbeat_pairs``: each side watches the other)
+and turns the samplers' ``timeout`` lines into the heartbeat's ``timeout`` events and their
+``life`` lines into its latency histogram (``heartbeat_latency()``); its health is the
+``heartbeat`` label, up while every sampler runs and joined the board.
+
 Stall events reach ``emit`` within about a second: a sampler sends its stall lines together
 with its once-a-second heartbeat, because every wake-up of this process costs more than the
 line it carries.
@@ -32,15 +40,32 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from agent.canaries import Histograms, LatencySnapshot, heartbeat_pairs, snapshot, timeout_event
 from agent.workers import Launch, Outage, Supervisor, Unit, exit_reason, worker_command
 from probe.base import Health
+from probe.canary import DEFAULT_LADDER_NS
+from probe.canary_heartbeat import DEFAULT_INTERVAL_NS, board_size
 from probe.events import RawEvent
 from probe.roots import DEFAULT_ROOTS, Roots
 
-__all__ = ["StallProbe", "exit_reason"]
+__all__ = ["Heartbeat", "StallProbe", "exit_reason"]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The heartbeat canary's settings, for the samplers that carry it.
+
+    :param interval_ns: time between two heartbeats of a side (``--heartbeat-interval``),
+        rounded to whole sampler intervals.
+    :param timeouts_ns: the timeout ladder.
+    """
+
+    interval_ns: int = DEFAULT_INTERVAL_NS
+    timeouts_ns: Sequence[int] = DEFAULT_LADDER_NS
 
 
 class _Slot(Unit):
@@ -52,6 +77,8 @@ class _Slot(Unit):
         self.fifo: bool | None = None
         self.base_samples = 0  # samples of the samplers that died
         self.samples = 0  # samples of the current one
+        self.member: bool | None = None  # joined the heartbeat board (status line)
+        self.hist = Histograms()
 
 
 class StallProbe(Supervisor[_Slot]):
@@ -65,8 +92,9 @@ class StallProbe(Supervisor[_Slot]):
     :param fifo: ask for SCHED_FIFO in tick mode; when refused, ``notes()`` says so and the
         samplers run at SCHED_OTHER.
     :param roots: where /proc is (a fixture tree in tests); passed to the samplers.
+    :param heartbeat: carry the heartbeat canary (see the module docstring), or None.
     :param python: the interpreter that runs the samplers.
-    :raise ValueError: on an empty CPU list, a non-positive time or an unknown mode.
+    :raise ValueError: on an empty CPU list, a non-positive time or ladder, an unknown mode.
     """
 
     name = "stall"
@@ -80,10 +108,15 @@ class StallProbe(Supervisor[_Slot]):
         mode: str = "tick",
         fifo: bool = True,
         roots: Roots = DEFAULT_ROOTS,
+        heartbeat: Heartbeat | None = None,
         python: str = sys.executable,
     ) -> None:
         if not cpus:
             raise ValueError("StallProbe: no CPUs to watch")
+        if heartbeat is not None and heartbeat.interval_ns <= 0:
+            raise ValueError("heartbeat canary: the interval must be positive")
+        if heartbeat is not None and (not heartbeat.timeouts_ns or min(heartbeat.timeouts_ns) <= 0):
+            raise ValueError("heartbeat canary: the timeout ladder must be positive")
         if interval_ns <= 0 or threshold_ns <= 0:
             raise ValueError("StallProbe: interval and threshold must be positive")
         if mode not in ("tick", "spin"):
@@ -95,7 +128,16 @@ class StallProbe(Supervisor[_Slot]):
         self.fifo = fifo
         self.roots = roots
         self.python = python
+        self.heartbeat = heartbeat
+        self._board_fd = -1
+        self._peers: dict[int, list[int]] = {cpu: [] for cpu in self.cpus}
+        for a, b in heartbeat_pairs(self.cpus):
+            self._peers[a].append(b)
+            if b != a:
+                self._peers[b].append(a)
         super().__init__([_Slot(cpu) for cpu in self.cpus])
+        if heartbeat is not None and len(self.cpus) == 1:
+            self._add_note(self.cpus[0], "one CPU only: the heartbeat has no peer to watch")
 
     # -- the Probe protocol ------------------------------------------------------------
 
@@ -105,9 +147,22 @@ class StallProbe(Supervisor[_Slot]):
         :return: ``{"stall": Health}``; when down, the detail names each CPU and why.
         """
         problems = self.problems()
-        if problems:
-            return {"stall": Health(False, "; ".join(problems))}
-        return {"stall": Health(True)}
+        health = {"stall": Health(False, "; ".join(problems)) if problems else Health(True)}
+        if self.heartbeat is not None:
+            with self.locked():
+                out = [s.label for s in self.units().values() if s.member is False]
+            if out:
+                problems = [*problems, f"{', '.join(out)}: not on the heartbeat board"]
+            health["heartbeat"] = Health(False, "; ".join(problems)) if problems else Health(True)
+        return health
+
+    def heartbeat_latency(self) -> LatencySnapshot | None:
+        """The heartbeat canary's latency histogram over every sampler since the start, or
+        None when the samplers do not carry it."""
+        if self.heartbeat is None:
+            return None
+        with self.locked():
+            return snapshot([slot.hist for slot in self.units().values()])
 
     # -- extra views for the agent ------------------------------------------------------
 
@@ -152,10 +207,32 @@ class StallProbe(Supervisor[_Slot]):
         ]
         if os.path.abspath(self.roots.proc) != "/proc":
             args += ["--procfs", os.path.abspath(self.roots.proc)]
+        if self.heartbeat is not None and self._board_fd >= 0:
+            slot = self.cpus.index(cpu)
+            args += [
+                "--board-fd", str(self._board_fd),
+                "--slots", str(len(self.cpus)),
+                "--slot", str(slot),
+                "--peers", ",".join(f"{self.cpus.index(p)}:{p}" for p in self._peers[cpu]),
+                "--beat-ns", str(self.heartbeat.interval_ns),
+                "--timeouts-ns", ",".join(str(t) for t in sorted(set(self.heartbeat.timeouts_ns))),
+            ]  # fmt: skip
         return worker_command("probe.stall", args, self.python)
 
     def launch(self, unit: _Slot) -> Launch:
+        if self.heartbeat is not None and self._board_fd < 0:
+            fd = os.memfd_create("tsprobe-heartbeat", os.MFD_CLOEXEC)
+            os.ftruncate(fd, board_size(len(self.cpus)))
+            self._board_fd = fd
+        if self._board_fd >= 0:
+            return Launch([self.command(unit.cpu)], pass_fds=[(self._board_fd,)])
         return Launch([self.command(unit.cpu)])
+
+    def stop(self) -> None:
+        super().stop()
+        if self._board_fd >= 0:
+            os.close(self._board_fd)
+            self._board_fd = -1
 
     def on_spawn(self, unit: _Slot) -> None:
         unit.samples = 0
@@ -163,6 +240,7 @@ class StallProbe(Supervisor[_Slot]):
     def on_died(self, unit: _Slot) -> None:
         unit.base_samples += unit.samples
         unit.samples = 0
+        unit.hist.retire()
 
     def on_message(self, unit: _Slot, msg: dict[str, Any]) -> list[RawEvent]:
         kind = msg.get("t")
@@ -182,6 +260,11 @@ class StallProbe(Supervisor[_Slot]):
             unit.life = (int(msg["mono_ns"]), int(msg["real_ns"]))
         elif kind == "status":
             unit.fifo = bool(msg.get("fifo"))
+            unit.member = bool(msg.get("heartbeat")) if self.heartbeat is not None else None
+        elif kind == "timeout" and self.heartbeat is not None:
+            return [timeout_event("heartbeat", msg)]
+        elif kind == "life":
+            unit.hist.take(msg)
         return []
 
     def outage_event(

@@ -58,7 +58,7 @@ import os
 import time
 from bisect import bisect_left
 
-from probe.worker import json_int, json_ints, json_str
+from probe.worker import FLUSH_AFTER_NS, json_int, json_ints, json_str
 
 #: ``typing.TYPE_CHECKING`` without importing ``typing``.
 TYPE_CHECKING = False
@@ -227,6 +227,7 @@ class Reporter:
                 f'{{"t":"timeout","mono_ns":{due},"real_ns":{real_now - (now_ns - due)},'
                 f'"duration_ns":{late},"timeout_ns":{timeout},"cpu":{self.cpu}{extra}}}\n'
             )
+        self.next_life = min(self.next_life, now_ns + FLUSH_AFTER_NS)
         if len(self._pending) >= MAX_PENDING:
             self.flush()
 

@@ -1,4 +1,4 @@
-"""The ``heartbeat`` canary: two processes on two CPUs that each watch the other one live.
+"""The ``heartbeat`` canary: each CPU's stall sampler beats, and watches a peer CPU's beats.
 
 What it models
     Cluster membership (corosync, etcd, Pacemaker, a database's replica set): each member
@@ -9,20 +9,20 @@ What it models
     measures that, for every timeout ``T`` of the ladder at once.
 
 How
-    The agent makes an ``AF_UNIX``/``SOCK_DGRAM`` socketpair and starts one side on each
-    CPU of a pair, each with one end (``--fd``). Every ``--interval-ns`` (default 5 ms) a
-    side wakes up (``time.sleep`` to an absolute schedule, no catch-up burst after a
-    stall) and, in this order:
+    The members are the per-CPU stall samplers (``probe.stall``): they wake every
+    millisecond anyway, so the heartbeat costs no wake-up of its own. The agent pairs the
+    CPUs (``agent.samplers.heartbeat_pairs``) and gives every sampler the same shared
+    page (a memfd, ``Board``): one slot per CPU holding a sequence number and the send
+    times of its last ``RING`` heartbeats. Every ``--beat-ns`` (default 5 ms; and at every
+    late wake-up, so a side coming back from a stall is heard again at once) a sampler
+    (``Side.beat``):
 
-    1. sends its own heartbeat: 16 bytes, its CLOCK_MONOTONIC now and its sequence
-       number. First, so a side coming back from a stall is heard again at once, not after
-       it worked through the backlog below (about 140 heartbeats after a 700 ms stall,
-       30-70 ms of a TCG guest's time). A full socket (the peer has not read for a long
-       time) drops it, and a refused one (the peer's end is closed) ends the process: the
-       agent restarts the pair.
-    2. reads every heartbeat that arrived (non-blocking).
-    3. judges the silence. ``last`` is the send time of the newest heartbeat heard before
-       this wake-up, ``prev`` the previous wake-up. If something new arrived:
+    1. beats: writes CLOCK_MONOTONIC now into its ring, then its new sequence number
+       (8-byte stores, in that order: a reader that sees the number sees the time);
+    2. reads every heartbeat of each peer since the last one it read (a ring that wrapped
+       loses the oldest: they count as dropped);
+    3. judges the silence (``Watcher``). ``last`` is the send time of the newest heartbeat
+       heard before this wake-up, ``prev`` the previous wake-up. If something new arrived:
        ``seen = prev - last`` is the longest silence this side saw while it ran (at
        ``prev`` it was awake and had heard nothing newer than ``last``), and
        ``gone = first - last`` is how long the peer did not send (``first``: the send time
@@ -34,57 +34,72 @@ How
 
     Reading before judging makes the asymmetry visible: a side that was itself stalled finds
     its peer's heartbeats waiting when it wakes up, so it declares nothing (it was deaf,
-    the peer was not silent); its own stall is the ``timer`` canary's business. When both
-    CPUs stall together neither side sees a silence while it runs, so neither declares.
+    the peer was not silent); its own stall is the sampler's business. When both CPUs
+    stall together neither side sees a silence while it runs, so neither declares.
+
+    A member runs at the sampler's priority: SCHED_FIFO when permitted, as corosync runs
+    its own at a real-time priority; an ordinary task on the CPU does not silence it, a
+    stalled vCPU does.
 
     The latency histogram gets every gap between two consecutive heartbeats of the peer by
-    their send times (normally the interval), except across dropped heartbeats.
+    their send times (normally the beat interval), except across dropped heartbeats.
 
-Cost
-    Each side wakes up once per interval and never for an arriving heartbeat (it reads them
-    at its next wake-up), so a pair costs 2 wake-ups per interval: 400 a second at 5 ms,
-    about 9 ms of CPU per second per side here. The price is that ``seen`` is measured in
-    steps of one interval; ``gone`` comes from the send times and is exact to the peer's own
-    wake-ups.
-
-Usage (the agent passes the descriptor)::
-
-    python -m probe.canary_heartbeat --cpu 0 --peer-cpu 1 --fd 3 --interval-ns 5000000
+A sampler that restarts reads its slot's sequence number and goes on from it; a peer whose
+number goes back (a board re-made) is heard afresh, with no verdict on the gap.
 """
 
 from __future__ import annotations
 
-import errno
-import gc
-import os
-import sys
-import time
+import mmap
 
-from probe.canary import DEFAULT_LADDER_NS, Reporter, outlived
-from probe.worker import (
-    WorkerUsageError,
-    error_line,
-    int_list_option,
-    int_option,
-    parse_options,
-    pin,
-    status_line,
-    usage_exit,
-    write_stdout,
-)
+from probe.canary import Reporter, outlived
+
+#: ``typing.TYPE_CHECKING`` without importing ``typing`` (the samplers' footprint).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT_INTERVAL_NS = 5_000_000
-#: Bytes of one heartbeat: send time (8) and sequence number (8), little-endian.
-MESSAGE_SIZE = 16
-
-USAGE = (
-    "usage: python -m probe.canary_heartbeat --cpu N --peer-cpu N --fd FD"
-    " [--interval-ns NS] [--timeouts-ns NS,NS,...]"
-)
+#: Heartbeats kept per slot: a reader more than this many behind loses the oldest.
+RING = 64
+#: int64 words per slot: the sequence number, then the ring.
+SLOT_WORDS = 1 + RING
 
 
-class PeerGone(Exception):
-    """The peer's end of the socketpair is closed."""
+def board_size(slots: int) -> int:
+    """Bytes of a board with this many slots (one per CPU)."""
+    return slots * SLOT_WORDS * 8
+
+
+class Board:
+    """The shared page: one slot per CPU, each its sequence number and its last send times.
+
+    :param fd: the board's file (a memfd the agent made, ``board_size`` bytes or more).
+    :param slots: how many slots it holds.
+    """
+
+    def __init__(self, fd: int, slots: int) -> None:
+        self._map = mmap.mmap(fd, board_size(slots))
+        self.words = memoryview(self._map).cast("q")
+
+    def seq(self, slot: int) -> int:
+        """The slot's newest sequence number (0: never beaten)."""
+        return int(self.words[slot * SLOT_WORDS])
+
+    def beat(self, slot: int, seq: int, now_ns: int) -> None:
+        """Publish heartbeat ``seq`` sent at ``now_ns``: the time first, then the number."""
+        base = slot * SLOT_WORDS
+        self.words[base + 1 + seq % RING] = now_ns
+        self.words[base] = seq
+
+    def since(self, slot: int, seq: int) -> list[tuple[int, int]]:
+        """The slot's heartbeats after ``seq``, oldest first, as (send time, sequence); at
+        most ``RING`` of them (the older ones are gone)."""
+        base = slot * SLOT_WORDS
+        newest = int(self.words[base])
+        first = max(seq + 1, newest - RING + 1, 1)
+        words = self.words
+        return [(int(words[base + 1 + n % RING]), n) for n in range(first, newest + 1)]
 
 
 class Watcher:
@@ -139,116 +154,42 @@ class Watcher:
         self.prev_wake_ns = now_ns
 
 
-def read_heartbeats(fd: int) -> list[tuple[int, int]]:
-    """Read every heartbeat waiting on the non-blocking socket.
+class Side:
+    """One sampler's membership: its slot, and a ``Watcher`` per peer it watches.
 
-    :param fd: this side's end.
-    :return: (send time, sequence) pairs, in arrival order.
+    :param board: the shared board.
+    :param slot: this CPU's slot.
+    :param peers: (slot, CPU) of each peer it watches.
+    :param ladder: the timeouts, ascending.
+    :param reporter: where its lines go (the sampler's own batch).
     """
-    out: list[tuple[int, int]] = []
-    while True:
-        try:
-            data = os.read(fd, 64)
-        except BlockingIOError:
-            return out
-        if len(data) >= MESSAGE_SIZE:
-            out.append((int.from_bytes(data[0:8], "little"), int.from_bytes(data[8:16], "little")))
 
+    def __init__(
+        self,
+        board: Board,
+        slot: int,
+        peers: Sequence[tuple[int, int]],
+        ladder: list[int],
+        reporter: Reporter,
+    ) -> None:
+        self.board = board
+        self.slot = slot
+        self.reporter = reporter
+        self.seq = board.seq(slot)  # a restarted sampler goes on from its last number
+        self.watchers = [(peer_slot, Watcher(ladder, reporter, cpu)) for peer_slot, cpu in peers]
+        self.heard = [board.seq(peer_slot) for peer_slot, _ in peers]
 
-def send(fd: int, seq: int) -> bool:
-    """Send one heartbeat stamped now.
-
-    :param fd: this side's end.
-    :param seq: its sequence number.
-    :raise PeerGone: when the peer's end is closed.
-    :return: False when the socket was full and the heartbeat was dropped.
-    """
-    message = time.monotonic_ns().to_bytes(8, "little") + seq.to_bytes(8, "little")
-    try:
-        os.write(fd, message)
-    except BlockingIOError:
-        return False
-    except OSError as err:
-        if err.errno in (errno.ECONNREFUSED, errno.EPIPE, errno.ENOTCONN):
-            raise PeerGone(f"the peer's end is closed ({err.strerror})") from err
-        raise
-    return True
-
-
-def run(fd: int, interval_ns: int, watcher: Watcher) -> None:
-    """Wake, send, read, judge, forever.
-
-    :param fd: this side's end (non-blocking).
-    :param interval_ns: the heartbeat interval.
-    :param watcher: the judge.
-    :raise PeerGone: when the peer's end is closed.
-    """
-    reporter = watcher.reporter
-    mono = time.monotonic_ns
-    sleep = time.sleep
-    seq = 0
-    dropped = 0
-    gc.collect()
-    gc.freeze()
-    next_wake = mono()
-    while True:
-        now = mono()
-        if next_wake > now:
-            sleep((next_wake - now) / 1e9)
-            now = mono()
-        seq += 1
-        if not send(fd, seq):
-            dropped += 1
-        watcher.wake(now, read_heartbeats(fd))
-        next_wake += interval_ns
-        if next_wake <= now:
-            next_wake = now + interval_ns  # after a stall: carry on, no burst
-        if now >= reporter.next_life:
-            reporter.life(now, dropped=dropped)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one side: pin, send the status line, exchange heartbeats until killed.
-
-    :param argv: the arguments (default ``sys.argv[1:]``).
-    :return: 2 on a usage error, 1 when the CPU cannot be used or the peer is gone, 0 when
-        the agent went away.
-    """
-    try:
-        values = parse_options(
-            sys.argv[1:] if argv is None else argv,
-            ("--cpu", "--peer-cpu", "--fd", "--interval-ns", "--timeouts-ns"),
-        )
-        cpu = int_option(values, "--cpu")
-        peer_cpu = int_option(values, "--peer-cpu")
-        fd = int_option(values, "--fd")
-        interval_ns = int_option(values, "--interval-ns", DEFAULT_INTERVAL_NS)
-        ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
-        if cpu < 0 or peer_cpu < 0 or fd < 0 or interval_ns <= 0:
-            raise WorkerUsageError("CPUs and --fd must not be negative, --interval-ns positive")
-    except WorkerUsageError as err:
-        return usage_exit("probe.canary_heartbeat", err, USAGE)
-    try:
-        try:
-            pin(cpu)
-            os.set_blocking(fd, False)
-        except OSError as err:
-            write_stdout(error_line(f"cannot run on cpu {cpu} with fd {fd}: {err.strerror}"))
-            return 1
-        write_stdout(status_line(cpu, [], peer_cpu=peer_cpu, interval_ns=interval_ns))
-        reporter = Reporter(write_stdout, cpu)
-        try:
-            run(fd, interval_ns, Watcher(ladder, reporter, peer_cpu))
-        except PeerGone as err:
-            reporter.flush()
-            write_stdout(error_line(str(err)))
-            return 1
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return 0  # pragma: no cover - run() never returns
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def beat(self, now_ns: int) -> None:
+        """Beat, read each peer's new heartbeats, judge (see the module docstring)."""
+        self.seq += 1
+        board = self.board
+        board.beat(self.slot, self.seq, now_ns)
+        for k, (peer_slot, watcher) in enumerate(self.watchers):
+            newest = board.seq(peer_slot)
+            if newest < self.heard[k]:  # the board was made anew: start over
+                watcher.last_ns, watcher.last_seq = None, -2
+                self.heard[k] = 0
+            beats = board.since(peer_slot, self.heard[k]) if newest != self.heard[k] else []
+            if beats:
+                self.heard[k] = beats[-1][1]
+            watcher.wake(now_ns, beats)

@@ -20,9 +20,11 @@ pairs). A change above the threshold (1 ms) is a ``clock_step`` event::
 
 A timerfd on CLOCK_REALTIME armed with ``TFD_TIMER_CANCEL_ON_SET`` wakes the probe as soon
 as the clock is set, so a step is seen (and stamped) within microseconds rather than at the
-next period, and two opposite steps inside one period are not lost. Without it (an old
-kernel, seccomp) the probe still finds every step that outlives a period, and says so in
-its health detail.
+next period, and two opposite steps inside one period are not lost. With it the period only
+bounds how late a BOOTTIME step (a suspend) and a set the timerfd missed are seen, so the
+agent's default is 100 ms; without it (an old kernel, seccomp) the probe compares every
+``fallback_period_ns`` (10 ms) at the longest, finds every step that outlives that, and
+says so in its health detail.
 
 About once a second (``slow_period_ns``) the probe also
 
@@ -385,6 +387,7 @@ class ClockProbe:
         slow_period_ns: int = 1_000_000_000,
         max_bracket_ns: int = MAX_BRACKET_NS,
         timerfd: bool = True,
+        fallback_period_ns: int = 10_000_000,
     ) -> None:
         """Configure the probe; nothing runs before ``start``.
 
@@ -397,9 +400,10 @@ class ClockProbe:
         :param slow_period_ns: how often clocksource, adjtimex and ptp are read (about 1 s).
         :param max_bracket_ns: clock pairs with a longer bracket are dropped.
         :param timerfd: wake on realtime sets with a TFD_TIMER_CANCEL_ON_SET timerfd.
+        :param fallback_period_ns: the longest period without that timerfd.
         :raise ValueError: when a period or the threshold is not positive.
         """
-        if period_ns <= 0 or slow_period_ns <= 0:
+        if period_ns <= 0 or slow_period_ns <= 0 or fallback_period_ns <= 0:
             raise ValueError("periods must be positive")
         if step_threshold_ns <= 0:
             raise ValueError(f"step_threshold_ns must be positive, got {step_threshold_ns}")
@@ -407,6 +411,7 @@ class ClockProbe:
         self.step_threshold_ns = step_threshold_ns
         self.roots = roots
         self.slow_period_ns = slow_period_ns
+        self.fallback_period_ns = fallback_period_ns
         self.max_bracket_ns = max_bracket_ns
         self._use_ptp = ptp
         self._use_adjtimex = adjtimex
@@ -602,6 +607,8 @@ class ClockProbe:
     def _loop(self) -> None:
         monotonic = time.monotonic_ns
         period = self.period_ns
+        if self._watch is None:
+            period = min(period, self.fallback_period_ns)
         fds = [self._wake_r]
         if self._watch is not None:
             fds.append(self._watch.fd)

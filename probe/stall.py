@@ -44,9 +44,10 @@ Talking to the parent (``agent.samplers``)
     consumed so far; ``mono_ns``/``real_ns``: a sign of life), ``stall`` per gap
     (``mono_ns``/``real_ns`` at the gap's start, ``duration_ns``, ``cause``, ``run_delay_ns``,
     ``steal_ns``, ``expirations``), ``note`` when a counter fails later, and ``error`` before
-    exiting when set-up fails. Stall and note lines wait for the next heartbeat and go out
-    with it in one write (or earlier when ``MAX_PENDING`` pile up): each line that wakes
-    the parent costs it about 0.1 ms of CPU here, and events a second late lose nothing.
+    exiting when set-up fails. Stall and note lines wait for the next ``samples`` line and
+    go out with it in one write (or earlier when ``MAX_PENDING`` pile up): each line that
+    wakes the parent costs it about 0.1 ms of CPU here. A stall brings that line forward to
+    ``probe.worker.FLUSH_AFTER_NS`` (250 ms) after it, so no event waits longer.
     The sampler exits when its stdout is closed (at its next write).
 
 Footprint
@@ -76,16 +77,27 @@ import os
 import sys
 import time
 
-from probe.errors import ParseError, ProbeError
+from probe.errors import ParseError
 from probe.procfs import TICK_NS, parse_schedstat, parse_steal
+from probe.worker import (
+    FLUSH_AFTER_NS,
+    WorkerUsageError,
+    error_line,
+    int_list_option,
+    int_option,
+    json_str,
+    parse_options,
+    usage_exit,
+)
 from probe.worker import json_int as _json_int
-from probe.worker import json_str
 from probe.worker import write_stdout as _write_stdout
 
 #: ``typing.TYPE_CHECKING`` without importing ``typing`` (see Footprint above).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from probe.canary_heartbeat import Side
 
 #: Cause hints (``probe.events.STALL_CAUSES`` plus ``unknown`` for a missing counter).
 GUEST_SCHED = "guest-sched"
@@ -105,17 +117,36 @@ FIFO_PRIORITY = 1
 USAGE = (
     "usage: python -m probe.stall --cpu N [--interval-ns NS] [--threshold-ns NS]"
     " [--mode tick|spin] [--fifo|--no-fifo] [--procfs ROOT]"
+    " [--board-fd FD --slots N --slot N --peers SLOT:CPU,... --beat-ns NS --timeouts-ns LIST]"
 )
 
+#: The options that take a value (the heartbeat's from ``--board-fd`` on).
+_VALUED = (
+    "--cpu", "--interval-ns", "--threshold-ns", "--mode", "--procfs",
+    "--board-fd", "--slots", "--slot", "--peers", "--beat-ns", "--timeouts-ns",
+)  # fmt: skip
 
-class UsageError(ProbeError):
-    """The sampler's command line is wrong."""
+#: The sampler's command line is wrong (``probe.worker``'s usage error).
+UsageError = WorkerUsageError
 
 
 class Options:
-    """The sampler's settings (see ``parse_args``)."""
+    """The sampler's settings (see ``parse_args``); ``board_fd`` -1: no heartbeat."""
 
-    __slots__ = ("cpu", "fifo", "interval_ns", "mode", "procfs", "threshold_ns")
+    __slots__ = (
+        "beat_ns",
+        "board_fd",
+        "cpu",
+        "fifo",
+        "interval_ns",
+        "ladder",
+        "mode",
+        "peers",
+        "procfs",
+        "slot",
+        "slots",
+        "threshold_ns",
+    )
 
     def __init__(
         self,
@@ -132,43 +163,29 @@ class Options:
         self.mode = mode
         self.fifo = fifo
         self.procfs = procfs
+        self.board_fd = -1
+        self.slots = self.slot = 0
+        self.peers: list[tuple[int, int]] = []
+        self.beat_ns = 5_000_000
+        self.ladder: list[int] = []
 
 
 def parse_args(argv: list[str]) -> Options:
-    """Parse the sampler's command line (argparse is avoided to keep the process small).
+    """Parse the sampler's command line (``probe.worker``'s parser: no argparse, to keep the
+    process small).
 
     :param argv: the arguments, without the program name; ``--name value`` or ``--name=value``.
     :raise UsageError: on an unknown option, a missing or invalid value, or no ``--cpu``.
-    :return: the options.
+    :return: the options (with ``--board-fd``, the heartbeat's too).
     """
-    values: dict[str, str] = {}
-    fifo = True
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--fifo", "--no-fifo"):
-            fifo = arg == "--fifo"
-            continue
-        name, eq, value = arg.partition("=")
-        if name not in ("--cpu", "--interval-ns", "--threshold-ns", "--mode", "--procfs"):
-            raise UsageError(f"unknown option {arg!r}")
-        if not eq:
-            if not args:
-                raise UsageError(f"option {name} needs a value")
-            value = args.pop(0)
-        values[name] = value
-    if "--cpu" not in values:
-        raise UsageError("--cpu is required")
-    numbers: dict[str, int] = {}
-    for name in ("--cpu", "--interval-ns", "--threshold-ns"):
-        if name in values:
-            try:
-                numbers[name] = int(values[name])
-            except ValueError:
-                raise UsageError(f"{name} needs an integer, got {values[name]!r}") from None
-    opts = Options(numbers["--cpu"], fifo=fifo)
-    opts.interval_ns = numbers.get("--interval-ns", opts.interval_ns)
-    opts.threshold_ns = numbers.get("--threshold-ns", opts.threshold_ns)
+    values = parse_options(
+        argv,
+        _VALUED,
+        ("--fifo", "--no-fifo"),
+    )
+    opts = Options(int_option(values, "--cpu"), fifo="--no-fifo" not in values)
+    opts.interval_ns = int_option(values, "--interval-ns", opts.interval_ns)
+    opts.threshold_ns = int_option(values, "--threshold-ns", opts.threshold_ns)
     opts.mode = values.get("--mode", opts.mode)
     opts.procfs = values.get("--procfs", opts.procfs)
     if opts.cpu < 0:
@@ -177,7 +194,31 @@ def parse_args(argv: list[str]) -> Options:
         raise UsageError("--interval-ns and --threshold-ns must be positive")
     if opts.mode not in ("tick", "spin"):
         raise UsageError(f"--mode must be tick or spin, got {opts.mode!r}")
+    if "--board-fd" in values:
+        opts.board_fd = int_option(values, "--board-fd")
+        opts.slots = int_option(values, "--slots")
+        opts.slot = int_option(values, "--slot")
+        opts.beat_ns = int_option(values, "--beat-ns", opts.beat_ns)
+        opts.ladder = int_list_option(values, "--timeouts-ns", (10_000_000,))
+        opts.peers = _peers(values.get("--peers", ""), opts.slots)
+        if opts.board_fd < 0 or not 0 <= opts.slot < opts.slots or opts.beat_ns <= 0:
+            raise UsageError("bad --board-fd, --slot or --beat-ns")
     return opts
+
+
+def _peers(text: str, slots: int) -> list[tuple[int, int]]:
+    """``SLOT:CPU,...`` -> [(slot, cpu)]; each slot within the board."""
+    out = []
+    for item in filter(None, text.split(",")):
+        slot, _, cpu = item.partition(":")
+        try:
+            peer = (int(slot), int(cpu))
+        except ValueError:
+            raise UsageError(f"--peers: not SLOT:CPU: {item!r}") from None
+        if not 0 <= peer[0] < slots or peer[1] < 0:
+            raise UsageError(f"--peers: {item!r} outside the board")
+        out.append(peer)
+    return out
 
 
 def classify(
@@ -290,6 +331,23 @@ class Sampler:
         self._notes_sent = len(counters.notes)
         self._run_delay0 = counters.run_delay()
         self._steal0 = counters.steal()
+        #: The heartbeat canary's member on this CPU (``join_heartbeat``), or None.
+        self.side: Side | None = None
+
+    def join_heartbeat(self) -> None:
+        """Become this CPU's heartbeat member (``probe.canary_heartbeat``) on the board the
+        options name; its lines go out with this sampler's.
+
+        :raise OSError: when the board cannot be mapped.
+        """
+        from probe.canary import Reporter
+        from probe.canary_heartbeat import Board, Side
+
+        opts = self.opts
+        reporter = Reporter(self._pending.append, opts.cpu)
+        self.side = Side(
+            Board(opts.board_fd, opts.slots), opts.slot, opts.peers, opts.ladder, reporter
+        )
 
     def stall(self, start_mono: int, now_mono: int, expirations: int) -> None:
         """Report one gap from ``start_mono`` to ``now_mono`` and refresh the baselines.
@@ -327,6 +385,8 @@ class Sampler:
         :param samples: iterations (tick: timer expirations) so far.
         :param now_mono: CLOCK_MONOTONIC now.
         """
+        if self.side is not None:
+            self.side.reporter.life(now_mono)  # the heartbeat canary's sign of life
         self._pending.append(
             f'{{"t":"samples","n":{samples},"mono_ns":{now_mono},"real_ns":{time.time_ns()}}}\n'
         )
@@ -374,6 +434,12 @@ class Sampler:
         interval = self.opts.interval_ns
         threshold = self.opts.threshold_ns
         per_house = max(1, min(200, HOUSEKEEPING_NS // interval))
+        side = self.side
+        # Wakes that read the clock on time: every housekeeping, or every heartbeat beat.
+        per_slow = per_house
+        if side is not None:
+            per_slow = max(1, min(per_house, self.opts.beat_ns // interval))
+        slow_per_house = max(1, per_house // per_slow)
         buf = bytearray(8)
         bufs = [buf]
         order = sys.byteorder
@@ -381,7 +447,8 @@ class Sampler:
         # so then no wake takes the fast path (b"" never equals the 8-byte buffer).
         one = (1).to_bytes(8, order) if threshold >= 2 * interval else b""
         done = 0  # expirations consumed up to the last wake that read the clock
-        left = since = per_house  # countdown of wakes to the next housekeeping
+        left = since = per_slow  # countdown of wakes to the next slow one on time
+        house = slow_per_house  # countdown of those to the next housekeeping
         beat_due = first - interval + HEARTBEAT_NS
         last_now = first - interval  # a virtual previous wake, on the grid
         while True:
@@ -398,11 +465,20 @@ class Sampler:
             prev = first + (before - 1) * interval  # grid point of the previous wake
             if prev < last_now:
                 prev = last_now  # the previous wake read the clock: its time is exact
+            if side is not None:
+                side.beat(now)  # every wake that reads the clock: at once after a stall
+                if side.reporter.next_life < beat_due:
+                    beat_due = side.reporter.next_life  # a heartbeat timeout is waiting
             if now - prev > threshold:
                 self.stall(prev, now, n)
+                if now + FLUSH_AFTER_NS < beat_due:
+                    beat_due = now + FLUSH_AFTER_NS
             if not left:
-                left = per_house
-                self.refresh()
+                left = per_slow
+                house -= 1
+                if not house:
+                    house = slow_per_house
+                    self.refresh()
             if now >= beat_due:
                 beat_due = now + HEARTBEAT_NS
                 self.heartbeat(done, now)
@@ -418,11 +494,18 @@ class Sampler:
         beats = beats_per = max(1, HEARTBEAT_NS // HOUSEKEEPING_NS)
         prev = mono()
         house_at = prev + HOUSEKEEPING_NS
+        side = self.side
+        beat_ns = self.opts.beat_ns
+        beat_at = prev if side is not None else 1 << 62
         while True:
             now = mono()
             count += 1
+            if now >= beat_at and side is not None:
+                side.beat(now)
+                beat_at = now + beat_ns
             if now - prev > threshold:
                 self.stall(prev, now, 1)
+                beats = min(beats, 1 + FLUSH_AFTER_NS // HOUSEKEEPING_NS)
                 now = mono()
             elif now >= house_at:
                 house_at = now + HOUSEKEEPING_NS
@@ -465,23 +548,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
-        sys.stderr.write(f"probe.stall: {err}\n{USAGE}\n")
-        return 2
+        return usage_exit("probe.stall", err, USAGE)
     try:
         try:
             fifo, notes = _setup(opts)
         except OSError as err:
-            msg = json_str(f"cannot run on cpu {opts.cpu}: {err.strerror}")
-            _write_stdout(f'{{"t":"error","msg":{msg}}}\n')
+            _write_stdout(error_line(f"cannot run on cpu {opts.cpu}: {err.strerror}"))
             return 1
         pid = os.getpid()
         counters = Counters(opts.procfs, opts.cpu, pid)
         all_notes = notes + counters.notes
         sampler = Sampler(opts, counters, _write_stdout)
+        if opts.board_fd >= 0:
+            try:
+                sampler.join_heartbeat()
+            except (OSError, ValueError) as err:
+                all_notes.append(f"cannot map the heartbeat board ({err}): no heartbeat canary")
         _write_stdout(
             f'{{"t":"status","pid":{pid},"cpu":{opts.cpu},"mode":"{opts.mode}",'
             f'"interval_ns":{opts.interval_ns},"threshold_ns":{opts.threshold_ns},'
-            f'"fifo":{"true" if fifo else "false"},"mono_ns":{time.monotonic_ns()},'
+            f'"fifo":{"true" if fifo else "false"},'
+            f'"heartbeat":{"true" if sampler.side is not None else "false"},'
+            f'"mono_ns":{time.monotonic_ns()},'
             f'"real_ns":{time.time_ns()},"notes":[{",".join(json_str(n) for n in all_notes)}]}}\n'
         )
         if opts.mode == "spin":

@@ -30,13 +30,21 @@ import os
 import sys
 import time
 
+from probe.errors import ProbeError
+
 #: ``typing.TYPE_CHECKING`` without importing ``typing`` (see the footprint note above).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 
-class WorkerUsageError(Exception):
+#: A worker sends its lines with its once-a-second sign of life, but never holds an event
+#: longer than this: the first event of a batch brings the next sign of life forward, so
+#: events reach the agent within about a quarter second (and the host within a second).
+FLUSH_AFTER_NS = 250_000_000
+
+
+class WorkerUsageError(ProbeError):
     """A worker's command line is wrong (the worker prints it and exits with status 2)."""
 
 

@@ -1,8 +1,9 @@
 """The application-timeout canaries: the ladder rules on numbers, then real canaries frozen.
 
-The known-workload tests stop canary processes with SIGSTOP for 1.3 s and expect the
-timeouts of the default ladder that a 1.3 s stall expires (10 ms, 100 ms, 1 s) and none
-of the others (5 s, 30 s). This machine adds stalls of its own (other tenants' work makes
+The known-workload tests stop canary processes (and, for the heartbeat, which rides the
+stall samplers, the victim CPU's sampler) with SIGSTOP for 1.3 s and expect the timeouts
+of the default ladder that a 1.3 s stall expires (10 ms, 100 ms, 1 s) and none of the
+others (5 s, 30 s). This machine adds stalls of its own (other tenants' work makes
 SCHED_OTHER processes wait tens of ms at times), so events are matched to the frozen window
 rather than counted overall.
 """
@@ -24,13 +25,13 @@ import psutil
 import pytest
 
 from agent.canaries import (
-    HeartbeatCanary,
     LatencySnapshot,
     RpcCanary,
     TimerCanary,
     heartbeat_pairs,
 )
 from agent.metrics import AgentMetrics, ScrapeHooks
+from agent.samplers import Heartbeat, StallProbe
 from agent.workers import worker_command
 from probe.canary import (
     DEFAULT_LADDER_NS,
@@ -247,7 +248,6 @@ def test_worker_options() -> None:
     ("module", "args"),
     [
         ("probe.canary_timer", ["--cpu", "100000"]),
-        ("probe.canary_heartbeat", ["--cpu", "100000", "--peer-cpu", "0", "--fd", "0"]),
         (
             "probe.canary_rpc",
             ["--role", "client", "--cpu", "100000", "--server-cpu", "0", "--port", "9"],
@@ -269,10 +269,12 @@ def test_canaries_reject_bad_settings() -> None:
     with pytest.raises(ValueError, match="ladder"):
         TimerCanary([0], timeouts_ns=[0])
     with pytest.raises(ValueError, match="interval"):
-        HeartbeatCanary([0, 1], interval_ns=0)
+        StallProbe([0, 1], heartbeat=Heartbeat(interval_ns=0))
+    with pytest.raises(ValueError, match="ladder"):
+        StallProbe([0, 1], heartbeat=Heartbeat(timeouts_ns=()))
     with pytest.raises(ValueError, match="interval"):
         RpcCanary([0], interval_ns=-1)
-    assert any("one CPU only" in note for note in HeartbeatCanary([0]).notes())
+    assert any("one CPU only" in note for note in StallProbe([0], heartbeat=Heartbeat()).notes())
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -377,8 +379,9 @@ def _wait_for(condition: Any, timeout_s: float) -> bool:
 def frozen() -> Iterator[FrozenRun]:
     """The three canaries; their processes on the second CPU stopped for 1.3 s.
 
-    The timer canary, the heartbeat side and the rpc server of the second CPU are stopped
-    together. A freeze is repeated (up to ``ATTEMPTS``) until the heartbeat canary reports
+    The timer canary, the stall sampler carrying the heartbeat side and the rpc server of
+    the second CPU are stopped together. A freeze is repeated (up to ``ATTEMPTS``) until the
+    heartbeat canary reports
     the side gone within ``GONE_TOLERANCE_NS`` of the freeze: this machine's other tenants
     can hold the side back for tens of ms right before the stop or after the continue.
     """
@@ -386,7 +389,11 @@ def frozen() -> Iterator[FrozenRun]:
         pytest.skip("needs two CPUs: the frozen side and its observer")
     observer, victim = CPUS[0], CPUS[1]  # the heartbeat pair of the first two CPUs
     recorder = EventSink()
-    probes = [TimerCanary(CPUS), HeartbeatCanary(CPUS[:2]), RpcCanary([observer, victim])]
+    probes = [
+        TimerCanary(CPUS),
+        StallProbe(CPUS[:2], heartbeat=Heartbeat()),
+        RpcCanary([observer, victim]),
+    ]
     for probe in probes:
         probe.start(recorder.emit)
     run = FrozenRun(victim, observer)
@@ -397,7 +404,7 @@ def frozen() -> Iterator[FrozenRun]:
         timer, heartbeat, rpc = probes
         pids = [
             timer.pids()[victim][0],
-            heartbeat.pids()[(observer, victim)][1],  # the side on the victim CPU
+            heartbeat.pids()[victim][0],  # the sampler carrying the victim CPU's side
             rpc.pids()[(observer, victim)][0],  # the server
         ]
         for _ in range(ATTEMPTS):
@@ -489,29 +496,36 @@ def test_frozen_canaries_stay_healthy(frozen: FrozenRun) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_heartbeat_side_restarts_the_pair_with_an_outage_event() -> None:
+def test_a_killed_sampler_is_replaced_and_its_heartbeat_goes_on() -> None:
     recorder = EventSink()
-    probe = HeartbeatCanary(CPUS[:2])
+    probe = StallProbe(CPUS[:2], heartbeat=Heartbeat())
     probe.start(recorder.emit)
     try:
         assert probe.wait_ready(20.0), probe.health()
-        time.sleep(1.2)  # a sign of life
-        (key,) = probe.pids()
-        old = probe.pids()[key]
+        time.sleep(1.2)  # a sign of life, with the first histograms
+        victim = CPUS[:2][-1]
+        (old,) = probe.pids()[victim]
         killed_at = time.monotonic_ns()
-        os.kill(old[1], signal.SIGKILL)  # the second side: its peer then exits 1
-        assert _wait_for(lambda: recorder.events("canary_outage"), 10.0), probe.health()
-        new = probe.pids()[key]
-        assert set(new).isdisjoint(old)  # both sides replaced
+        os.kill(old, signal.SIGKILL)
+        assert _wait_for(lambda: recorder.events("sampler_outage"), 10.0), probe.health()
+        (new,) = probe.pids()[victim]
+        assert new != old
+        before = probe.heartbeat_latency()
+        assert before is not None and before.count > 0
+        time.sleep(1.5)  # the new sampler beats on the same board, its peer hears it
+        after = probe.heartbeat_latency()
+        assert after is not None and after.count > before.count
         assert probe.health()["heartbeat"].up, probe.health()
     finally:
         probe.stop()
-    (outage,) = recorder.events("canary_outage")
-    assert outage.fields["canary"] == "heartbeat"
-    assert outage.fields["cpus"] == CPUS[:2]
+    (outage,) = recorder.events("sampler_outage")
+    assert outage.fields["cpu"] == victim
     assert outage.fields["reason"] == "killed by SIGKILL"
-    assert outage.fields["attempts"] == 1
     assert outage.mono_ns <= killed_at < outage.mono_ns + (outage.duration_ns or 0)
+    # The restart is no silence of 1 s or more: the new sampler went on from the old
+    # one's sequence number and was heard at once.
+    long = [e for e in recorder.events("timeout") if e.fields["timeout_ns"] >= S]
+    assert long == [], long
 
 
 # -- through the agent -------------------------------------------------------------------
@@ -534,8 +548,7 @@ def test_the_agent_counts_canary_timeouts_and_log_lines(tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("before the agent: deadline exceeded\n")
     victim = CPUS[-1]
-    args = [
-        "--no-stall",
+    args = [  # the stall samplers stay: the heartbeat rides them
         "--no-clock",
         "--no-kmsg",
         "--watch-log",
@@ -564,6 +577,13 @@ def test_the_agent_counts_canary_timeouts_and_log_lines(tmp_path: Path) -> None:
             )
 
         assert _wait_for(seen, 5.0), agent.events()
+
+        def counted() -> bool:  # each worker's histogram comes with its sign of life (1 s)
+            text = agent.get("/metrics")[2].decode()
+            hist = "tsprobe_canary_latency_seconds_count"
+            return all(_metric(text, hist, canary=c) for c in ("timer", "heartbeat"))
+
+        _wait_for(counted, 5.0)
         _, _, body = agent.get("/metrics")
         text = body.decode()
         health = agent.healthz()
@@ -585,3 +605,62 @@ def test_the_agent_counts_canary_timeouts_and_log_lines(tmp_path: Path) -> None:
         in stderr
     )
     assert "Traceback" not in stderr
+
+
+# -- the heartbeat's board ---------------------------------------------------------------
+
+
+def test_the_board_keeps_each_slots_last_heartbeats() -> None:
+    from probe.canary_heartbeat import RING, Board, board_size
+
+    fd = os.memfd_create("test-board")
+    try:
+        os.ftruncate(fd, board_size(2))
+        writer, reader = Board(fd, 2), Board(fd, 2)  # two mappings, as two samplers have
+        assert reader.seq(1) == 0 and reader.since(1, 0) == []
+        for seq in range(1, 4):
+            writer.beat(1, seq, 1000 * seq)
+        assert reader.seq(1) == 3 and reader.seq(0) == 0
+        assert reader.since(1, 1) == [(2000, 2), (3000, 3)]
+        for seq in range(4, RING + 10):
+            writer.beat(1, seq, 1000 * seq)
+        kept = reader.since(1, 0)  # the ring wrapped: only the last RING are there
+        assert len(kept) == RING and kept[0] == (1000 * 10, 10) and kept[-1][1] == RING + 9
+    finally:
+        os.close(fd)
+
+
+def test_two_sides_on_a_board_declare_the_silent_one_dead() -> None:
+    from probe.canary_heartbeat import Board, Side, board_size
+
+    fd = os.memfd_create("test-board")
+    try:
+        os.ftruncate(fd, board_size(2))
+        lines: list[str] = []
+        board = Board(fd, 2)
+        a = Side(board, 0, [(1, 7)], LADDER, Reporter(lines.append, cpu=3))
+        b = Side(board, 1, [(0, 3)], LADDER, Reporter(lines.append, cpu=7))
+        t = 0
+        for _ in range(20):  # both beat every 5 ms
+            t += 5 * MS
+            a.beat(t)
+            b.beat(t + MS)
+        silent_from = t + MS
+        for _ in range(60):  # b stalls 300 ms; a goes on and watches
+            t += 5 * MS
+            a.beat(t)
+        b.beat(t + MS)  # b is back: heard at a's next beat
+        a.beat(t + 5 * MS)
+        a.reporter.flush()
+        events = [json.loads(line) for text in lines for line in text.splitlines()]
+        timeouts = [e for e in events if e["t"] == "timeout"]
+        assert {e["timeout_ns"] for e in timeouts} == {10 * MS, 100 * MS}
+        assert all(e["cpu"] == 3 and e["peer_cpu"] == 7 for e in timeouts)
+        assert all(e["gone_ns"] == t + MS - silent_from for e in timeouts)
+        # b was deaf, not abandoned: it found a's beats waiting and declares nothing.
+        b.beat(t + 6 * MS)
+        b.reporter.flush()
+        later = [json.loads(line) for text in lines for line in text.splitlines()]
+        assert [e for e in later if e["t"] == "timeout" and e["cpu"] == 7] == []
+    finally:
+        os.close(fd)

@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from analysis import rundir
 from analysis.analyze.attribution import Analysis, analyse
 from analysis.analyze.clock_lag import lag_across
+from analysis.analyze.delivery import delivery
 from analysis.analyze.load import Run, load_run
 from analysis.errors import AnalysisError
 from analysis.rundir import jsonl
@@ -226,6 +227,7 @@ def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[
             "kernel_warnings": [],
             "clock_steps": [],
             "clock_lag": None,
+            "delivery": None,
         }
     run = a.run
     timeline = run.timeline if migrates and any(run.qmp.values()) else None
@@ -268,6 +270,7 @@ def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[
             }
             for e in run.clock_steps
         ],
+        "delivery": sent.to_dict() if (sent := delivery(run, a.alignment)) else None,
         "clock_lag": {
             **lag.to_dict(),
             "stopped_windows": stopped_windows(run),
@@ -388,6 +391,13 @@ def render(summary: dict[str, Any]) -> str:
             else ""
         )
     )
+    sent = summary.get("delivery")
+    if sent:
+        lines.append(
+            f"  events reached the recorder: p50 {_ms(sent['p50_ns'])}, p99 {_ms(sent['p99_ns'])},"
+            f" max {_ms(sent['max_ns'])} ({sent['worst_kind']}), {sent['late']} of"
+            f" {sent['events']} later than 1 s"
+        )
     cont = summary["continuity"]
     state = "continuous" if cont["continuous"] else f"{cont['missing_count']} missing"
     lines.append(

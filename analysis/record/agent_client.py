@@ -12,7 +12,10 @@ The agent's contract (agent/http.py) as this module uses it:
     before the reply is written.
 
 ``AgentRecorder`` follows pages until ``next_since`` reaches ``last_seq`` and appends each
-event line verbatim, in ``seq`` order, to the guest events file. Gaps in ``seq`` (a jump,
+event line verbatim, in ``seq`` order, to the guest events file, then an ``arrival``
+record to ``arrivals-NAME.jsonl``: the page's host receive time and how many lines the
+events file has with it (``analysis.analyze.delivery`` measures from them how late each event
+reached the host). Gaps in ``seq`` (a jump,
 or ``X-Tsprobe-Missed``), the agent becoming unreachable and reachable again, and agent
 restarts become records in ``agent-NAME.jsonl``. While the agent is unreachable (a paused
 migration freezes the guest, so requests time out) it retries with exponential backoff
@@ -168,6 +171,7 @@ class AgentRecorder:
     :param events: where event lines go (``guest-events[-NAME].jsonl``).
     :param notes: the recorder's notes about this agent (``agent-NAME.jsonl``).
     :param clock: clock samples (``clock-samples.jsonl``, shared by all agents).
+    :param arrivals: when each page arrived (``arrivals-NAME.jsonl``), or None.
     :param events_poll_ns: pause between event fetches while the agent answers.
     :param clock_period_ns: pause between periodic clock bursts.
     :param request_timeout_ns: timeout of each HTTP request.
@@ -183,6 +187,7 @@ class AgentRecorder:
         notes: JsonlWriter,
         clock: JsonlWriter,
         *,
+        arrivals: JsonlWriter | None = None,
         events_poll_ns: int = 250_000_000,
         clock_period_ns: int = 1_000_000_000,
         request_timeout_ns: int = 1_000_000_000,
@@ -194,6 +199,7 @@ class AgentRecorder:
         self._events = events
         self._notes = notes
         self._clock = clock
+        self._arrivals = arrivals
         self._events_poll_s = events_poll_ns / 1e9
         self._clock_period_s = clock_period_ns / 1e9
         self._timeout_s = request_timeout_ns / 1e9
@@ -323,6 +329,18 @@ class AgentRecorder:
             if self.summary.first_seq is None:
                 self.summary.first_seq = seq
             self.summary.last_seq = seq
+        if written and self._arrivals is not None:
+            self._arrivals.write(
+                {
+                    "type": "arrival",
+                    "agent": self.name,
+                    "last_seq": self._since,
+                    "events": written,
+                    "lines": self._events.count,
+                    "host_real_ns": reply.recv_real_ns,
+                    "host_mono_ns": reply.recv_mono_ns,
+                }
+            )
         if missed and written and not gap_noted:
             self._note(
                 "gap",

@@ -392,6 +392,7 @@ class Recorder:
             for name in self._agents:
                 names.append(rundir.guest_events_file(None if single else name))
                 names.append(rundir.agent_notes_file(name))
+                names.append(rundir.arrivals_file(name))
         return names
 
     def _prepare_out(self) -> None:
@@ -490,14 +491,17 @@ class Recorder:
         for name, url in self._agents.items():
             events = JsonlWriter(self.out / rundir.guest_events_file(None if single else name))
             notes = JsonlWriter(self.out / rundir.agent_notes_file(name))
+            arrivals = JsonlWriter(self.out / rundir.arrivals_file(name))
             self._writers[events.path.name] = events
             self._writers[notes.path.name] = notes
+            self._writers[arrivals.path.name] = arrivals
             self.agents[name] = AgentRecorder(
                 name,
                 url,
                 events,
                 notes,
                 clock,
+                arrivals=arrivals,
                 events_poll_ns=int(self._options["events_poll_ns"] or 0),
                 clock_period_ns=int(self._options["clock_period_ns"] or 0),
                 request_timeout_ns=int(self._options["agent_timeout_ns"] or 0),

@@ -9,6 +9,7 @@ Layout (docs/run-directory.md is the reference)::
       guest-events-NAME.jsonl   per agent, when there are several
       clock-samples.jsonl       host send/receive times around each /clock read
       agent-NAME.jsonl          the recorder's own notes about an agent (gaps, unreachable)
+      arrivals-NAME.jsonl       when each page of an agent's events reached the recorder
       vcpu-states.jsonl         host truth: each vCPU thread's state, as run-length intervals
 
 Every JSONL line is one record; each QMP record has ``type`` (``event``, ``reply``,
@@ -56,6 +57,11 @@ def qmp_file(name: str) -> str:
 def guest_events_file(name: str | None) -> str:
     """File name of an agent's events (``None``: the only agent)."""
     return GUEST_EVENTS if name is None else f"guest-events-{name}.jsonl"
+
+
+def arrivals_file(name: str) -> str:
+    """The file of an agent's page arrivals (``analysis.analyze.delivery`` reads it)."""
+    return f"arrivals-{name}.jsonl"
 
 
 def agent_notes_file(name: str) -> str:

@@ -488,7 +488,7 @@ def guest_event_files(run: Path, meta: Mapping[str, Any]) -> dict[str, Path]:
         files[printable(p.name[len("guest-events-") : -len(".jsonl")])] = p
     if files:
         return files
-    known = ("qmp-", "agent-", "clock-samples", "lab-", "vcpu-states")
+    known = ("qmp-", "agent-", "arrivals-", "clock-samples", "lab-", "vcpu-states")
     spools = [p for p in sorted(run.glob("*.jsonl")) if not p.name.startswith(known)]
     if len(spools) == 1:
         files["guest"] = spools[0]
