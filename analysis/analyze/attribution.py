@@ -518,15 +518,26 @@ def _sensitivity(
     grid = np.unique(np.logspace(6, np.log10(top), GRID_POINTS).astype(np.int64))
     lad = np.array(ladder, dtype=np.int64)
     sens = Sensitivity(ladder, [int(g) for g in grid])
+    # Stalls longer than each ladder T, per (phase, lane): the worst lane of each phase.
+    cell = placed.phase.astype(np.int64) * n_lanes + placed.lane
+    per_cell = (
+        np.stack(
+            [
+                np.bincount(cell[placed.dur > t], minlength=len(spans) * n_lanes)
+                for t in lad.tolist()
+            ],
+            axis=1,
+        )
+        if len(lad)
+        else np.zeros((len(spans) * n_lanes, 0), dtype=np.int64)
+    )
     for p in range(len(spans)):
         sel = placed.phase == p
         d = np.sort(placed.dur[sel])
         sens.stalls[p] = [int(x) for x in len(d) - np.searchsorted(d, lad, "right")]
         sens.grid_counts[p] = [int(x) for x in len(d) - np.searchsorted(d, grid, "right")]
-        worst = np.zeros(len(lad), dtype=np.int64)
-        for ln in range(n_lanes):
-            dl = np.sort(placed.dur[sel & (placed.lane == ln)])
-            worst = np.maximum(worst, len(dl) - np.searchsorted(dl, lad, "right"))
+        block = per_cell[p * n_lanes : (p + 1) * n_lanes]
+        worst = block.max(axis=0) if len(block) else np.zeros(len(lad), dtype=np.int64)
         sens.worst_lane[p] = [int(x) for x in worst]
         lags = np.array(
             [

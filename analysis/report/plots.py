@@ -28,6 +28,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import numpy.typing as npt
 from matplotlib.axes import Axes
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -124,33 +125,34 @@ def timeline_png(a: Analysis) -> bytes:
 def _stall_bars(
     ax: Axes, a: Analysis, edges: npt.NDArray[np.float64], bar: tuple[float, float]
 ) -> None:
-    """Each lane's stalls as bars binned on ``edges``, coloured by cause hint."""
-    lanes = a.run.lanes
+    """Each lane's stalls as bars binned on ``edges``, coloured by cause hint: a bin is
+    filled when a stall of that lane and cause covers any of it (one collection per cause)."""
     p = a.placed
+    n_causes = len(CAUSE_COLOURS)
     x_lo, width = edges[0], edges[1] - edges[0]
     bar_y, bar_h = bar
-    for li in range(len(lanes)):
-        sel = p.lane == li
-        if not sel.any():
-            continue
-        s = (p.start[sel] - a.origin_ns) / 1e9
-        e = (p.end[sel] - a.origin_ns) / 1e9
-        for cause in range(len(CAUSE_COLOURS)):
-            c = p.cause[sel] == cause
-            if not c.any():
-                continue
-            b0 = np.clip(((s[c] - x_lo) / width).astype(np.int64), 0, BINS - 1)
-            b1 = np.clip(((e[c] - x_lo) / width).astype(np.int64), 0, BINS - 1)
-            diff = np.zeros(BINS + 1, dtype=np.int64)
-            np.add.at(diff, b0, 1)
-            np.add.at(diff, b1 + 1, -1)
-            filled = np.cumsum(diff[:-1]) > 0
-            d = np.diff(np.concatenate([[0], filled.astype(np.int8), [0]]))
-            runs = [
-                (edges[i], edges[j] - edges[i])
-                for i, j in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True)
-            ]
-            ax.broken_barh(runs, (li + bar_y, bar_h), color=CAUSE_COLOURS[cause], zorder=3)
+    s = (p.start - a.origin_ns) / 1e9
+    e = (p.end - a.origin_ns) / 1e9
+    b0 = np.clip(((s - x_lo) / width).astype(np.int64), 0, BINS - 1)
+    b1 = np.clip(((e - x_lo) / width).astype(np.int64), 0, BINS - 1)
+    key = p.lane.astype(np.int64) * n_causes + np.clip(p.cause, 0, n_causes - 1)
+    diff = np.zeros((max(len(a.run.lanes), 1) * n_causes, BINS + 1), dtype=np.int64)
+    np.add.at(diff, (key, b0), 1)
+    np.add.at(diff, (key, b1 + 1), -1)
+    filled = np.cumsum(diff[:, :-1], axis=1) > 0
+    verts: list[list[list[tuple[float, float]]]] = [[] for _ in range(n_causes)]
+    for k in np.flatnonzero(filled.any(axis=1)):
+        lane, cause = divmod(int(k), n_causes)
+        d = np.diff(np.concatenate([[0], filled[k].astype(np.int8), [0]]))
+        y0, y1 = lane + bar_y, lane + bar_y + bar_h
+        for i, j in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+            x0, x1 = float(edges[i]), float(edges[j])
+            verts[cause].append([(x0, y0), (x0, y1), (x1, y1), (x1, y0)])
+    for cause, rects in enumerate(verts):
+        if rects:
+            ax.add_collection(
+                PolyCollection(rects, color=CAUSE_COLOURS[cause], zorder=3)
+            )
 
 
 def _lane_axis(ax: Axes, a: Analysis, banded: bool, xlim: tuple[float, float]) -> None:

@@ -213,10 +213,10 @@ def _short(value: object) -> str:
 #: The agent's own layout of a ``stall`` line (docs/events.md), matched whole. Numbers
 #: are JSON numbers (no leading zeros) of at most 19 digits, a 19-digit one starting with
 #: 1 to 8, so always below 2**63; anything else goes the checked way.
-_D = rb"(?:0|[1-9][0-9]{0,17}|[1-8][0-9]{18})"
+_D = rb"(?>0|[1-9][0-9]{0,17}+(?![0-9])|[1-8][0-9]{18})"  # atomic: no backtracking into it
 _N = b"(" + _D + b")"
 _OPT = rb'(?:,"(?:run_delay_ns|steal_ns)":(?:-?' + _D + rb"|null))?"
-STALL_LINE = re.compile(
+_STALL_BODY = (
     rb'\{"v":(?:0|[1-9][0-9]{0,8}),"seq":' + _N + rb',"boot_id":"([0-9A-Za-z_-]{1,128})",'
     rb'"kind":"stall","mono_ns":'
     + _N
@@ -227,8 +227,14 @@ STALL_LINE = re.compile(
     + rb',"cpu":(0|[1-9][0-9]{0,3}),"cause":"([a-z-]{0,32})"'
     + _OPT
     + _OPT
-    + rb'(?:,"mode":"[a-z]{0,16}")?\}\n?'
+    + rb'(?:,"mode":"[a-z]{0,16}")?\}'
 )
+STALL_LINE = re.compile(_STALL_BODY + rb"\n?")
+#: Every line of a block of whole lines, one match each (``findall``): a line in the stall
+#: layout gives its six groups (seq, boot, mono, duration, CPU, cause) and an empty seventh,
+#: any other line six empty ones and itself (without its newline) as the seventh. A block
+#: that ends with its newline gives one empty match more, at its end.
+LINES = re.compile(rb"^(?:" + _STALL_BODY + rb"|(.*))$", re.M)
 
 
 def fast_stall(raw: bytes) -> StallRow | None:
@@ -265,6 +271,14 @@ class SeqRanges:
     def high(self) -> int | None:
         """The largest member, None when empty."""
         return self._hi[-1] if self._hi else None
+
+    def add_range(self, lo: int, hi: int) -> None:
+        """Add ``lo..hi``, which must lie above every member."""
+        if self._hi and lo == self._hi[-1] + 1:
+            self._hi[-1] = hi
+        else:
+            self._lo.append(lo)
+            self._hi.append(hi)
 
     def add(self, n: int) -> None:
         """Add ``n`` (merging neighbouring ranges)."""
@@ -354,3 +368,22 @@ class SeqTracker:
         if seq < high:
             return SeqVerdict(back_from=high)
         return SeqVerdict(gap=seq - high - 1)
+
+    def see_run(self, segment: int, agent_id: str, first: int, last: int, mono_ns: int) -> bool:
+        """Record the consecutive seqs ``first..last`` of events that are no agent start, in
+        one step, when each would get a plain verdict from ``see`` (the first follows the
+        highest seq of the current count, or the count is empty); else record nothing.
+
+        :param mono_ns: the latest guest monotonic time among them.
+        :return: whether they were recorded (else the caller sees them one by one).
+        """
+        counts = self._counts.setdefault((segment, agent_id), [])
+        if not counts:
+            counts.append(_Count(SeqRanges()))
+        count = counts[-1]
+        high = count.seqs.high
+        if high is not None and first != high + 1:
+            return False
+        count.seqs.add_range(first, last)
+        count.last_mono_ns = max(count.last_mono_ns, mono_ns)
+        return True

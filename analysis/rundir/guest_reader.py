@@ -36,7 +36,7 @@ from analysis.rundir.jsonl import (
     decode_record,
     iter_records,
     printable,
-    read_lines,
+    read_chunks,
 )
 from analysis.rundir.qmp import is_int
 from probe.events import KNOWN_KINDS, STALL_CAUSES
@@ -49,6 +49,8 @@ CAUSES = STALL_CAUSES
 
 
 _CAUSE_CODE = {name: i for i, name in enumerate(CAUSES)}
+#: The stall columns kept while reading (``StallTable`` without ``line``).
+_STALL_COLUMNS = ("lane", "mono", "dur", "cause", "seg")
 
 
 #: Kinds the loader understands (others are kept in ``Run.other`` with a note).
@@ -196,8 +198,10 @@ class _GuestReader:
         self.segments: list[Segment] = []
         self.seg_by_key: dict[tuple[str, str], int] = {}
         self.lane_keys: dict[tuple[str, int], int] = {}
-        self.st: dict[str, list[int]] = {k: [] for k in ("lane", "mono", "dur", "cause", "seg")}
+        self.st: dict[str, list[int]] = {k: [] for k in _STALL_COLUMNS}
         self.st_line: list[int] = []
+        #: Earlier stall rows as arrays, in order before ``st``'s: (column -> array).
+        self.st_parts: list[dict[str, npt.NDArray[np.int64]]] = []
         self.to: dict[str, list[int]] = {k: [] for k in ("lane", "mono", "t", "canary", "seg")}
         self.to_line: list[int] = []
         self.canaries: dict[str, int] = {}
@@ -224,86 +228,32 @@ class _GuestReader:
         return self.segments[idx]
 
     def read_file(self, agent: str, path: Path) -> None:
-        """Read one agent's events file (see the module docstring for what is skipped)."""
-        name = printable(path)
-        current: Segment | None = None
-        back: list[tuple[int, int, int]] = []  # (line, from, to)
-        gaps: list[tuple[int, int, int]] = []  # (line, missing, seq)
-        restarts: list[tuple[int, int, int]] = []  # (line, highest before, seq)
-        for line_no, raw in read_lines(path, self.issue):
-            row = ge.fast_stall(raw)
-            obj: dict[str, Any] | None = None
-            start: ge.AgentStart | None = None
-            if row is not None:
-                kind, boot, seq = "stall", row.boot_id, row.seq
-            else:
-                decoded = decode_record(raw)
-                if isinstance(decoded, str):
-                    self.issue(Issue(name, line_no, decoded))
-                    continue
-                obj = decoded
-                head = ge.event_head(obj)
-                if isinstance(head, str):
-                    self.issue(Issue(name, line_no, head))
-                    continue
-                kind, boot, seq = head.kind, head.boot_id, head.seq
-                if kind == "stall":
-                    checked = ge.stall_row(obj)
-                    if isinstance(checked, str):
-                        self.issue(Issue(name, line_no, checked))
-                        continue
-                    row = checked
-                elif kind == "agent_start":
-                    got = ge.agent_start(obj)
-                    if isinstance(got, str):
-                        self.issue(Issue(name, line_no, got))
-                        continue
-                    start = got
-            if current is None or current.boot_id != boot:
-                if current is not None:
-                    self.issue(
-                        Issue(
-                            name,
-                            line_no,
-                            f"guest rebooted: boot_id {current.boot_id} -> {boot}; "
-                            "times of the new boot are aligned separately",
-                            "note",
-                        )
-                    )
-                current = self.segment(agent, boot, name, line_no)
-            agent_id = start.agent_id if start is not None else current.agent_id
-            mono = row.mono_ns if row is not None else row_mono(obj or {})
-            verdict = self.seqs.see(current.index, agent_id, seq, start is not None, mono)
-            if verdict.duplicate:
-                self.issue(Issue(name, line_no, f"{kind}: seq {seq} seen before: left out"))
-                continue
-            if verdict.restart_after is not None:
-                restarts.append((line_no, verdict.restart_after, seq))
-            elif verdict.back_from is not None:
-                back.append((line_no, verdict.back_from, seq))
-            elif verdict.gap:
-                gaps.append((line_no, verdict.gap, seq))
-            if start is not None:
-                current.agent_id = start.agent_id
-                self._agent_start(current, start)
-            if row is not None:
-                self.stall(current, row, line_no, name)
-            else:
-                assert obj is not None
-                self.event(current, kind, obj, row_mono(obj), line_no, name)
-        for line, high, seq in restarts:
-            self.issue(
-                Issue(
-                    name,
-                    line,
-                    f"seq restarted ({high} -> {seq}) later in guest time without an "
-                    "agent_start: an agent restart whose start is missing; counted anew",
-                    "note",
-                )
-            )
-        self._seq_notes(name, back, gaps)
+        """Read one agent's events file (see the module docstring for what is skipped).
 
-    def _seq_notes(
+        The file comes in blocks of whole lines (``jsonl.read_chunks``); ``guest_events.LINES``
+        finds the stall lines in the agent's layout of a block in one pass, and each run of
+        them between other lines is taken at once (``_FileReading.take``); every other line
+        is taken on its own, in line order.
+        """
+        reading = _FileReading(self, agent, printable(path))
+        for first, block in read_chunks(path, self.issue):
+            found = ge.LINES.findall(block)
+            source = _Block(first, block)
+            ended = block.endswith(b"\n")
+            if ended:
+                found.pop()  # the empty match after the last newline
+            start = 0
+            for k in [i for i, groups in enumerate(found) if not groups[0]] + [len(found)]:
+                if k > start:
+                    reading.take(_StallRun(source, first + start, found[start:k]))
+                if k < len(found):
+                    raw = found[k][6] + b"\n" if ended or k + 1 < len(found) else found[k][6]
+                    if not raw.isspace():
+                        reading.line(first + k, raw)
+                start = k + 1
+        reading.finish()
+
+    def seq_notes(
         self, name: str, back: list[tuple[int, int, int]], gaps: list[tuple[int, int, int]]
     ) -> None:
         if back:
@@ -341,6 +291,60 @@ class _GuestReader:
             Issue(name, line, f"{kind} on CPU {cpu}, which the agent did not announce ({cpus})")
         )
         return True
+
+    def stalls_in_bulk(self, seg: Segment, run: _StallRun) -> bool:
+        """Take a run of stall lines at once when each would be taken plainly one by one:
+        seqs that follow on from the count's highest, CPUs below ``MAX_CPU`` and announced,
+        each stall ending within int64. Otherwise take nothing and say so.
+
+        :return: whether the run was taken.
+        """
+        seq, _boot, mono, dur, cpu, cause, _other = zip(*run.groups, strict=True)
+        seqs = np.array(seq, dtype="S20").astype(np.int64)
+        monos = np.array(mono, dtype="S20").astype(np.int64)
+        durs = np.array(dur, dtype="S20").astype(np.int64)
+        cpus = np.array(cpu, dtype="S8").astype(np.int64)
+        cpu_set = set(np.unique(cpus).tolist())
+        if (
+            (len(seqs) > 1 and not bool(np.all(np.diff(seqs) == 1)))
+            or max(cpu_set) >= ge.MAX_CPU
+            or bool(np.any(durs > MAX_NS - monos))
+            or (seg.announced is not None and not cpu_set <= seg.announced)
+        ):
+            return False
+        ends = monos + durs
+        if not self.seqs.see_run(
+            seg.index, seg.agent_id, int(seqs[0]), int(seqs[-1]), int(monos.max())
+        ):
+            return False
+        lut = np.zeros(max(cpu_set) + 1, dtype=np.int64)
+        for c in sorted(cpu_set):
+            lut[c] = self.lane(seg.agent, c)
+        names, which = np.unique(np.array(cause, dtype="S32"), return_inverse=True)
+        codes = np.array([_CAUSE_CODE.get(n.decode("ascii"), 3) for n in names.tolist()])
+        self.flush_stalls()  # the rows taken one by one before these come first
+        self.st_parts.append(
+            {
+                "lane": lut[cpus],
+                "mono": monos,
+                "dur": durs,
+                "cause": codes[which].astype(np.int64),
+                "seg": np.full(len(seqs), seg.index, dtype=np.int64),
+                "line": np.arange(run.first, run.first + len(seqs), dtype=np.int64),
+            }
+        )
+        seg.cpus.update(cpu_set)
+        seg.see(int(monos.min()), int(ends.max()))
+        return True
+
+    def flush_stalls(self) -> None:
+        """Move the rows taken one by one so far into ``st_parts`` (keeping their order)."""
+        if self.st_line:
+            part = {k: np.asarray(v, dtype=np.int64) for k, v in self.st.items()}
+            part["line"] = np.asarray(self.st_line, dtype=np.int64)
+            self.st_parts.append(part)
+            self.st = {k: [] for k in _STALL_COLUMNS}
+            self.st_line = []
 
     def stall(self, seg: Segment, row: ge.StallRow, line: int, name: str) -> None:
         if self._unannounced(seg, row.cpu, "stall", line, name):
@@ -392,7 +396,7 @@ class _GuestReader:
         seg.see(mono, mono)
 
     @staticmethod
-    def _agent_start(seg: Segment, start: ge.AgentStart) -> None:
+    def agent_started(seg: Segment, start: ge.AgentStart) -> None:
         if start.agent_id:
             seg.agent_ids.append(start.agent_id)
         if start.cpus is not None:
@@ -408,6 +412,153 @@ class _GuestReader:
             seg.timeouts_ns = start.timeouts_ns
 
 
+class _Block:
+    """A block of whole lines (``jsonl.read_chunks``), split into lines only when asked."""
+
+    def __init__(self, first: int, data: bytes) -> None:
+        self.first = first
+        self.data = data
+        self._lines: list[bytes] | None = None
+
+    def line(self, number: int) -> bytes:
+        """Line ``number`` of the file (it is in this block), without its newline."""
+        if self._lines is None:
+            self._lines = self.data.split(b"\n")
+        return self._lines[number - self.first]
+
+
+class _StallRun:
+    """Consecutive lines in the stall layout (``guest_events.LINES``) of one block: the
+    number of the first and each one's groups."""
+
+    def __init__(self, block: _Block, first: int, groups: list[tuple[bytes, ...]]) -> None:
+        self.block = block
+        self.first = first
+        self.groups = groups
+
+    @property
+    def lines(self) -> range:
+        """Their line numbers."""
+        return range(self.first, self.first + len(self.groups))
+
+
+class _FileReading:
+    """One events file read in line order: the current segment and the seq notes.
+
+    ``line`` takes one line the checked way (or by ``guest_events.fast_stall``); ``take``
+    takes a ``_StallRun`` in bulk when every line of it would get a plain verdict one by
+    one (seqs that follow on, CPUs announced, times in range), else line by line: the
+    result is the same either way.
+    """
+
+    def __init__(self, reader: _GuestReader, agent: str, name: str) -> None:
+        self.reader = reader
+        self.agent = agent
+        self.name = name
+        self.current: Segment | None = None
+        self.back: list[tuple[int, int, int]] = []  # (line, from, to)
+        self.gaps: list[tuple[int, int, int]] = []  # (line, missing, seq)
+        self.restarts: list[tuple[int, int, int]] = []  # (line, highest before, seq)
+
+    def take(self, run: _StallRun) -> None:
+        """Take a run of stall lines: at once when they belong to the current segment and
+        ``stalls_in_bulk`` takes them, else one by one."""
+        seg = self.current
+        boot = seg.boot_id.encode() if seg is not None else b""
+        boots = [groups[1] for groups in run.groups]
+        if (
+            seg is None
+            or boots.count(boot) != len(boots)
+            or not self.reader.stalls_in_bulk(seg, run)
+        ):
+            for line_no in run.lines:  # valid JSON in the stall layout: the newline changes nothing
+                self.line(line_no, run.block.line(line_no) + b"\n")
+
+    def line(self, line_no: int, raw: bytes) -> None:
+        """Take one line."""
+        reader, name = self.reader, self.name
+        issue = reader.issue
+        row = ge.fast_stall(raw)
+        obj: dict[str, Any] | None = None
+        start: ge.AgentStart | None = None
+        if row is not None:
+            kind, boot, seq = "stall", row.boot_id, row.seq
+        else:
+            decoded = decode_record(raw)
+            if isinstance(decoded, str):
+                issue(Issue(name, line_no, decoded))
+                return
+            obj = decoded
+            head = ge.event_head(obj)
+            if isinstance(head, str):
+                issue(Issue(name, line_no, head))
+                return
+            kind, boot, seq = head.kind, head.boot_id, head.seq
+            if kind == "stall":
+                checked = ge.stall_row(obj)
+                if isinstance(checked, str):
+                    issue(Issue(name, line_no, checked))
+                    return
+                row = checked
+            elif kind == "agent_start":
+                got = ge.agent_start(obj)
+                if isinstance(got, str):
+                    issue(Issue(name, line_no, got))
+                    return
+                start = got
+        current = self._segment(boot, line_no)
+        agent_id = start.agent_id if start is not None else current.agent_id
+        mono = row.mono_ns if row is not None else row_mono(obj or {})
+        verdict = reader.seqs.see(current.index, agent_id, seq, start is not None, mono)
+        if verdict.duplicate:
+            issue(Issue(name, line_no, f"{kind}: seq {seq} seen before: left out"))
+            return
+        if verdict.restart_after is not None:
+            self.restarts.append((line_no, verdict.restart_after, seq))
+        elif verdict.back_from is not None:
+            self.back.append((line_no, verdict.back_from, seq))
+        elif verdict.gap:
+            self.gaps.append((line_no, verdict.gap, seq))
+        if start is not None:
+            current.agent_id = start.agent_id
+            reader.agent_started(current, start)
+        if row is not None:
+            reader.stall(current, row, line_no, name)
+        else:
+            assert obj is not None
+            reader.event(current, kind, obj, row_mono(obj), line_no, name)
+
+    def _segment(self, boot: str, line_no: int) -> Segment:
+        current = self.current
+        if current is None or current.boot_id != boot:
+            if current is not None:
+                self.reader.issue(
+                    Issue(
+                        self.name,
+                        line_no,
+                        f"guest rebooted: boot_id {current.boot_id} -> {boot}; "
+                        "times of the new boot are aligned separately",
+                        "note",
+                    )
+                )
+            current = self.current = self.reader.segment(self.agent, boot, self.name, line_no)
+        return current
+
+    def finish(self) -> None:
+        """The notes on seqs that restarted, went back or jumped."""
+        for line, high, seq in self.restarts:
+            self.reader.issue(
+                Issue(
+                    self.name,
+                    line,
+                    f"seq restarted ({high} -> {seq}) later in guest time without an "
+                    "agent_start: an agent restart whose start is missing; counted anew",
+                    "note",
+                )
+            )
+        self.reader.seq_notes(self.name, self.back, self.gaps)
+
+
 def row_mono(obj: Mapping[str, Any]) -> int:
     """The ``mono_ns`` of an event whose head ``event_head`` accepted."""
     mono = obj["mono_ns"]
@@ -416,13 +567,21 @@ def row_mono(obj: Mapping[str, Any]) -> int:
 
 
 def _stall_table(r: _GuestReader) -> StallTable:
+    r.flush_stalls()
+    parts = r.st_parts
+
+    def column(name: str, dtype: type) -> Any:
+        if not parts:
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate([p[name] for p in parts]).astype(dtype)
+
     return StallTable(
-        lane=np.asarray(r.st["lane"], dtype=np.int32),
-        mono=np.asarray(r.st["mono"], dtype=np.int64),
-        dur=np.asarray(r.st["dur"], dtype=np.int64),
-        cause=np.asarray(r.st["cause"], dtype=np.int32),
-        seg=np.asarray(r.st["seg"], dtype=np.int32),
-        line=np.asarray(r.st_line, dtype=np.int32),
+        lane=column("lane", np.int32),
+        mono=column("mono", np.int64),
+        dur=column("dur", np.int64),
+        cause=column("cause", np.int32),
+        seg=column("seg", np.int32),
+        line=column("line", np.int32),
     )
 
 

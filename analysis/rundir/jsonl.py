@@ -51,6 +51,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+import numpy.typing as npt
+
 from probe.events import Issue as Issue  # the one Issue type, re-exported for the host readers
 from probe.events import Severity as Severity
 
@@ -213,14 +216,19 @@ def decode_record(raw: bytes) -> dict[str, Any] | str:
 # --------------------------------------------------------------------------- files
 
 
-def read_lines(
+#: Bytes read at once by ``read_chunks``.
+CHUNK_BYTES = 4 << 20
+
+
+def read_chunks(
     path: Path, on_issue: Callable[[Issue], None], limit: int = MAX_FILE_BYTES
 ) -> Iterator[tuple[int, bytes]]:
-    """Yield (line number, bytes) for each non-blank line of a file, newline kept (a last
-    line without one was cut short).
+    """Yield (number of its first line, block) for a file read in blocks of whole lines.
 
-    A file that cannot be read (see ``open_regular``) is one skip at line 0; a line longer
-    than ``MAX_LINE_BYTES`` is a skip.
+    Every line of a block ends with its newline, but the file's last line when it has none
+    (it was cut short). A line longer than ``MAX_LINE_BYTES`` is never in a block: it is a
+    skip (in line order: the blocks before it come first). A file that cannot be read
+    (``open_regular``) is one skip at line 0; a file with nothing but blank lines, one note.
 
     :param path: the file.
     :param on_issue: called with each line or file passed over.
@@ -232,23 +240,97 @@ def read_lines(
         on_issue(Issue(name, 0, fh))
         return
     with fh:
-        line_no = 0
-        records = 0
+        line_no = 1  # the number of the next line
+        text = False
+        pending = b""
         while True:
-            raw = fh.readline(MAX_LINE_BYTES + 1)
-            if not raw:
-                if not records:
-                    on_issue(Issue(name, 0, "empty: no records", "note"))
-                return
-            line_no += 1
-            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                while raw and not raw.endswith(b"\n"):
-                    raw = fh.readline(MAX_LINE_BYTES)
-                on_issue(Issue(name, line_no, f"line longer than {_size(MAX_LINE_BYTES)}"))
+            data = fh.read(CHUNK_BYTES)
+            buf = pending + data if pending else data
+            cut = len(buf) if not data else buf.rfind(b"\n") + 1
+            if not data and not buf:
+                break
+            if cut == 0 and len(buf) <= MAX_LINE_BYTES:
+                pending = buf  # one line still going on
                 continue
-            if raw.strip():
-                records += 1
-                yield line_no, raw
+            if cut == 0:  # a line longer than the limit: skip to its end
+                pending = _skip_line(fh)
+                on_issue(Issue(name, line_no, f"line longer than {_size(MAX_LINE_BYTES)}"))
+                line_no += 1
+                continue
+            block, pending = buf[:cut], buf[cut:]
+            ends = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            for first, piece in _pieces(block, ends, line_no, name, on_issue):
+                text = text or not piece.isspace()
+                yield first, piece
+            line_no += len(ends) + (0 if block.endswith(b"\n") else 1)
+            if not data:
+                break
+        if not text:
+            on_issue(Issue(name, 0, "empty: no records", "note"))
+
+
+def _skip_line(fh: BinaryIO) -> bytes:
+    """Read past the end of the line being read; return what follows it."""
+    while True:
+        data = fh.read(CHUNK_BYTES)
+        if not data:
+            return b""
+        end = data.find(b"\n")
+        if end >= 0:
+            return data[end + 1 :]
+
+
+def _pieces(
+    block: bytes,
+    ends: npt.NDArray[np.intp],
+    first: int,
+    name: str,
+    on_issue: Callable[[Issue], None],
+) -> Iterator[tuple[int, bytes]]:
+    """``block`` (its newlines at ``ends``) without its lines longer than
+    ``MAX_LINE_BYTES`` (each a skip), as (first line number, piece)."""
+    starts = np.concatenate(([0], ends[:-1] + 1)) if len(ends) else np.zeros(0, dtype=np.int64)
+    lengths = ends - starts  # without the newline
+    tail = len(block) - (int(ends[-1]) + 1 if len(ends) else 0)  # an unterminated last line
+    if (not len(lengths) or int(lengths.max()) <= MAX_LINE_BYTES) and tail <= MAX_LINE_BYTES:
+        yield first, block
+        return
+    bounds = [(int(a), int(e) + 1) for a, e in zip(starts, ends, strict=True)]
+    if tail:
+        bounds.append((len(block) - tail, len(block)))
+    start = None  # where the current piece of short lines began (its line number: piece_line)
+    piece_line = first
+    for k, (a, e) in enumerate(bounds):
+        if e - a - (1 if block[e - 1 : e] == b"\n" else 0) > MAX_LINE_BYTES:
+            if start is not None:
+                yield piece_line, block[start:a]
+                start = None
+            on_issue(Issue(name, first + k, f"line longer than {_size(MAX_LINE_BYTES)}"))
+        elif start is None:
+            start, piece_line = a, first + k
+    if start is not None:
+        yield piece_line, block[start:]
+
+
+def read_lines(
+    path: Path, on_issue: Callable[[Issue], None], limit: int = MAX_FILE_BYTES
+) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, bytes) for each non-blank line of a file, newline kept (a last
+    line without one was cut short): ``read_chunks``, line by line.
+
+    :param path: the file.
+    :param on_issue: called with each line or file passed over.
+    :param limit: the largest file read.
+    """
+    for first, block in read_chunks(path, on_issue, limit):
+        lines = block.split(b"\n")
+        last = lines.pop()  # b"" after a final newline, else the line cut short
+        for k, line in enumerate(lines):
+            raw = line + b"\n"
+            if not raw.isspace():
+                yield first + k, raw
+        if last and not last.isspace():
+            yield first + len(lines), last
 
 
 def iter_records(
