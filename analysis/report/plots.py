@@ -150,9 +150,7 @@ def _stall_bars(
             verts[cause].append([(x0, y0), (x0, y1), (x1, y1), (x1, y0)])
     for cause, rects in enumerate(verts):
         if rects:
-            ax.add_collection(
-                PolyCollection(rects, color=CAUSE_COLOURS[cause], zorder=3)
-            )
+            ax.add_collection(PolyCollection(rects, color=CAUSE_COLOURS[cause], zorder=3))
 
 
 def _lane_axis(ax: Axes, a: Analysis, banded: bool, xlim: tuple[float, float]) -> None:
