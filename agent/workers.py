@@ -65,7 +65,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import probe
 from agent.errors import ForkServerError
 from agent.forkserver import ForkServer
-from probe.base import Emit
+from probe.base import Emit, emit_each
 from probe.events import RawEvent
 from probe.procfs import format_cpu_list
 
@@ -610,15 +610,10 @@ class Supervisor(Generic[U]):
 
     def _send(self, events: list[RawEvent]) -> None:
         emit = self._emit
-        for event in events:
-            if emit is None:
-                return
-            try:
-                emit(event)
-                self._emit_error = ""
-            except Exception as err:  # the agent's problem, but never the end of supervision
-                with self._lock:
-                    self._emit_error = f"emit failed: {err!r}"[:200]
+        state = emit_each(emit, events) if emit is not None else None
+        if state is not None:
+            with self._lock:
+                self._emit_error = state
 
     def _add_note(self, cpu: int, note: str) -> None:
         cpus = self._notes.setdefault(note, [])

@@ -13,13 +13,30 @@ missing source is ``Health(False, "why")``, which the agent exports as
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from probe.events import RawEvent
 
 Emit = Callable[[RawEvent], None]
+
+
+def emit_each(emit: Emit, events: Iterable[RawEvent]) -> str | None:
+    """Hand each event to ``emit``; a failing emitter is the agent's problem, never the end
+    of the probe that observed them.
+
+    :return: ``""`` when the last event went through, the last failure as one line
+        (``emit failed: ...``) when it did not, None without events.
+    """
+    state = None
+    for event in events:
+        try:
+            emit(event)
+            state = ""
+        except Exception as err:
+            state = f"emit failed: {err!r}"[:200]
+    return state
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ import os
 import time
 from bisect import bisect_left
 
-from probe.worker import FLUSH_AFTER_NS, json_int, json_ints, json_str
+from probe.worker import FLUSH_AFTER_NS, Lines, json_int, json_ints, json_str
 
 #: ``typing.TYPE_CHECKING`` without importing ``typing``.
 TYPE_CHECKING = False
@@ -179,7 +179,7 @@ class Latency:
         self.sum_ns += value_ns
 
 
-class Reporter:
+class Reporter(Lines):
     """A canary worker's lines to the agent: events wait for the next ``life`` line.
 
     :param write: sends complete lines to the parent (``probe.worker.write_stdout``).
@@ -187,12 +187,11 @@ class Reporter:
     """
 
     def __init__(self, write: Callable[[str], object], cpu: int) -> None:
-        self.write = write
+        super().__init__(write)
         self.cpu = cpu
         self.pid = os.getpid()
         self.latency = Latency()
         self.count = 0  # operations measured (waits, heartbeats heard, requests)
-        self._pending: list[str] = []
         self.next_life = time.monotonic_ns() + LIFE_NS
 
     def expirations(
@@ -223,12 +222,12 @@ class Reporter:
         )
         for timeout, late in expired:
             due = end_ns - late
-            self._pending.append(
+            self.pending.append(
                 f'{{"t":"timeout","mono_ns":{due},"real_ns":{real_now - (now_ns - due)},'
                 f'"duration_ns":{late},"timeout_ns":{timeout},"cpu":{self.cpu}{extra}}}\n'
             )
         self.next_life = min(self.next_life, now_ns + FLUSH_AFTER_NS)
-        if len(self._pending) >= MAX_PENDING:
+        if len(self.pending) >= MAX_PENDING:
             self.flush()
 
     def note(self, message: str) -> None:
@@ -236,7 +235,7 @@ class Reporter:
 
         :param message: one line.
         """
-        self._pending.append(f'{{"t":"note","msg":{json_str(message)}}}\n')
+        self.pending.append(f'{{"t":"note","msg":{json_str(message)}}}\n')
 
     def life(self, now_ns: int, **fields: int) -> None:
         """Send the pending lines and a ``life`` line (sign of life, counts, histogram).
@@ -246,17 +245,10 @@ class Reporter:
         """
         latency = self.latency
         extra = "".join(f',"{name}":{value}' for name, value in fields.items())
-        self._pending.append(
+        self.pending.append(
             f'{{"t":"life","pid":{self.pid},"n":{self.count},"mono_ns":{now_ns},'
             f'"real_ns":{time.time_ns()},"h":{json_ints(latency.counts)},'
             f'"hsum":{latency.sum_ns}{extra}}}\n'
         )
         self.next_life = now_ns + LIFE_NS
         self.flush()
-
-    def flush(self) -> None:
-        """Write the pending lines in one call."""
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self.write(text)

@@ -51,8 +51,8 @@ from probe.worker import (
     int_option,
     parse_options,
     pin,
+    run_worker,
     status_line,
-    usage_exit,
     write_stdout,
 )
 
@@ -204,6 +204,55 @@ def accept(listen_fd: int) -> int:
     return int(sock.detach())
 
 
+class _Options:
+    """The command line: the role, the CPUs, the descriptor or port, the interval, the ladder."""
+
+    def __init__(self, argv: list[str]) -> None:
+        values = parse_options(
+            argv,
+            ("--role", "--cpu", "--server-cpu", "--fd", "--port", "--interval-ns", "--timeouts-ns"),
+        )
+        self.role = values.get("--role", "")
+        if self.role not in ("server", "client"):
+            raise WorkerUsageError("--role must be server or client")
+        self.cpu = int_option(values, "--cpu")
+        client = self.role == "client"
+        self.listen_fd = 0 if client else int_option(values, "--fd")
+        self.port = int_option(values, "--port") if client else 0
+        self.server_cpu = int_option(values, "--server-cpu") if client else 0
+        self.interval_ns = int_option(values, "--interval-ns", DEFAULT_INTERVAL_NS) if client else 0
+        self.ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
+        if self.cpu < 0 or (client and (self.interval_ns <= 0 or not 0 < self.port < 65536)):
+            raise WorkerUsageError("bad --cpu, --port or --interval-ns")
+
+
+def _side(opts: _Options) -> int:
+    cpu, role = opts.cpu, opts.role
+    reporter = Reporter(write_stdout, cpu)
+    try:
+        pin(cpu)
+        if role == "server":
+            write_stdout(status_line(cpu, [], role=role))
+            conn = accept(opts.listen_fd)
+        else:
+            conn = connect(opts.port)
+            write_stdout(status_line(cpu, [], role=role, server_cpu=opts.server_cpu))
+    except OSError as err:
+        write_stdout(error_line(f"{role} on cpu {cpu}: {err.strerror or err}"))
+        return 1
+    reporter.next_life = time.monotonic_ns() + LIFE_NS
+    try:
+        if role == "server":
+            serve(conn, reporter)
+        else:
+            run_client(conn, opts.interval_ns, opts.ladder, opts.server_cpu, reporter)
+    except (Closed, ConnectionError) as err:
+        reporter.flush()
+        write_stdout(error_line(str(err)))
+        return 1
+    return 0  # pragma: no cover - the loops never return
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the server or the client side.
 
@@ -211,56 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     :return: 2 on a usage error, 1 when set-up fails or the other side went away, 0 when
         the agent went away.
     """
-    try:
-        values = parse_options(
-            sys.argv[1:] if argv is None else argv,
-            ("--role", "--cpu", "--server-cpu", "--fd", "--port", "--interval-ns", "--timeouts-ns"),
-        )
-        role = values.get("--role", "")
-        if role not in ("server", "client"):
-            raise WorkerUsageError("--role must be server or client")
-        cpu = int_option(values, "--cpu")
-        if role == "server":
-            listen_fd = int_option(values, "--fd")
-            port = server_cpu = interval_ns = 0
-        else:
-            listen_fd = 0
-            port = int_option(values, "--port")
-            server_cpu = int_option(values, "--server-cpu")
-            interval_ns = int_option(values, "--interval-ns", DEFAULT_INTERVAL_NS)
-        ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
-        if cpu < 0 or (role == "client" and (interval_ns <= 0 or not 0 < port < 65536)):
-            raise WorkerUsageError("bad --cpu, --port or --interval-ns")
-    except WorkerUsageError as err:
-        return usage_exit("probe.canary_rpc", err, USAGE)
-    try:
-        reporter = Reporter(write_stdout, cpu)
-        try:
-            pin(cpu)
-            if role == "server":
-                write_stdout(status_line(cpu, [], role=role))
-                conn = accept(listen_fd)
-            else:
-                conn = connect(port)
-                write_stdout(status_line(cpu, [], role=role, server_cpu=server_cpu))
-        except OSError as err:
-            write_stdout(error_line(f"{role} on cpu {cpu}: {err.strerror or err}"))
-            return 1
-        reporter.next_life = time.monotonic_ns() + LIFE_NS
-        try:
-            if role == "server":
-                serve(conn, reporter)
-            else:
-                run_client(conn, interval_ns, ladder, server_cpu, reporter)
-        except (Closed, ConnectionError) as err:
-            reporter.flush()
-            write_stdout(error_line(str(err)))
-            return 1
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return 0  # pragma: no cover - the loops never return
+    args = sys.argv[1:] if argv is None else argv
+    return run_worker("probe.canary_rpc", USAGE, lambda: _Options(args), _side)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ from probe.worker import (
     int_option,
     parse_options,
     pin,
+    run_worker,
     status_line,
-    usage_exit,
     write_stdout,
 )
 
@@ -133,36 +133,36 @@ def run(cpu: int, wait_ns: int, ladder: list[int], reporter: Reporter) -> None:
         start = now
 
 
+def _options(argv: list[str]) -> tuple[int, int, list[int]]:
+    values = parse_options(argv, ("--cpu", "--wait-ns", "--timeouts-ns"))
+    cpu = int_option(values, "--cpu")
+    wait_ns = int_option(values, "--wait-ns", DEFAULT_WAIT_NS)
+    ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
+    if cpu < 0 or wait_ns <= 0:
+        raise WorkerUsageError("--cpu must not be negative and --wait-ns must be positive")
+    return cpu, wait_ns, ladder
+
+
+def _timer(options: tuple[int, int, list[int]]) -> int:
+    cpu, wait_ns, ladder = options
+    try:
+        pin(cpu)
+    except OSError as err:
+        write_stdout(error_line(f"cannot run on cpu {cpu}: {err.strerror}"))
+        return 1
+    write_stdout(status_line(cpu, [], wait_ns=wait_ns))
+    run(cpu, wait_ns, ladder, Reporter(write_stdout, cpu))
+    return 0  # pragma: no cover - run() never returns
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the timer canary: pin, send the status line, wait until killed.
 
     :param argv: the arguments (default ``sys.argv[1:]``).
     :return: 2 on a usage error, 1 when the CPU cannot be used, 0 when the agent went away.
     """
-    try:
-        values = parse_options(
-            sys.argv[1:] if argv is None else argv, ("--cpu", "--wait-ns", "--timeouts-ns")
-        )
-        cpu = int_option(values, "--cpu")
-        wait_ns = int_option(values, "--wait-ns", DEFAULT_WAIT_NS)
-        ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
-        if cpu < 0 or wait_ns <= 0:
-            raise WorkerUsageError("--cpu must not be negative and --wait-ns must be positive")
-    except WorkerUsageError as err:
-        return usage_exit("probe.canary_timer", err, USAGE)
-    try:
-        try:
-            pin(cpu)
-        except OSError as err:
-            write_stdout(error_line(f"cannot run on cpu {cpu}: {err.strerror}"))
-            return 1
-        write_stdout(status_line(cpu, [], wait_ns=wait_ns))
-        run(cpu, wait_ns, ladder, Reporter(write_stdout, cpu))
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return 0  # pragma: no cover - run() never returns
+    args = sys.argv[1:] if argv is None else argv
+    return run_worker("probe.canary_timer", USAGE, lambda: _options(args), _timer)
 
 
 if __name__ == "__main__":

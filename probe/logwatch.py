@@ -63,7 +63,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from probe.base import Emit, Health, now_pair
+from probe.base import Emit, Health, emit_each, now_pair
 from probe.errors import LogSpecError
 from probe.events import RawEvent
 
@@ -487,10 +487,7 @@ class LogWatchProbe:
         return RawEvent("app_timeout", mono, real, None, fields)
 
     def _send(self, emit: Emit, events: list[RawEvent]) -> None:
-        for event in events:
-            try:
-                emit(event)
-                self._emit_error = ""
-            except Exception as err:  # the agent's problem, but never the end of watching
-                with self._lock:
-                    self._emit_error = f"emit failed: {err!r}"[:200]
+        state = emit_each(emit, events)
+        if state is not None:
+            with self._lock:
+                self._emit_error = state

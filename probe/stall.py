@@ -81,13 +81,14 @@ from probe.errors import ParseError
 from probe.procfs import TICK_NS, parse_schedstat, parse_steal
 from probe.worker import (
     FLUSH_AFTER_NS,
+    Lines,
     WorkerUsageError,
     error_line,
     int_list_option,
     int_option,
     json_str,
     parse_options,
-    usage_exit,
+    run_worker,
 )
 from probe.worker import json_int as _json_int
 from probe.worker import write_stdout as _write_stdout
@@ -315,7 +316,7 @@ def _delta(now: int | None, then: int | None) -> int | None:
     return None if now is None or then is None else now - then
 
 
-class Sampler:
+class Sampler(Lines):
     """One sampler's state and its two loops. ``write`` sends one line to the parent.
 
     :param opts: the settings.
@@ -324,10 +325,9 @@ class Sampler:
     """
 
     def __init__(self, opts: Options, counters: Counters, write: Callable[[str], object]) -> None:
+        super().__init__(write)
         self.opts = opts
         self.counters = counters
-        self.write = write
-        self._pending: list[str] = []
         self._notes_sent = len(counters.notes)
         self._run_delay0 = counters.run_delay()
         self._steal0 = counters.steal()
@@ -344,7 +344,7 @@ class Sampler:
         from probe.canary_heartbeat import Board, Side
 
         opts = self.opts
-        reporter = Reporter(self._pending.append, opts.cpu)
+        reporter = Reporter(self.pending.append, opts.cpu)
         self.side = Side(
             Board(opts.board_fd, opts.slots), opts.slot, opts.peers, opts.ladder, reporter
         )
@@ -363,14 +363,14 @@ class Sampler:
         d_run_delay = _delta(run_delay, self._run_delay0)
         d_steal = _delta(steal, self._steal0)
         self._run_delay0, self._steal0 = run_delay, steal
-        self._pending.append(
+        self.pending.append(
             f'{{"t":"stall","mono_ns":{start_mono},"real_ns":{real_start},'
             f'"duration_ns":{gap},"cause":"{classify(gap, d_run_delay, d_steal)}",'
             f'"run_delay_ns":{_json_int(d_run_delay)},"steal_ns":{_json_int(d_steal)},'
             f'"expirations":{expirations},"mode":"{self.opts.mode}"}}\n'
         )
         self._send_notes()
-        if len(self._pending) >= MAX_PENDING:
+        if len(self.pending) >= MAX_PENDING:
             self.flush()
 
     def refresh(self) -> None:
@@ -387,22 +387,15 @@ class Sampler:
         """
         if self.side is not None:
             self.side.reporter.life(now_mono)  # the heartbeat canary's sign of life
-        self._pending.append(
+        self.pending.append(
             f'{{"t":"samples","n":{samples},"mono_ns":{now_mono},"real_ns":{time.time_ns()}}}\n'
         )
         self.flush()
 
-    def flush(self) -> None:
-        """Write the pending lines (stalls, notes) to the parent in one call."""
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self.write(text)
-
     def _send_notes(self) -> None:
         notes = self.counters.notes
         while self._notes_sent < len(notes):
-            self._pending.append(f'{{"t":"note","msg":{json_str(notes[self._notes_sent])}}}\n')
+            self.pending.append(f'{{"t":"note","msg":{json_str(notes[self._notes_sent])}}}\n')
             self._notes_sent += 1
 
     def run_tick(self) -> None:
@@ -538,6 +531,36 @@ def _setup(opts: Options) -> tuple[bool, list[str]]:
     return fifo, notes
 
 
+def _sample(opts: Options) -> int:
+    try:
+        fifo, notes = _setup(opts)
+    except OSError as err:
+        _write_stdout(error_line(f"cannot run on cpu {opts.cpu}: {err.strerror}"))
+        return 1
+    pid = os.getpid()
+    counters = Counters(opts.procfs, opts.cpu, pid)
+    all_notes = notes + counters.notes
+    sampler = Sampler(opts, counters, _write_stdout)
+    if opts.board_fd >= 0:
+        try:
+            sampler.join_heartbeat()
+        except (OSError, ValueError) as err:
+            all_notes.append(f"cannot map the heartbeat board ({err}): no heartbeat canary")
+    _write_stdout(
+        f'{{"t":"status","pid":{pid},"cpu":{opts.cpu},"mode":"{opts.mode}",'
+        f'"interval_ns":{opts.interval_ns},"threshold_ns":{opts.threshold_ns},'
+        f'"fifo":{"true" if fifo else "false"},'
+        f'"heartbeat":{"true" if sampler.side is not None else "false"},'
+        f'"mono_ns":{time.monotonic_ns()},'
+        f'"real_ns":{time.time_ns()},"notes":[{",".join(json_str(n) for n in all_notes)}]}}\n'
+    )
+    if opts.mode == "spin":
+        sampler.run_spin()
+    else:
+        sampler.run_tick()
+    return 0  # pragma: no cover - the loops never return
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a sampler: set up, send the status line, sample until killed.
 
@@ -545,42 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     :return: the exit status: 2 on a usage error, 1 when set-up fails (an ``error`` line
         says why), 0 when the parent went away.
     """
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
-    except UsageError as err:
-        return usage_exit("probe.stall", err, USAGE)
-    try:
-        try:
-            fifo, notes = _setup(opts)
-        except OSError as err:
-            _write_stdout(error_line(f"cannot run on cpu {opts.cpu}: {err.strerror}"))
-            return 1
-        pid = os.getpid()
-        counters = Counters(opts.procfs, opts.cpu, pid)
-        all_notes = notes + counters.notes
-        sampler = Sampler(opts, counters, _write_stdout)
-        if opts.board_fd >= 0:
-            try:
-                sampler.join_heartbeat()
-            except (OSError, ValueError) as err:
-                all_notes.append(f"cannot map the heartbeat board ({err}): no heartbeat canary")
-        _write_stdout(
-            f'{{"t":"status","pid":{pid},"cpu":{opts.cpu},"mode":"{opts.mode}",'
-            f'"interval_ns":{opts.interval_ns},"threshold_ns":{opts.threshold_ns},'
-            f'"fifo":{"true" if fifo else "false"},'
-            f'"heartbeat":{"true" if sampler.side is not None else "false"},'
-            f'"mono_ns":{time.monotonic_ns()},'
-            f'"real_ns":{time.time_ns()},"notes":[{",".join(json_str(n) for n in all_notes)}]}}\n'
-        )
-        if opts.mode == "spin":
-            sampler.run_spin()
-        else:
-            sampler.run_tick()
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    return 0  # pragma: no cover - the loops never return
+    args = sys.argv[1:] if argv is None else argv
+    return run_worker("probe.stall", USAGE, lambda: parse_args(args), _sample)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ from probe.errors import ProbeError
 #: ``typing.TYPE_CHECKING`` without importing ``typing`` (see the footprint note above).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 
 #: A worker sends its lines with its once-a-second sign of life, but never holds an event
@@ -207,3 +210,43 @@ def usage_exit(program: str, err: WorkerUsageError, usage: str) -> int:
     """
     sys.stderr.write(f"{program}: {err}\n{usage}\n")
     return 2
+
+
+class Lines:
+    """Lines waiting to go to the parent together: each write wakes the parent, which costs
+    more than the line it carries.
+
+    :param write: sends complete lines (``write_stdout``).
+    """
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self.write = write
+        self.pending: list[str] = []
+
+    def flush(self) -> None:
+        """Write the pending lines in one call."""
+        if self.pending:
+            text = "".join(self.pending)
+            self.pending.clear()
+            self.write(text)
+
+
+def run_worker(program: str, usage: str, parse: Callable[[], T], body: Callable[[T], int]) -> int:
+    """A worker's ``main``: its command line (``parse``; a usage error is printed, exit 2),
+    then ``body`` until it returns; the parent going away (a write fails with EPIPE) is
+    exit 0, SIGINT 130.
+
+    :param program: the worker's module name, for the usage error.
+    :param usage: its usage line.
+    :return: the exit status.
+    """
+    try:
+        args = parse()
+    except WorkerUsageError as err:
+        return usage_exit(program, err, usage)
+    try:
+        return body(args)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130

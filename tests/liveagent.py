@@ -7,11 +7,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import psutil
 
 from probe.events import Event, parse_event
+from tsprobe.cli import agent_command
 
 
 def free_port() -> int:
@@ -109,39 +109,47 @@ def is_worker(proc: psutil.Process, module: str, cpu: int | None = None) -> bool
     return False
 
 
+def wait_answering(
+    proc: subprocess.Popen[bytes],
+    answers: Callable[[], bool],
+    timeout_s: float,
+    exited: Callable[[], str],
+    late: str,
+) -> None:
+    """Wait until a started server ``answers`` (an OSError counts as not yet).
+
+    :raise AssertionError: ``exited()`` when the process ended first, ``late`` at timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(exited())
+        try:
+            if answers():
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(late)
+        time.sleep(0.1)
+
+
 @contextmanager
 def live_agent(tmp_path: Path, *args: str, ready_timeout: float = 20.0) -> Iterator[LiveAgent]:
     port = free_port()
     events_path = tmp_path / "events.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tsprobe.cli",
-        "agent",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--events",
-        str(events_path),
-        *args,
-    ]
+    cmd = agent_command(port, events_path, *args)
     stderr = open(tmp_path / "agent.stderr", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=stderr, stderr=stderr, start_new_session=True)
     agent = LiveAgent(proc, f"http://127.0.0.1:{port}", events_path)
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"agent exited {proc.returncode}: {(tmp_path / 'agent.stderr').read_text()}"
-                )
-            try:
-                if agent.get("/healthz")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("agent did not answer /healthz in time")
-            time.sleep(0.1)
+        wait_answering(
+            proc,
+            lambda: agent.get("/healthz")[0] == 200,
+            ready_timeout,
+            lambda: f"agent exited {proc.returncode}: {(tmp_path / 'agent.stderr').read_text()}",
+            "agent did not answer /healthz in time",
+        )
         yield agent
     finally:
         if proc.poll() is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.liveagent import free_port, http_get
+from tests.liveagent import free_port, http_get, wait_answering
 
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
@@ -92,18 +92,13 @@ def live_prometheus(
         )
     prom = LiveProm(f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited: {log.read_text()[-2000:]}")
-            try:
-                if http_get(f"{prom.url}/-/ready", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("prometheus not ready after 30 s")
-            time.sleep(0.1)
+        wait_answering(
+            proc,
+            lambda: http_get(f"{prom.url}/-/ready", timeout=1)[0] == 200,
+            30,
+            lambda: f"prometheus exited: {log.read_text()[-2000:]}",
+            "prometheus not ready after 30 s",
+        )
         yield prom
     finally:
         proc.terminate()

@@ -25,6 +25,7 @@ import pytest
 
 from probe.events import Event, iter_event_file
 from tests.liveagent import free_port, http_get
+from tsprobe.cli import agent_command as tsprobe_agent
 
 NOBODY = 65534
 RUN_FOR = "3s"
@@ -34,6 +35,7 @@ _FACTS = """
 import json, os
 out = {"uid": os.geteuid(), "kmsg": False, "fifo": False}
 import agent.cli  # the agent and its dependencies, as this user sees them
+from tsprobe.cli import agent_command as tsprobe_agent
 try:
     os.close(os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK))
     out["kmsg"] = True
@@ -123,19 +125,7 @@ def setting() -> Iterator[Setting]:
 
 
 def agent_command(setting: Setting, events: Path, port: int, duration: str) -> list[str]:
-    return [
-        *setting.prefix,
-        sys.executable,
-        "-m",
-        "tsprobe.cli",
-        "agent",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--events",
-        str(events),
-        "--duration",
-        duration,
-    ]
+    return [*setting.prefix, *tsprobe_agent(port, events, "--duration", duration)]
 
 
 def probe_up(metrics: str, probe: str) -> float | None:

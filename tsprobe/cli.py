@@ -88,6 +88,26 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def agent_command(port: int, events: str | os.PathLike[str], *args: str) -> list[str]:
+    """The command line that runs ``tsprobe agent`` with this interpreter, on
+    127.0.0.1:``port``, its events spooled to ``events`` (the demo and the tests start it so).
+
+    :param args: more flags.
+    """
+    listen = f"127.0.0.1:{port}"
+    return [
+        sys.executable,
+        "-m",
+        "tsprobe.cli",
+        "agent",
+        "--listen",
+        listen,
+        "--events",
+        os.fspath(events),
+        *args,
+    ]
+
+
 def os_error_line(err: OSError) -> str:
     """One line for an OSError: ``PATH: reason``, the path shortened.
 

@@ -24,6 +24,7 @@ import psutil
 
 from probe.durations import format_duration
 from probe.events import Event, parse_event
+from tsprobe.cli import agent_command
 
 FREEZE_S = 0.300
 RUN_S = 6.0
@@ -59,18 +60,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tsprobe-demo-"))
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tsprobe.cli",
-        "agent",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--events",
-        str(workdir / "events.jsonl"),
-        "--duration",
-        f"{RUN_S + 4}s",
-    ]
+    cmd = agent_command(port, workdir / "events.jsonl", "--duration", f"{RUN_S + 4}s")
     print(f"demo: starting the agent: {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:

@@ -20,7 +20,8 @@ error bound is reported beside the figures (the largest among the events counted
 from __future__ import annotations
 
 import bisect
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,11 @@ import numpy as np
 from analysis import rundir
 from analysis.analyze.alignment import Alignment
 from analysis.analyze.load import Run
+from analysis.analyze.spans import Span, span_label
 from analysis.rundir import jsonl
 from analysis.rundir.guest_reader import guest_event_files
 
-#: The delay the lab holds every event to (issue: within 1 s of when it happened).
+#: The delay every event is held to: it reaches the recorder within a second of its end.
 LATE_NS = 1_000_000_000
 
 
@@ -42,6 +44,10 @@ class Delivery:
     :param events: events measured; ``late`` those that took longer than ``LATE_NS``.
     :param worst_seq: ``worst_kind``: the latest event.
     :param error_ns: the largest guest -> host error bound among them (None: unknown).
+    :param by_phase: per phase the event ended in (attribution's spans; one span without
+        phases): events, late, the largest delay.
+    :param request_max_ns: the longest request of a page that brought events (send to
+        receipt): the share of a delay the agent's answer itself took.
     """
 
     events: int
@@ -52,25 +58,30 @@ class Delivery:
     worst_seq: int | None
     worst_kind: str | None
     error_ns: int | None
+    by_phase: dict[str, dict[str, int]] = field(default_factory=dict)
+    request_max_ns: int | None = None
 
     def to_dict(self) -> dict[str, int | str | None]:
         """As JSON."""
         return asdict(self)
 
 
-def _arrivals(path: Path) -> tuple[list[int], list[int]]:
-    """(line counts, receive times) of a notes file's ``arrival`` records, in file order."""
+def _arrivals(path: Path) -> tuple[list[int], list[int], list[int]]:
+    """(line counts, receive times, request times) of the ``arrival`` records, in order."""
     lines: list[int] = []
     times: list[int] = []
+    requests: list[int] = []
     for _, rec in jsonl.iter_records(path, lambda _issue: None):
-        count, recv = rec.get("lines"), rec.get("host_real_ns")
+        count, recv, sent = rec.get("lines"), rec.get("host_real_ns"), rec.get("host_send_real_ns")
         if rec.get("type") == "arrival" and isinstance(count, int) and isinstance(recv, int):
             lines.append(count)
             times.append(recv)
-    return lines, times
+            if isinstance(sent, int):
+                requests.append(recv - sent)
+    return lines, times, requests
 
 
-def delivery(run: Run, al: Alignment) -> Delivery | None:
+def delivery(run: Run, al: Alignment, spans: Sequence[Span] = ()) -> Delivery | None:
     """Measure every guest event's delay (see the module docstring).
 
     :return: the figures, or None when no event could be measured (no ``arrival`` records:
@@ -78,8 +89,10 @@ def delivery(run: Run, al: Alignment) -> Delivery | None:
     """
     # Per (agent, boot): the events' ends (guest monotonic), arrival times, seq and kind.
     groups: dict[tuple[str, str], list[tuple[int, int, int, str]]] = {}
+    requests: list[int] = []
     for agent, events_path in guest_event_files(run.path, run.meta).items():
-        lines, times = _arrivals(run.path / rundir.arrivals_file(agent))
+        lines, times, took = _arrivals(run.path / rundir.arrivals_file(agent))
+        requests += took
         for line_no, ev in jsonl.iter_records(events_path, lambda _issue: None) if lines else ():
             k = bisect.bisect_left(lines, line_no)
             mono, boot, dur = ev.get("mono_ns"), ev.get("boot_id"), ev.get("duration_ns")
@@ -91,6 +104,7 @@ def delivery(run: Run, al: Alignment) -> Delivery | None:
             groups.setdefault((agent, boot), []).append(row)
     start, _ = run.recording_span()
     delays: list[tuple[int, int, str]] = []
+    ends: list[int] = []
     errors: list[float] = []
     for (agent, boot), rows in groups.items():
         ba = al.for_segment(agent, boot)
@@ -103,6 +117,7 @@ def delivery(run: Run, al: Alignment) -> Delivery | None:
             if start is not None and ended < start:
                 continue
             delays.append((arrived - int(ended), seq, kind))
+            ends.append(int(ended))
             errors.append(e)
     if not delays:
         return None
@@ -118,4 +133,23 @@ def delivery(run: Run, al: Alignment) -> Delivery | None:
         worst_seq=worst[1] if worst[1] >= 0 else None,
         worst_kind=worst[2],
         error_ns=round(max(errors)) if known else None,
+        by_phase=_by_phase(spans, ends, [d for d, _, _ in delays]),
+        request_max_ns=max(requests) if requests else None,
     )
+
+
+def _by_phase(
+    spans: Sequence[Span], ends: list[int], delays: list[int]
+) -> dict[str, dict[str, int]]:
+    """Events, late ones and the largest delay per phase an event ended in (the phase's
+    label: ``postcopy-active #2`` when a name repeats)."""
+    out: dict[str, dict[str, int]] = {}
+    starts = [s.start_ns for s in spans]
+    for end, delay in zip(ends, delays, strict=True):
+        k = max(0, bisect.bisect_right(starts, end) - 1)
+        label = span_label(list(spans), k) if spans else "all"
+        row = out.setdefault(label, {"events": 0, "late": 0, "max_ns": 0})
+        row["events"] += 1
+        row["late"] += delay > LATE_NS
+        row["max_ns"] = max(row["max_ns"], delay)
+    return out

@@ -268,20 +268,11 @@ class LibvirtScenario(Scenario):
 
     def _write_domains(self, emulator: str) -> dict[str, lq.QemuSpec]:
         """The source's and the destination's domain XML in the run directory."""
-        common: dict[str, Any] = {
-            "guest": self.guest,
-            "workdir": self.sockdir,
-            "binary": self.binary,
-            "accel": self.accel,
-            "mem_mb": self.opts.mem_mb,
-            "vcpus": self.opts.vcpus,
-            "cmdline": self.opts.kernel_args(),
-        }
         domain_uuid = str(uuid.uuid4())
         domain_type = "kvm" if self.accel == "kvm" else "qemu"
         specs = {
-            "src": lq.QemuSpec(name="src", **common),
-            "dst": lq.QemuSpec(name="dst", incoming=True, **common),
+            "src": self.qemu_spec("src"),
+            "dst": self.qemu_spec("dst", incoming=True),
         }
         for name, spec in specs.items():
             path = self.out / f"libvirt-domain-{name}.xml"

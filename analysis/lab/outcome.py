@@ -65,24 +65,20 @@ from typing import Any
 from analysis import rundir
 from analysis.rundir import jsonl
 from probe.durations import format_duration
+from probe.kmsg_patterns import WARNING_KINDS
 from probe.kmsg_patterns import classify as classify_kmsg
 
 OUTCOME_FILE = "lab-outcome.json"
 OUTCOMES = ("recovered", "degraded", "not-recovered", "lab-error")
 #: ``tsprobe lab run``'s exit code per outcome (1 and 2 are the tool's own errors).
 EXIT_CODES = {"recovered": 0, "degraded": 3, "not-recovered": 4, "lab-error": 5}
-#: Warning kinds that make a guest ``degraded``.
-HURTING = frozenset(
-    {
-        "soft_lockup",
-        "hard_lockup",
-        "rcu_stall",
-        "hung_task",
-        "workqueue_lockup",
-        "clocksource_unstable",
-        "tsc_unstable",
-    }
-)
+#: Warning kinds that make a guest ``degraded``: every kind the kmsg probe knows but those
+#: that only say the kernel noticed time going oddly and coped (a clocksource switch, a
+#: slow interrupt handler, a throttled real-time task).
+HURTING = frozenset(WARNING_KINDS) - {
+    "clocksource_switch", "sched_clock_unstable", "rt_throttling",
+    "hrtimer_slow", "perf_interrupt_slow", "nmi_handler_slow",
+}  # fmt: skip
 #: Guest time lost beyond the vCPU-stop windows that makes a guest ``degraded``: well
 #: above the clock lag's error (a /clock reply's way back, tens of ms under TCG).
 LOST_TIME_NS = 1_000_000_000

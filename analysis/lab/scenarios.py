@@ -206,26 +206,30 @@ class Scenario:
         self.say(f"QEMU {version.number} ({self.binary}): {self.accel_line()}")
         if self.migrates and self.accel == "tcg-multi" and scenario_accel != "tcg-multi":
             self.say(f"note: multi-threaded TCG forced ({self.accel_why})")
-        cmdline = self.opts.kernel_args()
-        common = {
-            "guest": self.guest,
-            "workdir": self.sockdir,
-            "binary": self.binary,
-            "accel": self.accel,
-            "mem_mb": self.opts.mem_mb,
-            "vcpus": self.opts.vcpus,
-            "cmdline": cmdline,
-        }
-        src_spec = lq.QemuSpec(name="src", **common)  # type: ignore[arg-type]
+        src_spec = self.qemu_spec("src")
         self.say(
             f"booting the guest ({self.guest.boot}, {self.accel}, {self.opts.vcpus} vCPUs, "
             f"{self.opts.mem_mb} MiB, workload {self.opts.workload_size})"
         )
         self.qemus.append(lq.start(src_spec))
         if self.migrates:
-            dst_spec = lq.QemuSpec(name="dst", incoming=True, **common)  # type: ignore[arg-type]
+            dst_spec = self.qemu_spec("dst", incoming=True)
             self.qemus.append(lq.start(dst_spec))
         self.wait_guest(src_spec.agent_port, "QEMU started")
+
+    def qemu_spec(self, name: str, incoming: bool = False) -> lq.QemuSpec:
+        """A QEMU of this run: the guest, the accelerator and the size the options ask for."""
+        return lq.QemuSpec(
+            name=name,
+            guest=self.guest,
+            workdir=self.sockdir,
+            binary=self.binary,
+            accel=self.accel,
+            mem_mb=self.opts.mem_mb,
+            vcpus=self.opts.vcpus,
+            cmdline=self.opts.kernel_args(),
+            incoming=incoming,
+        )
 
     def wait_guest(self, agent_port: int, since: str) -> None:
         """Wait for the source guest's agent (and its workload), note the clocksource.

@@ -270,7 +270,7 @@ def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[
             }
             for e in run.clock_steps
         ],
-        "delivery": sent.to_dict() if (sent := delivery(run, a.alignment)) else None,
+        "delivery": sent.to_dict() if (sent := delivery(run, a.alignment, a.spans)) else None,
         "clock_lag": {
             **lag.to_dict(),
             "stopped_windows": stopped_windows(run),

@@ -339,6 +339,7 @@ class AgentRecorder:
                     "lines": self._events.count,
                     "host_real_ns": reply.recv_real_ns,
                     "host_mono_ns": reply.recv_mono_ns,
+                    "host_send_real_ns": reply.send_real_ns,
                 }
             )
         if missed and written and not gap_noted:
