@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import AgentConfig, resolve_cpus
 from agent.errors import AgentError
@@ -105,6 +105,19 @@ def _sync_reading(state: Any) -> SyncReading | None:
     return SyncReading(synced, maxerror)
 
 
+_T = TypeVar("_T")
+
+
+def _started(part: _T | None) -> _T:
+    """A part the agent makes in ``start()``.
+
+    :raise AgentError: before that.
+    """
+    if part is None:
+        raise AgentError("the agent is not started")
+    return part
+
+
 def _say_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -167,23 +180,17 @@ class Agent:
     @property
     def log(self) -> EventLog:
         """The event log (after ``start()``)."""
-        if self._log is None:
-            raise AgentError("the agent is not started")
-        return self._log
+        return _started(self._log)
 
     @property
     def metrics(self) -> AgentMetrics:
         """The metrics collector (after ``start()``)."""
-        if self._metrics is None:
-            raise AgentError("the agent is not started")
-        return self._metrics
+        return _started(self._metrics)
 
     @property
     def server(self) -> AgentHTTPServer:
         """The HTTP server (after ``start()``)."""
-        if self._server is None:
-            raise AgentError("the agent is not started")
-        return self._server
+        return _started(self._server)
 
     @property
     def url(self) -> str:

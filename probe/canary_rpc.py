@@ -37,7 +37,6 @@ Usage (the agent passes the descriptor and the port)::
 from __future__ import annotations
 
 import _socket
-import gc
 import os
 import select
 import sys
@@ -52,6 +51,7 @@ from probe.worker import (
     parse_options,
     pin,
     run_worker,
+    settle,
     status_line,
     write_stdout,
 )
@@ -81,8 +81,7 @@ def serve(conn: int, reporter: Reporter) -> None:
     poller = select.poll()
     poller.register(conn, select.POLLIN)
     mono = time.monotonic_ns
-    gc.collect()
-    gc.freeze()
+    settle()
     while True:
         timeout_ms = max(0.0, (reporter.next_life - mono()) / 1e6)
         if poller.poll(timeout_ms):
@@ -141,8 +140,7 @@ def run_client(
     mono = time.monotonic_ns
     latency = reporter.latency
     seq = 0
-    gc.collect()
-    gc.freeze()
+    settle()
     next_call = mono()
     while True:
         now = mono()

@@ -40,24 +40,13 @@ Usage::
 
 from __future__ import annotations
 
-import gc
 import os
 import select
 import sys
 import time
 
+from probe import worker
 from probe.canary import DEFAULT_LADDER_NS, MIN_SLACK_NS, Reporter, timer_expirations
-from probe.worker import (
-    WorkerUsageError,
-    error_line,
-    int_list_option,
-    int_option,
-    parse_options,
-    pin,
-    run_worker,
-    status_line,
-    write_stdout,
-)
 
 #: ``typing.TYPE_CHECKING`` without importing ``typing``.
 TYPE_CHECKING = False
@@ -111,8 +100,7 @@ def run(cpu: int, wait_ns: int, ladder: list[int], reporter: Reporter) -> None:
     mono = time.monotonic_ns
     latency = reporter.latency
     index = 0
-    gc.collect()
-    gc.freeze()
+    worker.settle()
     start = mono()
     while True:
         due = start + wait_ns
@@ -134,24 +122,24 @@ def run(cpu: int, wait_ns: int, ladder: list[int], reporter: Reporter) -> None:
 
 
 def _options(argv: list[str]) -> tuple[int, int, list[int]]:
-    values = parse_options(argv, ("--cpu", "--wait-ns", "--timeouts-ns"))
-    cpu = int_option(values, "--cpu")
-    wait_ns = int_option(values, "--wait-ns", DEFAULT_WAIT_NS)
-    ladder = int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
+    values = worker.parse_options(argv, ("--cpu", "--wait-ns", "--timeouts-ns"))
+    cpu = worker.int_option(values, "--cpu")
+    wait_ns = worker.int_option(values, "--wait-ns", DEFAULT_WAIT_NS)
+    ladder = worker.int_list_option(values, "--timeouts-ns", DEFAULT_LADDER_NS)
     if cpu < 0 or wait_ns <= 0:
-        raise WorkerUsageError("--cpu must not be negative and --wait-ns must be positive")
+        raise worker.WorkerUsageError("--cpu must not be negative and --wait-ns must be positive")
     return cpu, wait_ns, ladder
 
 
 def _timer(options: tuple[int, int, list[int]]) -> int:
     cpu, wait_ns, ladder = options
     try:
-        pin(cpu)
+        worker.pin(cpu)
     except OSError as err:
-        write_stdout(error_line(f"cannot run on cpu {cpu}: {err.strerror}"))
+        worker.write_stdout(worker.error_line(f"cannot run on cpu {cpu}: {err.strerror}"))
         return 1
-    write_stdout(status_line(cpu, [], wait_ns=wait_ns))
-    run(cpu, wait_ns, ladder, Reporter(write_stdout, cpu))
+    worker.write_stdout(worker.status_line(cpu, [], wait_ns=wait_ns))
+    run(cpu, wait_ns, ladder, Reporter(worker.write_stdout, cpu))
     return 0  # pragma: no cover - run() never returns
 
 
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     :return: 2 on a usage error, 1 when the CPU cannot be used, 0 when the agent went away.
     """
     args = sys.argv[1:] if argv is None else argv
-    return run_worker("probe.canary_timer", USAGE, lambda: _options(args), _timer)
+    return worker.run_worker("probe.canary_timer", USAGE, lambda: _options(args), _timer)
 
 
 if __name__ == "__main__":

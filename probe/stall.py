@@ -89,6 +89,7 @@ from probe.worker import (
     json_str,
     parse_options,
     run_worker,
+    settle,
 )
 from probe.worker import json_int as _json_int
 from probe.worker import write_stdout as _write_stdout
@@ -403,8 +404,7 @@ class Sampler(Lines):
         from probe.timerfd import periodic_timer
 
         fd, first = periodic_timer(self.opts.interval_ns)
-        gc.collect()
-        gc.freeze()
+        settle()
         gc.disable()
         self.tick_loop(fd, first, os.readv, time.monotonic_ns)
 

@@ -181,24 +181,25 @@ def _append(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def test_derived_panic_is_not_recovered(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("line", "evidence"),
+    [
+        (  # a panic
+            "[   31.123456] Kernel panic - not syncing: hung_task\n",
+            'serial-dst.log: "Kernel panic - not syncing: hung_task": the guest panicked',
+        ),
+        (  # a second boot
+            "tsprobe-lab: init at 2.71s\n",
+            'serial-dst.log: "tsprobe-lab: init at 2.71s": the guest booted again',
+        ),
+    ],
+)
+def test_derived_serial_line_is_not_recovered(tmp_path: Path, line: str, evidence: str) -> None:
     run = _copy(RECOVERED, tmp_path)
-    _append(run / "serial-dst.log", "[   31.123456] Kernel panic - not syncing: hung_task\n")
+    _append(run / "serial-dst.log", line)
     outcome = classify(run)
     assert outcome.name == "not-recovered"
-    assert outcome.evidence == (
-        'serial-dst.log: "Kernel panic - not syncing: hung_task": the guest panicked',
-    )
-
-
-def test_derived_second_boot_is_not_recovered(tmp_path: Path) -> None:
-    run = _copy(RECOVERED, tmp_path)
-    _append(run / "serial-dst.log", "tsprobe-lab: init at 2.71s\n")
-    outcome = classify(run)
-    assert outcome.name == "not-recovered"
-    assert outcome.evidence == (
-        'serial-dst.log: "tsprobe-lab: init at 2.71s": the guest booted again',
-    )
+    assert outcome.evidence == (evidence,)
 
 
 def test_derived_agent_not_answering_is_not_recovered(tmp_path: Path) -> None:

@@ -243,27 +243,32 @@ def _timeout_findings(a: Analysis) -> list[Finding]:
     out: list[Finding] = []
     sens = a.sensitivity
     for span in a.spans:
-        counts = sens.stalls.get(span.index, [])
-        hits = [(t, c) for t, c in zip(sens.ladder, counts, strict=False) if c]
-        if hits:
-            t, c = hits[-1]
+        label = a.phase_label(span.index)
+        hit = _longest_hit(sens.ladder, sens.stalls.get(span.index, []))
+        if hit:
+            t, c = hit
             out.append(
                 Finding(
                     "timeout",
-                    f"{a.phase_label(span.index)}: an application with a {_d(t)} timeout would "
+                    f"{label}: an application with a {_d(t)} timeout would "
                     f"have seen {c} expiration(s) (one thread per CPU)",
                     t >= 1_000_000_000,
                 )
             )
-        peer = sens.peer.get(span.index, [])
-        peer_hits = [(t, c) for t, c in zip(sens.ladder, peer, strict=False) if c]
-        if peer_hits:
-            t, c = peer_hits[-1]
+        hit = _longest_hit(sens.ladder, sens.peer.get(span.index, []))
+        if hit:
+            t, c = hit
             out.append(
                 Finding(
                     "timeout",
-                    f"{a.phase_label(span.index)}: a peer outside the guest with a {_d(t)} "
-                    f"timeout would have seen {c} expiration(s) (the guest's clock stood still)",
+                    f"{label}: a peer outside the guest with a {_d(t)} timeout would "
+                    f"have seen {c} expiration(s) (the guest's clock stood still)",
                 )
             )
     return out
+
+
+def _longest_hit(ladder: list[int], counts: list[int]) -> tuple[int, int] | None:
+    """The longest timeout of the ladder with expirations, and how many, or None."""
+    hits = [(t, c) for t, c in zip(ladder, counts, strict=False) if c]
+    return hits[-1] if hits else None

@@ -92,6 +92,10 @@ from source to destination) and the host migration exporter.
 """
 
 
+#: A vCPU of the lab guest.
+VCPU = click.IntRange(0, MAX_VCPUS - 1)
+
+
 @lab.command("run", epilog=RUN_EPILOG)
 @click.option("--scenario", required=True, metavar="NAME", help="See the list below.")
 @click.option("--out", required=True, type=OutDir(), help="New run directory.")
@@ -102,11 +106,7 @@ from source to destination) and the host migration exporter.
     "--stall", default="300ms", show_default=True, help="Freeze length(s), comma-separated."
 )
 @click.option(
-    "--cpu",
-    type=click.IntRange(0, MAX_VCPUS - 1),
-    default=1,
-    show_default=True,
-    help="vCPU that stall-vcpu freezes.",
+    "--cpu", type=VCPU, default=1, show_default=True, help="vCPU that stall-vcpu freezes."
 )
 @click.option(
     "--workload",
@@ -114,13 +114,7 @@ from source to destination) and the host migration exporter.
     help="Working set kept dirty in the guest (e.g. 64M; 0: none).  "
     "[default: 64M for the postcopy scenarios, else none]",
 )
-@click.option(
-    "--workload-cpu",
-    type=click.IntRange(0, MAX_VCPUS - 1),
-    default=0,
-    show_default=True,
-    help="Its vCPU.",
-)
+@click.option("--workload-cpu", type=VCPU, default=0, show_default=True, help="Its vCPU.")
 @click.option(
     "--bandwidth", default="50M", show_default=True, help="max-bandwidth per second (bytes)."
 )
@@ -164,13 +158,11 @@ from source to destination) and the host migration exporter.
 )
 @click.option(
     "--listen",
-    default=None,
     metavar="HOST:PORT",
     help="Also serve the migration state on http://HOST:PORT/metrics (as record --listen).",
 )
 @click.option(
     "--agent-listen",
-    default=None,
     metavar="HOST:PORT",
     help="Reach the guest's agent here for the whole run (source, then destination).  "
     "[default: 127.0.0.1 and a free port]",
