@@ -6,10 +6,10 @@ workers (``agent.samplers.StallProbe``, ``agent.canaries``):
 
 Units
     A probe's workers come in *units*, each a group of processes started together and
-    restarted together: one sampler per CPU, one timer canary per CPU, the two sides of a
-    heartbeat pair, the client and server of the rpc canary. ``Supervisor.launch(unit)``
-    says what to start (each process's argv and the descriptors it inherits, e.g. the two
-    ends of a socketpair) and which of the parent's descriptors to close once they run.
+    restarted together: one sampler per CPU, one timer canary per CPU, the client and
+    server of the rpc canary. ``Supervisor.launch(unit)`` says what to start (each
+    process's argv and the descriptors it inherits, e.g. the heartbeat's board or the rpc
+    server's listening socket) and which of the parent's descriptors to close once they run.
 
 Forked by a fork server, never by the agent
     Every worker is described as ``python -I -S -c BOOTSTRAP MODULE ARGS...``

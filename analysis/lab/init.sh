@@ -81,20 +81,12 @@ if [ "$WSS" != "0" ]; then
     # slows the agent's start under TCG nor pays for its own start under the samplers.
     $PY /opt/tsprobe/lab/workload.py "$WSS" "$WCPU" "$GO" "$STOP" "$RESULT" &
 fi
-# The lab's agent settings. Under TCG the guest's Python runs about 30 times slower than
-# natively. With the agent's defaults, the agent, its samplers and canaries and the 64 MiB
-# workload kept both vCPUs 98 % busy (per-process /proc/PID/stat ticks over 20 s, no host
-# requests), the agent alone 55 % of a vCPU. Two defaults cost most of that:
-#   - the timeout ladder's 10 ms rung: TCG's own 1-20 ms gaps (the reason for the 50 ms
-#     stall threshold) expired it about 17 times a second on the timer and heartbeat
-#     canaries, and filing those events took the agent's canary threads 36 % of a vCPU.
-#     The lab's ladder starts at 50 ms, like its stall threshold.
-#   - the clock probe's 10 ms period: 11 % of a vCPU. The timerfd sees clock sets at once
-#     whatever the period, so 100 ms only delays noticing BOOTTIME steps (suspend).
-# With both, the agent's share fell to 16-21 % of a vCPU and the guest was 5-11 % idle.
-# The heartbeat canary then cost most (5 ms interval: 26-30 % of a vCPU per side, by
-# /proc/PID/schedstat); at 10 ms, 21-23 %, and with the workload's passes every 50 ms
-# the guest was 15-17 % idle (7-8 % before). 10 ms still resolves the ladder's 50 ms rung.
+# The lab's agent settings (docs/lab-notes.md has what they cost under TCG, where the
+# guest's Python runs about 30 times slower than natively): a timeout ladder from 50 ms,
+# like the stall threshold, because TCG's own 1-20 ms gaps would expire a 10 ms rung many
+# times a second and filing those events would take the agent a third of a vCPU; the
+# clock period at 100 ms (the timerfd sees clock sets at once); a heartbeat beat every
+# 10 ms, which still resolves the ladder's 50 ms rung.
 # shellcheck disable=SC2086
 $PY -m tsprobe.cli agent --interval 1ms --threshold 50ms --listen 0.0.0.0:9466 \
     --timeouts 50ms,100ms,1s,5s,30s --clock-period 100ms --heartbeat-interval 10ms \
