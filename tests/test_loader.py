@@ -92,3 +92,21 @@ def test_garbage_qmp_and_samples(tmp_path: Path) -> None:
         ("qmp-src.jsonl", "not JSON"),
     ]
     assert BASE  # the run still analyses
+
+
+def test_clock_samples_of_an_agent_without_events_are_noted(tmp_path: Path) -> None:
+    # A clock sample names its agent; one no events file has cannot place anything, and
+    # the figures may then change: the reader says which samples it did not use.
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "lab-runs" / "paused", run)
+    path = run / "clock-samples.jsonl"
+    lines = path.read_text().splitlines()
+    sample = json.loads(lines[2])
+    sample["agent"] = "\x00\x1b[2J"
+    lines[2] = json.dumps(sample)
+    path.write_text("\n".join(lines) + "\n")
+    notes = [i for i in load_run(run).issues if "which no events file has" in i.reason]
+    assert len(notes) == 1 and notes[0].line == 3 and notes[0].severity == "note", notes
+    assert notes[0].path.endswith("clock-samples.jsonl") and "\\x00\\x1b[2J" in notes[0].reason

@@ -396,9 +396,24 @@ def _drop_before_start(run: Run) -> None:
 
 
 def _note_unaligned(run: Run) -> None:
-    """A note per segment that no clock sample can put on the host's clock."""
+    """A note per segment that no clock sample can put on the host's clock, and one per
+    agent name of clock samples that no events file has (those samples are not used)."""
     if not run.samples:
         return
+    known = {seg.agent for seg in run.segments}
+    strangers: dict[str, int] = {}
+    for sample in run.samples:
+        if run.segments and sample.agent not in known:
+            strangers.setdefault(sample.agent, sample.line)
+    for agent, line in strangers.items():
+        run.issues.append(
+            Issue(
+                printable(run.path / rundir.CLOCK_SAMPLES),
+                line,
+                f"clock samples of agent {agent[:80]!r}, which no events file has: not used",
+                "note",
+            )
+        )
     for seg in run.segments:
         if _first_sample(run, seg) is None:
             run.issues.append(
