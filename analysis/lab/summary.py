@@ -27,6 +27,7 @@ The result is a JSON-ready dict (``lab-summary.json``) and a text rendering
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from analysis.analyze.load import Run, load_run
 from analysis.errors import AnalysisError
 from analysis.rundir import jsonl
 from analysis.rundir.guest_reader import CAUSES
-from analysis.rundir.qmp import stop_windows
+from analysis.rundir.qmp import OpenStop, StopWindow, stop_windows
 from probe.durations import format_duration
 
 STEPS = "lab-steps.jsonl"
@@ -50,7 +51,9 @@ SUMMARY_JSON = "lab-summary.json"
 SUMMARY_TXT = "lab-summary.txt"
 
 
-def stopped_windows(run: Run) -> list[dict[str, Any]]:
+def stopped_windows(
+    closed: Sequence[StopWindow], still_open: OpenStop | None
+) -> list[dict[str, Any]]:
     """Every window in which QEMU had the guest's vCPUs stopped, as JSON
     (``analysis.rundir.qmp.stop_windows``: the one STOP -> RESUME rule; the lab's ``stop``
     commands date the freezes they caused, ``requested_ns``).
@@ -58,7 +61,6 @@ def stopped_windows(run: Run) -> list[dict[str, Any]]:
     :return: ``{"start_ns", "end_ns", "stopped_by", "resumed_by", "requested_ns"}`` in time
         order; a STOP still open at the end is the last, with ``end_ns`` None.
     """
-    closed, still_open = stop_windows(run.qmp, run.stop_requests)
     windows: list[dict[str, Any]] = [
         {
             "start_ns": w.start_ns,
@@ -106,9 +108,9 @@ def agent_counters(path: Path) -> dict[str, dict[str, float]]:
 class _Lines:
     """The guest events by (segment, line): the fields the pipeline does not keep."""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, read: dict[str, dict[int, dict[str, Any]]]) -> None:
         self._run = run
-        self._files: dict[str, dict[int, dict[str, Any]]] = {}
+        self._files = read  # file (as segments name it) -> line -> event, read once
 
     def get(self, seg: int, line: int) -> dict[str, Any]:
         if not 0 <= seg < len(self._run.segments):
@@ -191,7 +193,8 @@ def summarize(path: Path) -> dict[str, Any]:
     """
     meta: dict[str, Any] = jsonl.read_document_quietly(path / rundir.META) or {}
     lab = meta.get("lab", {})
-    events = jsonl.records_quietly(path / rundir.GUEST_EVENTS)
+    events_path = path / rundir.GUEST_EVENTS
+    events = dict(rundir.read_jsonl_numbered(events_path))  # by line: also the rows' fields
     steps = jsonl.records_quietly(path / STEPS)
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
     summary: dict[str, Any] = {
@@ -200,7 +203,7 @@ def summarize(path: Path) -> dict[str, Any]:
         "lab": lab,
         "kmsg_written": [s.get("text") for s in steps if s.get("type") == "kmsg"],
         "agent_counters": agent_counters(path / AGENT_METRICS),
-        "continuity": _continuity(events),
+        "continuity": _continuity(list(events.values())),
         "health": jsonl.read_document_quietly(path / HEALTH) or {},
         "marks": marks,
     }
@@ -209,13 +212,20 @@ def summarize(path: Path) -> dict[str, Any]:
     except AnalysisError as err:
         summary["error"] = str(err)
         a = None
-    summary.update(_figures(a, marks, bool(lab.get("migrates"))))
+    read = {jsonl.printable(events_path): events}
+    summary.update(_figures(a, marks, bool(lab.get("migrates")), read))
     summary["injected"] = _injected(steps, summary["stalls"], summary["timeouts"])
     return summary
 
 
-def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[str, Any]:
-    """What the pipeline computed, in the lab summary's rows."""
+def _figures(
+    a: Analysis | None,
+    marks: dict[str, int],
+    migrates: bool,
+    read: dict[str, dict[int, dict[str, Any]]],
+) -> dict[str, Any]:
+    """What the pipeline computed, in the lab summary's rows (``read``: the events files
+    already read, by line)."""
     if a is None:
         return {
             "phases": [],
@@ -231,7 +241,7 @@ def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[
         }
     run = a.run
     timeline = run.timeline if migrates and any(run.qmp.values()) else None
-    lines = _Lines(run)
+    lines = _Lines(run, read)
     stalls = _placed_stalls(a, lines)
     timeouts = _timeouts(a, lines)
     closed, still_open = stop_windows(run.qmp, run.stop_requests)
@@ -273,7 +283,7 @@ def _figures(a: Analysis | None, marks: dict[str, int], migrates: bool) -> dict[
         "delivery": sent.to_dict() if (sent := delivery(run, a.alignment, a.spans)) else None,
         "clock_lag": {
             **lag.to_dict(),
-            "stopped_windows": stopped_windows(run),
+            "stopped_windows": stopped_windows(closed, still_open),
             "clocksource": next((s.clocksource for s in run.segments if s.clocksource), None),
         },
     }
