@@ -664,3 +664,82 @@ def test_two_sides_on_a_board_declare_the_silent_one_dead() -> None:
         assert [e for e in later if e["t"] == "timeout" and e["cpu"] == 7] == []
     finally:
         os.close(fd)
+
+
+class _ReferenceSide:
+    """``Side.beat`` as the module's rule states it, with no short path: every wake-up
+    reads each peer's new heartbeats as a list and hands it to ``Watcher.wake``."""
+
+    def __init__(self, side: Any) -> None:
+        self.side = side
+
+    def beat(self, now_ns: int) -> None:
+        side = self.side
+        side.seq += 1
+        board = side.board
+        board.beat(side.slot, side.seq, now_ns)
+        for k, (peer_slot, watcher) in enumerate(side.watchers):
+            newest = board.seq(peer_slot)
+            if newest < side.heard[k]:
+                watcher.last_ns, watcher.last_seq = None, -2
+                side.heard[k] = 0
+            beats = board.since(peer_slot, side.heard[k]) if newest != side.heard[k] else []
+            if beats:
+                side.heard[k] = beats[-1][1]
+            watcher.wake(now_ns, beats)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_short_paths_of_a_beat_change_nothing(seed: int) -> None:
+    """Random schedules (steady beats with jitter, silences past each timeout, a ring that
+    wraps, a peer whose board slot starts over) played on two boards: sides with the short
+    paths and sides without them write the same lines and histograms."""
+    import random
+
+    from probe.canary_heartbeat import SLOT_WORDS, Board, Side, board_size
+
+    rng = random.Random(seed)
+    steps = []
+    t = 0
+    for _ in range(600):
+        roll = rng.random()
+        if roll < 0.90:
+            t += rng.choice((4, 5, 5, 5, 6)) * MS + rng.randrange(-200_000, 200_000)
+        elif roll < 0.97:
+            t += rng.choice((12, 30, 115, 150, 400, 1200)) * MS
+        steps.append((rng.randrange(2), max(t, 1), rng.random() < 0.01))
+    played = []
+    for short in (True, False):
+        fd = os.memfd_create("test-board")
+        try:
+            os.ftruncate(fd, board_size(2))
+            board = Board(fd, 2)
+            lines: list[str] = []
+            sides = [
+                Side(board, 0, [(1, 1)], LADDER, Reporter(lines.append, cpu=0)),
+                Side(board, 1, [(0, 0)], LADDER, Reporter(lines.append, cpu=1)),
+            ]
+            beaters = sides if short else [_ReferenceSide(side) for side in sides]
+            for who, now, restart in steps:
+                if restart:  # this CPU's slot starts over, as on a board made anew
+                    sides[who].seq = 0
+                    board.words[who * SLOT_WORDS] = 0
+                beaters[who].beat(now)
+            for side in sides:
+                side.reporter.flush()
+        finally:
+            os.close(fd)
+        events = [json.loads(line) for text in lines for line in text.splitlines()]
+        for event in events:
+            event.pop("real_ns", None)
+        played.append(
+            (
+                events,
+                [
+                    (s.reporter.count, s.reporter.latency.counts, s.reporter.latency.sum_ns)
+                    for s in sides
+                ],
+            )
+        )
+    assert played[0] == played[1]
+    assert any(e["t"] == "timeout" for e in played[0][0])  # the schedule declares someone dead
