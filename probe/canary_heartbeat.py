@@ -228,10 +228,22 @@ class Side:
             ):
                 self.heard[k] = newest
                 continue
-            if newest < self.heard[k]:  # the board was made anew: start over
-                watcher.last_ns, watcher.last_seq = None, -2
-                self.heard[k] = 0
-            beats = board.since(peer_slot, self.heard[k]) if newest != self.heard[k] else []
-            if beats:
-                self.heard[k] = beats[-1][1]
-            watcher.wake(now_ns, beats)
+            self.hear(k, now_ns)
+
+    def hear(self, k: int, now_ns: int) -> None:
+        """The rule in full for peer ``k``: read its heartbeats since the last one heard and
+        hand them to its watcher.
+
+        :param k: the peer's index in ``watchers``.
+        :param now_ns: CLOCK_MONOTONIC at this wake-up.
+        """
+        peer_slot, watcher = self.watchers[k]
+        board = self.board
+        newest = board.seq(peer_slot)
+        if newest < self.heard[k]:  # the board was made anew: start over
+            watcher.last_ns, watcher.last_seq = None, -2
+            self.heard[k] = 0
+        beats = board.since(peer_slot, self.heard[k]) if newest != self.heard[k] else []
+        if beats:
+            self.heard[k] = beats[-1][1]
+        watcher.wake(now_ns, beats)

@@ -667,8 +667,8 @@ def test_two_sides_on_a_board_declare_the_silent_one_dead() -> None:
 
 
 class _ReferenceSide:
-    """``Side.beat`` as the module's rule states it, with no short path: every wake-up
-    reads each peer's new heartbeats as a list and hands it to ``Watcher.wake``."""
+    """``Side.beat`` with no short path: every wake-up takes the rule in full
+    (``Side.hear``) for each peer."""
 
     def __init__(self, side: Any) -> None:
         self.side = side
@@ -676,17 +676,9 @@ class _ReferenceSide:
     def beat(self, now_ns: int) -> None:
         side = self.side
         side.seq += 1
-        board = side.board
-        board.beat(side.slot, side.seq, now_ns)
-        for k, (peer_slot, watcher) in enumerate(side.watchers):
-            newest = board.seq(peer_slot)
-            if newest < side.heard[k]:
-                watcher.last_ns, watcher.last_seq = None, -2
-                side.heard[k] = 0
-            beats = board.since(peer_slot, side.heard[k]) if newest != side.heard[k] else []
-            if beats:
-                side.heard[k] = beats[-1][1]
-            watcher.wake(now_ns, beats)
+        side.board.beat(side.slot, side.seq, now_ns)
+        for k in range(len(side.watchers)):
+            side.hear(k, now_ns)
 
 
 @pytest.mark.parametrize("seed", range(40))
