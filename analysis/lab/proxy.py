@@ -5,10 +5,9 @@ port until the switchover and through the destination's afterwards; the other QE
 user-mode network still accepts connections, but nothing answers them. The recorder
 records one agent at one URL, so the lab gives it this forwarder's URL and moves
 ``target`` to the destination's port when the guest moves there (the first
-``postcopy-active`` or ``completed``). The connections open to the old port are closed
-then: the stopped source would never answer them, and a request left there would wait for
-its timeout; closed, it fails at once and is asked again of the destination (``since`` is
-kept, so the agent's ``seq`` stays continuous).
+``postcopy-active`` or ``completed``). Connections already open stay where they were; a
+request that hangs on the stopped source times out in the recorder and is retried, so
+the agent's ``seq`` stays continuous.
 
 It runs inside the recorder's asyncio loop and only ever connects to 127.0.0.1. It
 listens on 127.0.0.1 and a free port unless told otherwise (``tsprobe lab run
@@ -25,27 +24,11 @@ class Forwarder:
     """Accept on ``host``:``port`` (0: pick one) and forward to 127.0.0.1:``target``."""
 
     def __init__(self, target: int, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._target = target
+        self.target = target
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
-        #: The writers of each open connection (client side, upstream side) by target port.
-        self._open: dict[int, set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]]] = {}
-
-    @property
-    def target(self) -> int:
-        """The port new connections go to."""
-        return self._target
-
-    @target.setter
-    def target(self, port: int) -> None:
-        """Send new connections to ``port``; close those open to the old one."""
-        if port == self._target:
-            return
-        for pair in self._open.pop(self._target, set()):
-            for writer in pair:
-                writer.close()
-        self._target = port
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Start listening.
@@ -74,24 +57,14 @@ class Forwarder:
                 writer.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        target = self._target
         try:
             up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", target), 2.0
+                asyncio.open_connection("127.0.0.1", self.target), 2.0
             )
         except (OSError, TimeoutError):
             writer.close()
             return
-        if target != self._target:  # moved while connecting
-            up_writer.close()
-            writer.close()
-            return
-        pair = (writer, up_writer)
-        self._open.setdefault(target, set()).add(pair)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            self._open.get(target, set()).discard(pair)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
 
     async def close(self) -> None:
         """Stop listening."""
