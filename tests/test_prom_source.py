@@ -33,6 +33,7 @@ from analysis.prom.tables import (
     build_tables,
     counter_increase,
     parse_matrix,
+    scrape_ends,
 )
 from tests.liveagent import free_port
 
@@ -256,6 +257,36 @@ def test_counters_start_from_zero_at_an_agent_start_inside_the_range() -> None:
     # Started before the range, or not known: the first point is only a baseline.
     assert counted(T0 - 30) == ([0, 0, 1], [0, 0, 0])
     assert counted(None) == ([0, 0, 1], [0, 0, 0])
+
+
+def test_a_late_answer_counts_where_its_scrape_ended() -> None:
+    """Known case (a lab run, read from its Prometheus): a scrape began 2.2 s into a pause,
+    took 3.30 s and carried a timeout counted after the pause. Here, with ``WINDOWS`` (the
+    middle one the pause, T0+3.5 to T0+6.5): a scrape each second at T0+k+0.2 taking 1 ms,
+    except the one begun at T0+4.2 that took 3.3 s (ended T0+7.5) and shows the counter
+    going from 0 to 1; those begun at T0+5.2 to T0+7.2 failed (no duration), so the steps
+    T0+5 to T0+8 all show the one begun at T0+4.2."""
+    begun = [T0 - 0.8, T0 + 0.2, T0 + 1.2, T0 + 2.2, T0 + 3.2, *[T0 + 4.2] * 4, T0 + 8.2]
+    took = [(T0 + k, 0.001) for k in range(5)] + [(T0 + 5, 3.3), (T0 + 9, 0.001)]
+    counter = matrix(({"canary": "timer", "timeout": "1.0"}, steps([0] * 5 + [1] * 5)))
+    scraped = matrix(({}, steps(begun)))
+    answers = {"timeouts": counter, "scraped": scraped, "took": matrix(({}, took))}
+
+    def per_window(results: dict[str, Any]) -> list[int]:
+        tables = build_tables(
+            WINDOWS, results, instance="g", start_ns=ns(T0), end_ns=ns(T0 + 9), step_s=1.0
+        )
+        return [r.count for r in tables.timeouts]
+
+    # Placed at its scrape's end (T0+7.5), after the pause; at its step (T0+5), as
+    # Prometheus stamps it, it would be inside the pause.
+    assert per_window(answers) == [0, 0, 1]
+    assert per_window({"timeouts": counter}) == [0, 1, 0]
+    ends = scrape_ends(parse_matrix(scraped), parse_matrix(answers["took"]))
+    assert ends[T0 + 1] == pytest.approx(T0 + 0.201) and ends[T0 + 8] == pytest.approx(T0 + 7.5)
+    # Quick scrapes move nothing: a point stays at its step when its scrape ended before it.
+    quick = {**answers, "took": matrix(({}, [(T0 + k, 0.001) for k in range(10)]))}
+    assert per_window(quick) == [0, 1, 0]
 
 
 def test_tables_without_any_data() -> None:

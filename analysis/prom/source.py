@@ -16,6 +16,9 @@ The queries (``SEL`` is ``{instance="INSTANCE"}``), all ``/api/v1/query_range``:
 ``longest``               ``max_over_time(tsprobe_cpu_stall_longest_seconds SEL[STEP])``
 ``timeouts``              ``tsprobe_timeout_expirations_total SEL``
 ``started``               ``tsprobe_agent_start_time_seconds SEL``: counters are 0 then
+``scraped``               ``timestamp(tsprobe_info SEL)`` at the step: each step's scrape
+``took``                  ``scrape_duration_seconds SEL and up SEL == 1``: its duration
+                          (a late answer is placed at its scrape's end, see ``tables``)
 phases (no run dir)       ``tsprobe_migration_status_started_timestamp_seconds``,
                           ``..._stop_timestamp_seconds``, ``..._resume_timestamp_seconds``
                           of the host exporter (``recorder`` picks its ``instance``)
@@ -294,6 +297,8 @@ def fetch_tables(
         "longest": f"max_over_time(tsprobe_cpu_stall_longest_seconds{sel}[{format_step(step)}])",
         "timeouts": f"tsprobe_timeout_expirations_total{sel}",
         "started": f"tsprobe_agent_start_time_seconds{sel}",
+        "scraped": f"timestamp(tsprobe_info{sel})",
+        "took": f"scrape_duration_seconds{sel} and up{sel} == 1",
     }
     results: Mapping[str, dict[str, Any]] = {
         name: client.query_range(expr, start_q, end_s, step) for name, expr in queries.items()

@@ -18,6 +18,13 @@ the data, and it is coarser. What a range query gives, and what follows from it:
   successful scrape came after its first stalls or timeouts still has them counted (in the
   window of that scrape). PromQL's ``increase`` would drop them; an agent that started
   before the range gives no such zero, and its first point stays the baseline.
+* Prometheus stamps a scrape's samples with the time the scrape *began*, but the agent
+  reads its counters when it answers. A guest that answers late (a page fault, a paused
+  migration: seen 3.3 s) would put what it counted after a phase boundary before it. So a
+  point is placed at the end of its scrape when that is later than the point's step
+  (``scrape_ends``: the scrape's start, ``timestamp(tsprobe_info)``, plus its
+  ``scrape_duration_seconds``, taken from successful scrapes only; queries ``scraped``
+  and ``took``); without those answers the points stay at their steps.
 * A stall therefore lands in the phase of the first scrape that showed it. The agent
   counts a stall when it ends and its samplers report within a second, so a long stall
   lands in the phase in which it *ended*, up to one scrape interval (plus the step) later.
@@ -171,7 +178,8 @@ class PromTables:
         return (
             "These tables come from Prometheus metrics, not from the guest's event log, and "
             f"are coarser: a stall is counted in the phase of the first scrape that showed "
-            f"it (scrape interval {interval}, query step {format_duration(self.step_s * 1e9)};"
+            f"it, at the scrape's end (scrape interval {interval}, query step "
+            f"{format_duration(self.step_s * 1e9)};"
             " the agent counts a stall when it ends, so a long stall lands in the phase in "
             "which it ended); lengths are known only to the histogram's bucket bounds "
             "(1, 2, 5 per decade), so p50 and p99 are interpolated within buckets, and a "
@@ -382,6 +390,39 @@ def from_zero(series: Iterable[Series], born_s: float | None) -> list[Series]:
     ]
 
 
+def scrape_ends(scraped: Iterable[Series], took: Iterable[Series]) -> dict[float, float]:
+    """When the scrape each step shows ended, by step time (Unix seconds).
+
+    :param scraped: ``timestamp(tsprobe_info)``: per step, the start of the latest
+        successful scrape at or before it.
+    :param took: ``scrape_duration_seconds and up == 1``: per step, the duration of the
+        latest scrape when it succeeded (then it is the one ``scraped`` names).
+    :return: step -> scrape start + duration, for the steps whose scrape's duration is known.
+    """
+    starts = {t: start for s in scraped for t, start in s.points}
+    durations: dict[float, float] = {}
+    for s in took:
+        for t, seconds in s.points:
+            start = starts.get(t)
+            if start is not None:
+                durations[start] = seconds
+    return {t: start + durations[start] for t, start in starts.items() if start in durations}
+
+
+def at_scrape_end(series: Iterable[Series], ends: Mapping[float, float]) -> list[Series]:
+    """Move each point whose scrape ended after its step to that end (``scrape_ends``).
+
+    :param series: series of one agent, at the query's steps.
+    :param ends: ``scrape_ends``' answer (empty: nothing moves).
+    :return: the series, each point at ``max(step, end of its scrape)``.
+    """
+    if not ends:
+        return list(series)
+    return [
+        Series(s.labels, tuple((max(t, ends.get(t, t)), v) for t, v in s.points)) for s in series
+    ]
+
+
 def _by(series: Iterable[Series], *keys: str) -> dict[tuple[str, ...], Series]:
     out: dict[tuple[str, ...], Series] = {}
     for s in series:
@@ -417,8 +458,8 @@ def build_tables(
         ``bucket``: ``..._bucket``, ``longest``:
         ``max_over_time(tsprobe_cpu_stall_longest_seconds[STEP])``, ``timeouts``:
         ``tsprobe_timeout_expirations_total``, ``started``:
-        ``tsprobe_agent_start_time_seconds`` (all for one instance). A missing name is
-        an empty answer.
+        ``tsprobe_agent_start_time_seconds``, ``scraped`` and ``took`` (``scrape_ends``;
+        all for one instance). A missing name is an empty answer.
     :param instance: the agent's ``instance`` label.
     :param start_ns: start of the range (Unix ns); ``end_ns`` its end.
     :param step_s: the step the queries used.
@@ -429,11 +470,16 @@ def build_tables(
     :return: the tables.
     """
 
-    def matrix(name: str) -> list[Series]:
+    def parse(name: str) -> list[Series]:
         answer = results.get(name)
         return [] if answer is None else parse_matrix(answer, name)
 
-    born = agent_start(matrix("started"), start_ns / 1e9 - step_s)
+    ends = scrape_ends(parse("scraped"), parse("took"))
+
+    def matrix(name: str) -> list[Series]:
+        return at_scrape_end(parse(name), ends)
+
+    born = agent_start(parse("started"), start_ns / 1e9 - step_s)
     counts = _by(from_zero(matrix("count"), born), "cpu")
     sums = _by(from_zero(matrix("sum"), born), "cpu")
     longest = _by(matrix("longest"), "cpu")
