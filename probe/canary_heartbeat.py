@@ -86,6 +86,11 @@ class Board:
         """The slot's newest sequence number (0: never beaten)."""
         return int(self.words[slot * SLOT_WORDS])
 
+    def sent(self, slot: int, seq: int) -> int:
+        """The send time of the slot's heartbeat ``seq`` (valid while it is among the last
+        ``RING``)."""
+        return int(self.words[slot * SLOT_WORDS + 1 + seq % RING])
+
     def beat(self, slot: int, seq: int, now_ns: int) -> None:
         """Publish heartbeat ``seq`` sent at ``now_ns``: the time first, then the number."""
         base = slot * SLOT_WORDS
@@ -95,11 +100,9 @@ class Board:
     def since(self, slot: int, seq: int) -> list[tuple[int, int]]:
         """The slot's heartbeats after ``seq``, oldest first, as (send time, sequence); at
         most ``RING`` of them (the older ones are gone)."""
-        base = slot * SLOT_WORDS
-        newest = int(self.words[base])
+        newest = self.seq(slot)
         first = max(seq + 1, newest - RING + 1, 1)
-        words = self.words
-        return [(int(words[base + 1 + n % RING]), n) for n in range(first, newest + 1)]
+        return [(self.sent(slot, n), n) for n in range(first, newest + 1)]
 
 
 class Watcher:
@@ -215,16 +218,14 @@ class Side:
         self.seq += 1
         board = self.board
         board.beat(self.slot, self.seq, now_ns)
-        words = board.words
         for k, (peer_slot, watcher) in enumerate(self.watchers):
-            base = peer_slot * SLOT_WORDS
-            newest = int(words[base])
+            newest = board.seq(peer_slot)
             heard = self.heard[k]
             if newest == heard:
                 watcher.prev_wake_ns = now_ns
                 continue
             if newest == heard + 1 and watcher.next_one(
-                now_ns, int(words[base + 1 + newest % RING]), newest
+                now_ns, board.sent(peer_slot, newest), newest
             ):
                 self.heard[k] = newest
                 continue
