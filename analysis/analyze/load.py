@@ -402,8 +402,8 @@ def _note_unaligned(run: Run) -> None:
         return
     known = {seg.agent for seg in run.segments}
     strangers: dict[str, int] = {}
-    for sample in run.samples:
-        if run.segments and sample.agent not in known:
+    for sample in run.samples if run.segments else ():
+        if sample.agent not in known:
             strangers.setdefault(sample.agent, sample.line)
     for agent, line in strangers.items():
         run.issues.append(
