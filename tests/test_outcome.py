@@ -294,3 +294,20 @@ def test_derived_recovery_that_never_came_is_not_recovered_not_a_lab_error(
     steps = (run / "lab-steps.jsonl").read_text().splitlines(keepends=True)
     (run / "lab-steps.jsonl").write_text("".join(s for s in steps if "recovery_failed" not in s))
     assert classify(run).name == "lab-error"
+
+
+def test_a_first_migrate_that_never_returned_is_named_in_the_evidence(tmp_path: Path) -> None:
+    # A pause during libvirt's Finish phase on the destination: the first virsh migrate got no
+    # answer, and libvirt refused --postcopy-resume while it ran (analysis/lab/libvirt.py).
+    run = _copy(RECOVERED, tmp_path)
+    (run / "lab-health.json").unlink()
+    error = "... is being actively monitored by another thread"
+    for returned in (True, False):
+        record = {"type": "recovery_failed", "command": "virsh migrate --postcopy-resume",
+                  "waited_s": 60.0, "paused_for_s": 60.2, "error": error,
+                  "first_migrate_returned": returned}  # fmt: skip
+        (run / "lab-steps.jsonl").write_text(json.dumps(record) + "\n")
+        outcome = classify(run)
+        assert outcome.name == "not-recovered"
+        named = [e for e in outcome.evidence if "the first virsh migrate never returned" in e]
+        assert len(named) == (0 if returned else 1), outcome.evidence

@@ -44,8 +44,10 @@ The migration (``LibvirtScenario.migrate``)::
     virsh -c SRC migrate --live --postcopy --postcopy-resume ... DOM DST   (after --hold)
 
 The first ``virsh migrate`` ends with an error once paused ("job 'migration in' failed
-in post-copy phase"); the resume is another ``virsh migrate``. libvirt 9.0 sends the
-destination's ``migrate-recover`` in-band, so the recovery needs the destination's main
+in post-copy phase"); the resume is another ``virsh migrate``. When the pause comes
+while libvirt's Finish phase on the destination still waits for an answer of its QEMU,
+it never ends and libvirt refuses the resume (``_first_migrate_end``). libvirt 9.0 sends
+the destination's ``migrate-recover`` in-band, so the recovery needs the destination's main
 loop, and under TCG that loop can block for the whole pause (a guest page it or the
 vCPU holding QEMU's lock touches has not arrived). Then tsprobe's own monitor there
 stops answering about 1 s into the pause, and ``--postcopy-resume`` never gets the
@@ -101,6 +103,7 @@ from analysis.lab import qemu as lq
 from analysis.lab.errors import ScenarioError
 from analysis.lab.guest import cache_dir
 from analysis.lab.libvirt_host import (
+    ABORT_AFTER_S,
     COMMANDS,
     DOMAIN,
     JOBINFO,
@@ -429,7 +432,7 @@ class LibvirtScenario(Scenario):
         """
         stop_policy = self.opts.scenario == "paused-stop"
         hold_s = self.opts.hold_ns / 1e9
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(ABORT_AFTER_S)
         if self.status_events.get(("src", "completed")):
             raise ScenarioError(
                 "postcopy completed before virsh domjobabort --postcopy could be sent: "
@@ -440,9 +443,7 @@ class LibvirtScenario(Scenario):
         await self.wait_status("src", ("postcopy-paused",), 15)
         await self.wait_status("dst", ("postcopy-paused",), 15)
         t_paused = time.monotonic()
-        first = await migration
-        self.libvirt["migrate_when_paused"] = {"rc": first.rc, "error": first.error()}
-        self.say(f"the first virsh migrate ended: {first.error()}")
+        await self._first_migrate_end(migration)
         suspend: asyncio.Future[VirshResult] | None = None
         if stop_policy:
             self.say("virsh suspend on the destination (paused-stop through libvirt)")
@@ -467,7 +468,9 @@ class LibvirtScenario(Scenario):
         event = self.status_events.get(("dst", "postcopy-active"))
         if event is not None:
             event.clear()
+        first_returned = migration.done()  # libvirt refuses the resume while it runs
         self.say("virsh migrate --postcopy --postcopy-resume")
+        t_resume = time.monotonic()
         resume = asyncio.ensure_future(
             self.avirsh("src", *self._migrate_args(resume=True), timeout_s=timeout_s)
         )
@@ -483,15 +486,39 @@ class LibvirtScenario(Scenario):
                     {
                         "type": "recovery_failed",
                         "command": "virsh migrate --postcopy-resume",
-                        "waited_s": RECOVERY_WAIT_S,
+                        "waited_s": round(time.monotonic() - t_resume, 1),
                         "paused_for_s": round(time.monotonic() - t_paused, 1),
                         "error": str(err),
+                        "first_migrate_returned": first_returned,
                     }
                 )
             raise
         if suspend is not None:
             await self._after_suspend(suspend, resume)
         return resume
+
+    async def _first_migrate_end(self, migration: asyncio.Future[VirshResult]) -> None:
+        """Wait up to ``RECOVERY_WAIT_S`` for the first ``virsh migrate`` to end once paused;
+        keep how (``migrate_when_paused``: its exit status and error, ``rc`` None if none).
+
+        It ends with an error within a tenth of a second of the pause when libvirt's Finish
+        phase on the destination waits for the migration's end (QEMU's MIGRATION event tells
+        it of the pause). A pause that comes while that phase still waits for an answer of
+        the destination's QEMU, whose main loop the pause blocks under TCG, leaves it with
+        no answer: libvirt then holds the migration job and refuses ``--postcopy-resume``
+        ("being actively monitored by another thread"), and on the destination it never
+        marks the domain ``post-copy failed``. The recovery is sent after this wait either
+        way, so that libvirt's own answer is in the record.
+        """
+        done, _ = await asyncio.wait([migration], timeout=RECOVERY_WAIT_S)
+        if done:
+            first = migration.result()
+            self.libvirt["migrate_when_paused"] = {"rc": first.rc, "error": first.error()}
+            self.say(f"the first virsh migrate ended: {first.error()}")
+            return
+        error = f"no answer {RECOVERY_WAIT_S:g} s into the pause"
+        self.libvirt["migrate_when_paused"] = {"rc": None, "error": error}
+        self.say(f"the first virsh migrate: {error} (libvirt still holds the migration job)")
 
     async def _state_while_paused(self, side: str, until: float) -> None:
         """libvirt's state of the domain on ``side`` while paused: ``virsh domstate

@@ -53,8 +53,12 @@ VIRSH_TIMEOUT_S = 30.0
 #: libvirt's wait for a domain's job before "cannot acquire state change lock".
 LIBVIRT_JOB_WAIT_S = 30.0
 JOBINFO_PERIOD_S = 1.0
+#: From the destination's postcopy-active to ``virsh domjobabort --postcopy``. libvirt's
+#: Finish phase there may still wait for its QEMU then (``_first_migrate_end``).
+ABORT_AFTER_S = 0.3
 #: How long the destination may stay in postcopy-paused after ``--postcopy-resume``
-#: before the recovery counts as failed (a ``recovery_failed`` step: the guest's outcome).
+#: before the recovery counts as failed (a ``recovery_failed`` step: the guest's outcome);
+#: also how long the first ``virsh migrate`` may take to end once paused.
 RECOVERY_WAIT_S = 60.0
 #: How long libvirt may take to say a paused domain is ``post-copy failed`` (at most the hold).
 PAUSED_STATE_WAIT_S = 5.0

@@ -332,6 +332,11 @@ def recovery_evidence(run: Path, steps: list[dict[str, Any]]) -> list[str]:
         f"take the destination out of postcopy-paused in {failed.get('waited_s')} s "
         f"({failed.get('error')}); the guest stayed on a destination missing pages"
     ]
+    if failed.get("first_migrate_returned") is False:
+        out.append(
+            "lab-steps.jsonl: the first virsh migrate never returned after the pause: libvirt "
+            "still held the migration job, waiting for the destination (its Finish phase)"
+        )
     dst = rundir.qmp_endpoints(run).get("dst")
     # QMP records are stamped: a repeated line is a copy, not another timeout
     late = [r for r in _jsonl(dst, dedupe=True) if r.get("type") == "timeout"] if dst else []
