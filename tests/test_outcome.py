@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pytest
 
+from analysis.analyze.load import load_run
 from analysis.lab.outcome import EXIT_CODES, OUTCOME_FILE, classify
-from analysis.lab.summary import write_summary
+from analysis.lab.summary import render, summarize, write_summary
 
 RUNS = Path(__file__).parent / "fixtures" / "outcome-runs"
 RECOVERED = RUNS / "recovered-hpet-2s-qemu7.2"
@@ -311,3 +312,40 @@ def test_a_first_migrate_that_never_returned_is_named_in_the_evidence(tmp_path: 
         assert outcome.name == "not-recovered"
         named = [e for e in outcome.evidence if "the first virsh migrate never returned" in e]
         assert len(named) == (0 if returned else 1), outcome.evidence
+
+
+def test_events_the_agent_counted_but_the_recorder_never_got_are_not_continuous(
+    tmp_path: Path,
+) -> None:
+    # A CI run: the agent counted 37 events, the recorder's /events fetches after a paused
+    # postcopy failed and its file ended at seq 12; it had read "continuous".
+    run = _copy(RECOVERED, tmp_path)
+    last = 83  # the fixture's last seq, one agent start
+    for counted, unfetched in ((last, 0), (last + 5, 5)):
+        (run / "agent-metrics.prom").write_text(
+            "# TYPE tsprobe_events_total counter\n"
+            f'tsprobe_events_total{{kind="stall"}} {counted - 3}\n'
+            'tsprobe_events_total{kind="agent_start"} 1\n'
+            'tsprobe_events_total{kind="probe_status"} 2\n'
+        )
+        cont = summarize(run)["continuity"]
+        assert (cont["unfetched"], cont["continuous"]) == (unfetched, not unfetched), cont
+    line = next(x for x in render(summarize(run)).splitlines() if "events:" in x)
+    assert line == "  events: 83 (seq 1..83), 5 the agent counted never arrived, agent starts 1"
+    # The recorder's own word that its last fetch failed (meta.json), with the loader's note.
+    meta = json.loads((run / "meta.json").read_text())
+    meta["agents"]["guest"].update(final_fetch=False, agent_last_seq=83)
+    (run / "meta.json").write_text(json.dumps(meta))
+    assert summarize(run)["continuity"]["last_fetch_failed"] is True
+    notes = [i.reason for i in load_run(run).issues if i.path.endswith("meta.json")]
+    assert notes == [
+        "agent 'guest': the recorder's last fetch of events failed, so events after seq 83"
+        " may be missing from this run"
+    ]
+    meta["agents"]["guest"].update(final_fetch=True, agent_last_seq=90)
+    (run / "meta.json").write_text(json.dumps(meta))
+    notes = [i.reason for i in load_run(run).issues if i.path.endswith("meta.json")]
+    assert notes == [
+        "agent 'guest' had assigned seq up to 90, the recording ends at 83: 7 events never"
+        " reached the recorder"
+    ]

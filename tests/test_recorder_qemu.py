@@ -28,7 +28,9 @@ import pytest
 from qemu.qmp import EventListener
 
 from analysis.errors import RecorderError
+from analysis.record.agent_client import AgentRecorder, AgentSummary
 from analysis.record.recorder import Recorder, RecorderResult
+from analysis.rundir import JsonlWriter
 from tests.qemu_helpers import (
     QEMU,
     Controller,
@@ -879,6 +881,69 @@ def test_the_last_fetch_gets_the_events_of_an_agent_too_slow_for_the_timeout(
     lines = [json.loads(x) for x in (out / "guest-events.jsonl").read_text().splitlines()]
     assert [e["seq"] for e in lines] == list(range(1, 41))
     assert result.meta["agents"]["guest"]["events"] == 40
+
+
+class DroppingAgent(FakeAgent):
+    """Closes the first ``drops`` /events connections unanswered (a CI run's agent left one
+    /events request without an answer after a paused postcopy while /clock answered);
+    /clock too when ``clock`` is False."""
+
+    def __init__(self, drops: int, clock: bool = True) -> None:
+        super().__init__(last_seq=40, oldest=1, hole=set())
+        self.drops = drops
+        self.clock = clock
+        self.requests: list[str] = []
+
+    def before_answer(self, path: str) -> None:
+        self.requests.append(path)
+        if (path == "/events" and self.drops > 0) or (path == "/clock" and not self.clock):
+            self.drops -= path == "/events"
+            raise ConnectionAbortedError("dropped")
+
+
+def _end_only(fake: FakeAgent, out: Path) -> AgentSummary:
+    """Run an AgentRecorder already told to stop: only its fetch at the end runs."""
+    out.mkdir()
+    writers = [JsonlWriter(out / n) for n in ("events.jsonl", "notes.jsonl", "clock.jsonl")]
+
+    async def main() -> AgentSummary:
+        agent = AgentRecorder("guest", fake.url, *writers)
+        stop = asyncio.Event()
+        stop.set()
+        await asyncio.wait_for(agent.run(stop), 60)
+        return agent.summary
+
+    try:
+        with serving(fake):
+            return asyncio.run(main())
+    finally:
+        for writer in writers:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("drops", "clock", "events", "final_fetch", "event_requests"),
+    [
+        (0, True, 40, True, 1),
+        (2, True, 40, True, 3),  # failed, then the clock answered: tried twice more
+        (3, True, 0, False, 3),  # FINAL_RETRIES spent
+        (1, False, 0, False, 1),  # nothing answered at all: no retry
+    ],
+)
+def test_a_last_fetch_that_failed_is_tried_again_while_the_agent_answers(
+    tmp_path: Path, drops: int, clock: bool, events: int, final_fetch: bool, event_requests: int
+) -> None:
+    fake = DroppingAgent(drops, clock)
+    summary = _end_only(fake, tmp_path / "run")
+    assert fake.requests.count("/events") == event_requests, fake.requests
+    assert (summary.events, summary.final_fetch) == (events, final_fetch)
+    notes = [json.loads(x) for x in (tmp_path / "run" / "notes.jsonl").read_text().splitlines()]
+    incomplete = [n for n in notes if n["type"] == "incomplete"]
+    if final_fetch:
+        assert incomplete == [] and summary.agent_last_seq == 40
+    else:
+        assert [n["last_seq"] for n in incomplete] == [0], notes
+        assert "events after seq 0 the agent may hold never reached" in incomplete[0]["message"]
 
 
 @needs_qemu

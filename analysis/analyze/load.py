@@ -36,7 +36,8 @@ with its own samples (``analysis.analyze.alignment``).
 What is passed over is an ``Issue`` with file and line: ``skip`` (a line that is not
 JSON, a truncated last line, an event missing a required field) or ``note`` (an unknown
 kind, kept in ``Run.other``; a reboot; a segment without clock samples; the count of the
-agent's history events from before the recording). ``load_run(..., strict=True)`` raises
+agent's history events from before the recording; an agent whose last events never reached
+the recorder, from meta.json). ``load_run(..., strict=True)`` raises
 ``RecordFormatError`` naming the first skip and the count, after reading everything.
 
 "Before the recording started": when meta.json gives the recording's start and a clock
@@ -325,6 +326,7 @@ def load_run(path: str | Path, strict: bool = False) -> Run:
     )
     _drop_before_start(result)
     _note_unaligned(result)
+    _note_unfetched(result)
     if strict and result.skips:
         first = result.skips[0]
         n = len(result.skips)
@@ -393,6 +395,32 @@ def _drop_before_start(run: Run) -> None:
                 "note",
             )
         )
+
+
+def _note_unfetched(run: Run) -> None:
+    """A note per agent whose last events never reached the recorder (meta.json's
+    ``agents``: the fetch at the end failed, or the agent said it had assigned a newer
+    ``seq`` than the recorder wrote): the run's figures miss them."""
+    agents = run.meta.get("agents")
+    for name, agent in (agents if isinstance(agents, dict) else {}).items():
+        if not isinstance(agent, dict):
+            continue
+        written, said = agent.get("last_seq"), agent.get("agent_last_seq")
+        where = printable(run.path / rundir.META)
+        upto = f"seq {written}" if isinstance(written, int) else "the start"
+        if agent.get("final_fetch") is False:
+            reason = (
+                f"agent {str(name)[:80]!r}: the recorder's last fetch of events failed, so "
+                f"events after {upto} may be missing from this run"
+            )
+        elif isinstance(said, int) and isinstance(written, int) and said > written:
+            reason = (
+                f"agent {str(name)[:80]!r} had assigned seq up to {said}, the recording "
+                f"ends at {written}: {said - written} events never reached the recorder"
+            )
+        else:
+            continue
+        run.issues.append(Issue(where, 0, reason, "note"))
 
 
 def _note_unaligned(run: Run) -> None:

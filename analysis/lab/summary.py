@@ -87,10 +87,14 @@ def stopped_windows(
 def agent_counters(path: Path) -> dict[str, dict[str, float]]:
     """The agent's timeout and kernel-warning counters from a saved /metrics page.
 
-    :return: ``{"timeout_expirations": {"CANARY T": n}, "kernel_warnings": {kind: n}}``;
-        empty dicts when the page is missing or unreadable.
+    :return: ``{"timeout_expirations": {"CANARY T": n}, "kernel_warnings": {kind: n},
+        "events": {kind: n}}``; empty dicts when the page is missing or unreadable.
     """
-    out: dict[str, dict[str, float]] = {"timeout_expirations": {}, "kernel_warnings": {}}
+    out: dict[str, dict[str, float]] = {
+        "timeout_expirations": {},
+        "kernel_warnings": {},
+        "events": {},
+    }
     try:
         families = list(text_string_to_metric_families(jsonl.read_text_quietly(path) or ""))
     except (OSError, ValueError):
@@ -102,6 +106,8 @@ def agent_counters(path: Path) -> dict[str, dict[str, float]]:
                 out["timeout_expirations"][key] = sample.value
             elif sample.name == "tsprobe_kernel_warnings_total":
                 out["kernel_warnings"][str(sample.labels.get("kind"))] = sample.value
+            elif sample.name == "tsprobe_events_total":
+                out["events"][str(sample.labels.get("kind"))] = sample.value
     return out
 
 
@@ -197,13 +203,14 @@ def summarize(path: Path) -> dict[str, Any]:
     events = dict(rundir.read_jsonl_numbered(events_path))  # by line: also the rows' fields
     steps = jsonl.records_quietly(path / STEPS)
     marks = {s["name"]: int(s["host_real_ns"]) for s in steps if s.get("type") == "mark"}
+    counters = agent_counters(path / AGENT_METRICS)
     summary: dict[str, Any] = {
         "run": str(path),
         "scenario": meta.get("scenario"),
         "lab": lab,
         "kmsg_written": [s.get("text") for s in steps if s.get("type") == "kmsg"],
-        "agent_counters": agent_counters(path / AGENT_METRICS),
-        "continuity": _continuity(list(events.values())),
+        "agent_counters": counters,
+        "continuity": _continuity(list(events.values()), counters, meta),
         "health": jsonl.read_document_quietly(path / HEALTH) or {},
         "marks": marks,
     }
@@ -289,20 +296,40 @@ def _figures(
     }
 
 
-def _continuity(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """Whether the agent's ``seq`` is continuous: no event lost, in order, one agent."""
+def _continuity(
+    events: list[dict[str, Any]], counters: dict[str, dict[str, float]], meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Whether the agent's ``seq`` is continuous: no event lost, in order, one agent, and
+    none after the last one that arrived.
+
+    The tail is checked against two readings the events cannot give: the agent's own count
+    of the events it appended (``tsprobe_events_total`` of its last /metrics, asked for
+    before the recorder's last fetch, so every event it counts was there for that fetch;
+    ``unfetched``), and whether the recorder's last fetch got through (meta.json,
+    ``last_fetch_failed``).
+    """
     seqs = [int(e["seq"]) for e in events if "seq" in e]
     agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
     missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs)) if seqs else []
+    counted = sum(counters.get("events", {}).values())
+    unfetched = None
+    if counted and len(agent_ids) == 1:  # its count and its seq both start at its start
+        unfetched = max(0, int(counted) - (seqs[-1] if seqs else 0))
+    agents = meta.get("agents")
+    failed = isinstance(agents, dict) and any(
+        isinstance(a, dict) and a.get("final_fetch") is False for a in agents.values()
+    )
     return {
         "events": len(seqs),
         "first_seq": seqs[0] if seqs else None,
         "last_seq": seqs[-1] if seqs else None,
         "missing": missing[:50],
         "missing_count": len(missing),
+        "unfetched": unfetched,
+        "last_fetch_failed": failed,
         "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
         "agent_starts": len(agent_ids),
-        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)),
+        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)) and not unfetched,
     }
 
 
@@ -409,7 +436,12 @@ def render(summary: dict[str, Any]) -> str:
             f" {sent['events']} later than 1 s"
         )
     cont = summary["continuity"]
-    state = "continuous" if cont["continuous"] else f"{cont['missing_count']} missing"
+    gaps = [f"{cont['missing_count']} missing"] if cont["missing_count"] else []
+    if cont.get("unfetched"):
+        gaps.append(f"{cont['unfetched']} the agent counted never arrived")
+    state = "continuous" if cont["continuous"] else ", ".join(gaps) or "not continuous"
+    if cont.get("last_fetch_failed"):
+        state += " (the recorder's last fetch failed: later events unknown)"
     lines.append(
         f"  events: {cont['events']} (seq {cont['first_seq']}..{cont['last_seq']}), "
         f"{state}, agent starts {cont['agent_starts']}"

@@ -266,10 +266,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         out += ["", f"## {title}", "", _md_table(header, rows).rstrip()]
     if doc["input"]["issues"]:
         out += ["", "## Input issues", ""]
-        out += [
-            f"- {i['severity']}: {i['file']}:{i['line']}: {i['reason']}"
-            for i in doc["input"]["issues"]
-        ]
+        out += [f"- {i['severity']}: {_where(i)}: {i['reason']}" for i in doc["input"]["issues"]]
     return "\n".join(out) + "\n"
 
 
@@ -369,7 +366,7 @@ def render_html(doc: dict[str, Any], a: Analysis) -> str:
     if doc["input"]["issues"]:
         parts.append("<h2>Input issues</h2><ul>")
         parts += [
-            f"<li>{html.escape(i['severity'])}: {html.escape(i['file'])}:{i['line']}: "
+            f"<li>{html.escape(i['severity'])}: {html.escape(_where(i))}: "
             f"{html.escape(i['reason'])}</li>"
             for i in doc["input"]["issues"]
         ]
@@ -401,3 +398,8 @@ def write_report(a: Analysis, out: Path) -> dict[str, Path]:
 def dumps(doc: dict[str, Any]) -> str:
     """The summary as compact JSON (for tests and pipes)."""
     return json.dumps(doc, separators=(",", ":"))
+
+
+def _where(issue: dict[str, Any]) -> str:
+    """``FILE:LINE``, or ``FILE`` for an issue about the file as a whole (line 0)."""
+    return f"{issue['file']}:{issue['line']}" if issue["line"] else str(issue["file"])
