@@ -62,13 +62,14 @@ def live_prometheus(
     place of ``scrape_interval``. The config is JSON (which is YAML too).
     """
     assert PROMETHEUS is not None, "prometheus (Debian package) is not installed"
+    intervals = job_intervals or {}
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": hosts}]}
             | (
-                {"scrape_interval": job_intervals[job], "scrape_timeout": job_intervals[job]}
-                if job in (job_intervals or {})
+                {"scrape_interval": intervals[job], "scrape_timeout": intervals[job]}
+                if job in intervals
                 else {}
             )
             for job, hosts in (targets or {}).items()
