@@ -412,6 +412,11 @@ def scrape_ends(scraped: Iterable[Series], took: Iterable[Series]) -> dict[float
 def at_scrape_end(series: Iterable[Series], ends: Mapping[float, float]) -> list[Series]:
     """Move each point whose scrape ended after its step to that end (``scrape_ends``).
 
+    A point whose scrape's duration is unknown stays at its step, and that is already after
+    its scrape ended: its duration is unknown only when a later scrape (a failed one) was
+    the latest at that step, and Prometheus begins a target's scrape only after the one
+    before it has ended.
+
     :param series: series of one agent, at the query's steps.
     :param ends: ``scrape_ends``' answer (empty: nothing moves).
     :return: the series, each point at ``max(step, end of its scrape)``.
