@@ -896,8 +896,10 @@ class DroppingAgent(FakeAgent):
 
     def before_answer(self, path: str) -> None:
         self.requests.append(path)
-        if (path == "/events" and self.drops > 0) or (path == "/clock" and not self.clock):
-            self.drops -= path == "/events"
+        if path == "/events" and self.drops > 0:
+            self.drops -= 1
+            raise ConnectionAbortedError("dropped")
+        if path == "/clock" and not self.clock:
             raise ConnectionAbortedError("dropped")
 
 
