@@ -4,7 +4,7 @@ A real Prometheus (the Debian package) scrapes, every 5 s, the lab guest's agent
 the lab's forwarder on a fixed address (``tsprobe lab run --agent-listen``; it follows
 the guest from the source QEMU to the destination) and, every 2 s, the recorder's host
 migration exporter (``--listen``) while ``tsprobe lab run --scenario paused --hold 3s`` runs with
-10 s of undisturbed guest recorded before and after (``--baseline``, ``--linger``), and
+10 s of undisturbed guest recorded before and 20 s after (``--baseline``, ``--linger``), and
 the ``timer`` canary only (the heartbeat pair doubles the TCG guest's load). Then
 ``tsprobe report --prometheus ... --run RUNDIR`` builds the per-phase tables from range
 queries, and they are compared with what the event log says for the same run
@@ -18,7 +18,7 @@ scrape saw it, after the pause, and the ``postcopy-paused`` window's own rows ho
 stall. The event log places the same stall from postcopy-active across postcopy-paused.
 That is the coarseness the report states, and what the assertions below check.
 
-About 70 s on 2 cores under TCG with the lab guest cached (``tsprobe lab build-guest``).
+About 80 s on 2 cores under TCG with the lab guest cached (``tsprobe lab build-guest``).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ SCRAPE = f"{SCRAPE_S:g}s"
 #: The host exporter answers at once; it is scraped more often than the 3 s pause lasts,
 #: so Prometheus holds a sample of ``postcopy-paused`` (at 5 s, CI once had none).
 EXPORTER_SCRAPE = "2s"
+#: Recorded after the migration. On a loaded CI host the guest's agent filed the pause's
+#: canary timeouts 11 s after the recovery, when the last scrape that succeeded had begun
+#: 1.2 s before and the lab (with 10 s) ended 2.5 s later: nothing could show them.
+LINGER = "20s"
 
 
 @dataclass
@@ -100,7 +104,7 @@ def lab_prom(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabProm]:
         lab_cmd = [
             str(TSPROBE), "lab", "run", "--scenario", "paused", "--hold", f"{HOLD_S:g}s",
             "--accel", "tcg", "--out", str(run), "--agent-listen", agent, "--listen", exporter,
-            "--canaries", "timer", "--baseline", "10s", "--linger", "10s",
+            "--canaries", "timer", "--baseline", "10s", "--linger", LINGER,
         ]  # fmt: skip
         lab = subprocess.run(
             lab_cmd,
@@ -242,10 +246,35 @@ def test_the_pause_timeouts_reach_prometheus(lab_prom: LabProm) -> None:
         rows,
         _scraped(lab_prom, expr),
     )
+    # What follows needs a successful scrape after the agent had counted them: at the
+    # latest when the recorder received them (their arrival).
+    arrived = max(_arrival(lab_prom.run, int(t["seq"])) for t in logged)
+    last_scrape = _last_scrape(lab_prom)
+    assert last_scrape > arrived, (
+        f"no successful scrape after the pause's timeouts reached the recorder "
+        f"({arrived - last_scrape:.1f} s after the last one began): --linger too short for "
+        "the guest's agent to catch up on this host"
+    )
     assert sum(r["count"] for r in rows if r["phase"] > paused) == len(logged), (
         rows,
         _scraped(lab_prom, expr),
     )
+
+
+def _arrival(run: Path, seq: int) -> float:
+    """When the page holding event ``seq`` reached the recorder (Unix s)."""
+    for line in (run / "arrivals-guest.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if int(record["last_seq"]) >= seq:
+            return int(record["host_real_ns"]) / 1e9
+    raise AssertionError(f"event {seq} has no arrival record")
+
+
+def _last_scrape(lab_prom: LabProm) -> float:
+    """When the agent's last successful scrape began (Unix s; 0 if none)."""
+    query = f'timestamp(tsprobe_info{{instance="{lab_prom.instance}"}})'
+    answer = PromClient(lab_prom.prom.url).query_range(query, lab_prom.start_s, lab_prom.end_s, 1.0)
+    return max((v for s in parse_matrix(answer, query) for _, v in s.points), default=0.0)
 
 
 def _scraped(lab_prom: LabProm, expr: str) -> dict[str, Any]:
