@@ -31,7 +31,11 @@ Endpoints (GET; HEAD answers the same headers without a body; other methods get 
     JSON with per-probe health; always 200 while the agent runs (the body says which
     probe is down). ``samples`` gives each CPU's sampler iterations (as
     ``tsprobe_cpu_samples_total``), so a client can tell the samplers run without the
-    cost of rendering /metrics, which a loaded TCG guest takes 1 to 4 s for.
+    cost of rendering /metrics, which a loaded TCG guest takes 1 to 4 s for. ``mono_ns``
+    (the guest's CLOCK_MONOTONIC at the answer) and ``workers`` (per probe made of worker
+    processes, each running unit's newest sign of life on that clock: every event it
+    measured before is in the log) let a client that stops wait until nothing measured
+    before its end is still on the way.
 
 The agent id and boot id headers are on every response.
 

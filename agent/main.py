@@ -58,7 +58,7 @@ from agent.metrics import (
     SyncReading,
 )
 from agent.registry import BY_NAME, LOGWATCH, PROBES
-from agent.workers import stop_fork_server
+from agent.workers import Supervisor, stop_fork_server
 from probe import __version__
 from probe.base import Health, Probe, now_pair
 from probe.errors import LogSpecError
@@ -568,9 +568,13 @@ class Agent:
         """The /healthz body: per-probe health, the event log's state and notes.
 
         ``status`` is ``ok`` unless a probe that should run is down (``degraded``).
+        ``mono_ns`` is the agent's CLOCK_MONOTONIC when it began the answer, ``workers``
+        per probe made of workers how far each running unit has reported
+        (``agent.workers.Supervisor.heard``) on that clock.
 
         :return: a JSON-ready dict.
         """
+        mono = time.monotonic_ns()
         health = self.probe_health()
         off = self._off()
         stats = self.log.stats()
@@ -590,6 +594,10 @@ class Agent:
             },
             "down": down,
             "samples": {str(cpu): n for cpu, n in sorted((self._samples() or {}).items())},
+            "mono_ns": mono,
+            "workers": {
+                probe.name: probe.heard() for probe in self.probes if isinstance(probe, Supervisor)
+            },
             "events": {
                 "last_seq": stats.last_seq,
                 "oldest_seq": stats.oldest_seq,

@@ -85,6 +85,13 @@ class LiveAgent:
         result: dict[str, Any] = json.loads(body)
         return result
 
+    def timer_pid(self, cpu: int) -> int | None:
+        """The pid of the timer canary pinned to ``cpu`` (None while there is none)."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            if is_worker(child, "probe.canary_timer", cpu):
+                return child.pid
+        return None
+
     def sampler_pid(self, cpu: int) -> int:
         """The pid of the stall sampler process pinned to ``cpu``."""
         for child in psutil.Process(self.proc.pid).children(recursive=True):

@@ -496,6 +496,49 @@ def test_frozen_canaries_stay_healthy(frozen: FrozenRun) -> None:
 
 
 @pytest.mark.slow
+def test_heard_passes_a_mark_only_with_every_event_measured_before_it() -> None:
+    """A timer canary stopped for 1.3 s: its unit's ``heard()`` stays before a mark taken
+    during the stop, the other CPU's passes it; once the stopped one passes it too, the
+    freeze's expirations are already in the sink (a recorder that stops waits on this)."""
+    if len(CPUS) < 2:
+        pytest.skip("needs two CPUs: the stopped canary and a running one")
+    victim, other = CPUS[1], CPUS[0]
+    sink = EventSink()
+    timer = TimerCanary(CPUS[:2])
+    # What heard() said of the victim's unit as each of its events was emitted.
+    heard_at_emit: list[tuple[RawEvent, int | None]] = []
+
+    def emit(event: RawEvent) -> None:
+        if event.fields.get("cpu") == victim:
+            heard_at_emit.append((event, timer.heard().get(f"cpu {victim}")))
+        sink.emit(event)
+
+    timer.start(emit)
+    try:
+        assert timer.wait_ready(20.0), timer.health()
+        assert _wait_for(lambda: None not in timer.heard().values(), 5.0), timer.heard()
+        pid = timer.pids()[victim][0]
+        t0 = time.monotonic_ns()
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(HOLD_S)
+        mark = time.monotonic_ns()
+        # The running canary reports past the mark within its sign of life (about 1 s).
+        assert _wait_for(lambda: (timer.heard()[f"cpu {other}"] or 0) >= mark, 5.0)
+        assert (timer.heard()[f"cpu {victim}"] or 0) < mark
+        os.kill(pid, signal.SIGCONT)
+        assert _wait_for(lambda: (timer.heard()[f"cpu {victim}"] or 0) >= mark, 5.0)
+        events = sink.events()  # read after heard() passed the mark
+    finally:
+        timer.stop()
+    mine = overlapping(events, "timer", victim, t0, mark - t0)
+    expired, _ = measurement(mine, "wake_late_ns")
+    assert S in expired, mine
+    # Each was in before heard() moved past the mark, not merely by the time it was read.
+    seen = [(e.fields["timeout_ns"], h) for e, h in heard_at_emit if e in mine]
+    assert len(seen) == len(mine) and all(h is not None and h < mark for _, h in seen), seen
+
+
+@pytest.mark.slow
 def test_a_killed_sampler_is_replaced_and_its_heartbeat_goes_on() -> None:
     recorder = EventSink()
     probe = StallProbe(CPUS[:2], heartbeat=Heartbeat())

@@ -349,3 +349,25 @@ def test_events_the_agent_counted_but_the_recorder_never_got_are_not_continuous(
         "agent 'guest' had assigned seq up to 90, the recording ends at 83: 7 events never"
         " reached the recorder"
     ]
+
+
+def test_workers_behind_at_the_end_are_not_continuous(tmp_path: Path) -> None:
+    # A CI run: a paused postcopy's 1 s timeout of one CPU's timer canary never reached the
+    # run directory, while every seq the agent had assigned did; the recorder now waits for
+    # the workers and says which stayed behind (meta.json).
+    run = _copy(RECOVERED, tmp_path)
+    meta = json.loads((run / "meta.json").read_text())
+    for behind in ({}, {"timer cpu 1": 81_234_000_000}):
+        meta["agents"]["guest"].update(drained=not behind, workers_behind=behind)
+        (run / "meta.json").write_text(json.dumps(meta))
+        cont = summarize(run)["continuity"]
+        assert (cont["workers_behind"], cont["continuous"]) == (sorted(behind), not behind)
+    line = next(x for x in render(summarize(run)).splitlines() if "events:" in x)
+    assert line == (
+        "  events: 83 (seq 1..83), timer cpu 1 had not reported past the end, agent starts 1"
+    )
+    notes = [i.reason for i in load_run(run).issues if i.path.endswith("meta.json")]
+    assert notes == [
+        "agent 'guest': timer cpu 1 had not reported past the end of the recording, so what"
+        " they measured last may be missing"
+    ]

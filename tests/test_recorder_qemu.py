@@ -27,10 +27,12 @@ import psutil
 import pytest
 from qemu.qmp import EventListener
 
+from analysis.analyze.load import load_run
 from analysis.errors import RecorderError
-from analysis.record.agent_client import AgentRecorder, AgentSummary
+from analysis.record.agent_client import DRAIN_NS, AgentRecorder, AgentSummary, workers_heard
 from analysis.record.recorder import Recorder, RecorderResult
 from analysis.rundir import JsonlWriter
+from tests.liveagent import live_agent, stop_process
 from tests.qemu_helpers import (
     QEMU,
     Controller,
@@ -44,6 +46,7 @@ from tests.qemu_helpers import (
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 
 REPO = Path(__file__).resolve().parent.parent
+CPUS = sorted(os.sched_getaffinity(0))
 FIXTURE_RUN = REPO / "tests" / "fixtures" / "runs" / "postcopy-pause-recover"
 GRACE_NS = 1_000_000_000
 TSPROBE = [sys.executable, "-m", "tsprobe.cli"]
@@ -719,6 +722,8 @@ class FakeAgent(ThreadingHTTPServer):
         self.last_seq = last_seq
         self.oldest = oldest
         self.queries: list[tuple[int, int]] = []
+        #: The /healthz body (its ``workers`` say how far each unit has reported).
+        self.health: Callable[[], dict[str, Any]] = lambda: {"mono_ns": 1, "workers": {}}
         super().__init__(("127.0.0.1", 0), _FakeAgentHandler)
 
     @property
@@ -753,6 +758,8 @@ class _FakeAgentHandler(BaseHTTPRequestHandler):
         headers = {"X-Tsprobe-Agent-Id": "fake", "X-Tsprobe-Boot-Id": "boot"}
         if url.path == "/clock":
             body = json.dumps({"realtime_ns": time.time_ns(), "monotonic_ns": 1}).encode()
+        elif url.path == "/healthz":
+            body = json.dumps(agent.health()).encode()
         else:
             query = parse_qs(url.query)
             since, limit = int(query["since"][0]), int(query["limit"][0])
@@ -903,13 +910,13 @@ class DroppingAgent(FakeAgent):
             raise ConnectionAbortedError("dropped")
 
 
-def _end_only(fake: FakeAgent, out: Path) -> AgentSummary:
-    """Run an AgentRecorder already told to stop: only its fetch at the end runs."""
+def _end_only(fake: FakeAgent, out: Path, drain_ns: int = DRAIN_NS) -> AgentSummary:
+    """Run an AgentRecorder already told to stop: only its drain and fetch at the end run."""
     out.mkdir()
     writers = [JsonlWriter(out / n) for n in ("events.jsonl", "notes.jsonl", "clock.jsonl")]
 
     async def main() -> AgentSummary:
-        agent = AgentRecorder("guest", fake.url, *writers)
+        agent = AgentRecorder("guest", fake.url, *writers, drain_ns=drain_ns)
         stop = asyncio.Event()
         stop.set()
         await asyncio.wait_for(agent.run(stop), 60)
@@ -946,6 +953,194 @@ def test_a_last_fetch_that_failed_is_tried_again_while_the_agent_answers(
     else:
         assert [n["last_seq"] for n in incomplete] == [0], notes
         assert "events after seq 0 the agent may hold never reached" in incomplete[0]["message"]
+
+
+class LaggingAgent(FakeAgent):
+    """/healthz at mono 1000 ns; unit ``timer cpu 1`` reports past it at the ``catch_up``-th
+    answer (never when None); ``timer cpu 0`` always has."""
+
+    def __init__(self, catch_up: int | None) -> None:
+        super().__init__(last_seq=40, oldest=1, hole=set())
+        self.answers = 0
+
+        def health() -> dict[str, Any]:
+            self.answers += 1
+            late = catch_up is not None and self.answers >= catch_up
+            return {"mono_ns": 1000, "workers": {"timer": {"cpu 0": 1200, "cpu 1": (
+                1100 if late else 900
+            )}, "stall": {"cpu 0": None} if self.answers == 1 else {}}}  # fmt: skip
+
+        self.health = health
+
+
+def _notes(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (out / "notes.jsonl").read_text().splitlines()]
+
+
+def test_the_drain_waits_until_every_unit_reported_past_the_first_answer(tmp_path: Path) -> None:
+    """The unit behind catches up at the 4th /healthz (0.25 s apart); a unit that left (a
+    sampler no longer running) is not waited for."""
+    fake = LaggingAgent(catch_up=4)
+    summary = _end_only(fake, tmp_path / "run")
+    assert fake.answers == 4 and summary.drained is True and summary.workers_behind == {}
+    assert summary.drain_waited_s is not None and 0.7 <= summary.drain_waited_s < 5
+    assert summary.events == 40 and summary.final_fetch is True
+    assert [n for n in _notes(tmp_path / "run") if n["type"] == "incomplete"] == []
+
+
+def test_a_unit_that_never_catches_up_is_said_after_the_drain(tmp_path: Path) -> None:
+    fake = LaggingAgent(catch_up=None)
+    summary = _end_only(fake, tmp_path / "run", drain_ns=1_000_000_000)
+    assert summary.drained is False and summary.workers_behind == {"timer cpu 1": 900}
+    assert summary.drain_waited_s is not None and 1.0 <= summary.drain_waited_s < 5
+    assert summary.events == 40  # the events the agent has are still fetched
+    (note,) = [n for n in _notes(tmp_path / "run") if n["type"] == "incomplete"]
+    assert (note["mark_mono_ns"], note["workers_behind"]) == (1000, {"timer cpu 1": 900})
+    assert note["message"].startswith("timer cpu 1 had not reported past the end")
+
+
+def test_an_agent_that_does_not_say_is_noted_and_not_waited_for(tmp_path: Path) -> None:
+    fake = FakeAgent(last_seq=40, oldest=1, hole=set())
+    fake.health = lambda: {"status": "ok", "probes": {}}  # an agent before the drain
+    summary = _end_only(fake, tmp_path / "run")
+    assert summary.drained is None and summary.events == 40
+    (note,) = [n for n in _notes(tmp_path / "run") if n["type"] == "incomplete"]
+    assert "does not say how far its workers have reported" in note["message"]
+
+
+def test_an_agent_that_does_not_answer_healthz_is_not_waited_for(tmp_path: Path) -> None:
+    fake = DroppingAgent(drops=0)
+    fake.health = lambda: {"mono_ns": 1, "workers": {"timer": {"cpu 0": 0}}}
+    real_before = fake.before_answer
+
+    def before(path: str) -> None:
+        real_before(path)
+        if path == "/healthz":
+            raise ConnectionAbortedError("dropped")
+
+    fake.before_answer = before  # type: ignore[method-assign]
+    started = time.monotonic()
+    summary = _end_only(fake, tmp_path / "run", drain_ns=30_000_000_000)
+    assert time.monotonic() - started < 10
+    assert fake.requests.count("/healthz") == 1
+    assert summary.drained is None and summary.events == 40
+
+
+def _stopped_timer_canary_run(tmp_path: Path, cont_after_s: float | None, drain_ns: int) -> Path:
+    """A real agent whose timer canary on the last CPU is SIGSTOPped; a Recorder of 1.5 s
+    on it; SIGCONT ``cont_after_s`` after the stop (None: never, until the agent ends)."""
+    victim = CPUS[-1]
+    out = tmp_path / "run"
+    with live_agent(tmp_path, "--canaries", "timer", "--no-kmsg", "--no-clock") as agent:
+        deadline = time.monotonic() + 20
+        while not (agent.healthz()["probes"]["timer"]["up"] and agent.timer_pid(victim)):
+            assert time.monotonic() < deadline, agent.healthz()
+            time.sleep(0.1)
+        pid = agent.timer_pid(victim)
+        stop_process(pid)
+        resume = None
+        if cont_after_s is not None:
+            resume = threading.Timer(cont_after_s, os.kill, (pid, signal.SIGCONT))
+            resume.start()
+        try:
+            recorder = Recorder(
+                out, agents={"guest": agent.url}, duration_ns=1_500_000_000, drain_ns=drain_ns
+            )
+            asyncio.run(asyncio.wait_for(recorder.run(), 60))
+        finally:
+            if resume is not None:
+                resume.join()
+            os.kill(pid, signal.SIGCONT)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs a CPU whose canary is stopped and another")
+def test_the_drain_gets_the_timeouts_of_a_canary_stopped_past_the_end(tmp_path: Path) -> None:
+    """The canary is stopped from before the recording until 3.5 s after the stop, 2 s
+    after the recording's end: the drain waits for it, and its 1 s timeout is in the run."""
+    out = _stopped_timer_canary_run(tmp_path, 3.5, 20_000_000_000)
+    guest = json.loads((out / "meta.json").read_text())["agents"]["guest"]
+    assert guest["drained"] is True and guest["workers_behind"] == {}, guest
+    assert 1.0 <= guest["drain_waited_s"] < 10, guest
+    events = [json.loads(x) for x in (out / "guest-events.jsonl").read_text().splitlines()]
+    late = [
+        e for e in events
+        if e["kind"] == "timeout" and e["cpu"] == CPUS[-1] and e["timeout_ns"] == 1_000_000_000
+    ]  # fmt: skip
+    assert len(late) == 1 and late[0]["duration_ns"] >= 2_000_000_000, late
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs a CPU whose canary is stopped and another")
+def test_a_canary_stopped_through_the_drain_is_said_in_the_run(tmp_path: Path) -> None:
+    out = _stopped_timer_canary_run(tmp_path, None, 1_000_000_000)
+    guest = json.loads((out / "meta.json").read_text())["agents"]["guest"]
+    unit = f"timer cpu {CPUS[-1]}"
+    assert guest["drained"] is False and list(guest["workers_behind"]) == [unit], guest
+    notes = [n for n in agent_notes(out) if n["type"] == "incomplete"]
+    assert [list(n["workers_behind"]) for n in notes] == [[unit]], notes
+    said = [i.reason for i in load_run(out).issues if "had not reported past" in i.reason]
+    assert said == [
+        f"agent 'guest': {unit} had not reported past the end of the recording, so what "
+        "they measured last may be missing"
+    ]
+
+
+def test_an_end_cut_short_says_its_last_fetch_did_not_get_through(tmp_path: Path) -> None:
+    """The recorder winding down cancels an agent's end (here while /healthz hangs): the
+    run says the last fetch never got through instead of leaving it unknown."""
+    fake = FakeAgent(last_seq=40, oldest=1, hole=set())
+    release = threading.Event()
+    fake.before_answer = lambda path: release.wait(10) if path == "/healthz" else None  # type: ignore[method-assign]
+    out = tmp_path / "run"
+    out.mkdir()
+    writers = [JsonlWriter(out / n) for n in ("events.jsonl", "notes.jsonl", "clock.jsonl")]
+
+    async def main() -> AgentSummary:
+        agent = AgentRecorder("guest", fake.url, *writers)
+        assert agent.end_budget_s() == 10 + (2 + 5 + 2) * 5.0  # drain, then 9 requests of 5 s
+        stop = asyncio.Event()
+        stop.set()
+        task = asyncio.ensure_future(agent.run(stop))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        return agent.summary
+
+    try:
+        with serving(fake):
+            summary = asyncio.run(main())
+            release.set()
+    finally:
+        for writer in writers:
+            writer.close()
+    assert (summary.final_fetch, summary.drained, summary.events) == (False, None, 0)
+    (note,) = [n for n in _notes(out) if n["type"] == "incomplete"]
+    assert "the last fetch of events failed" in note["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"mono_ns": 5, "workers": {"timer": {"cpu 0": 7, "cpu 1": null}}}',
+         (5, {"timer cpu 0": 7, "timer cpu 1": None})),
+        (b'{"mono_ns": 5, "workers": {}}', (5, {})),
+        (b'{"status": "ok"}', None),
+        (b'{"mono_ns": "5", "workers": {}}', None),
+        (b'{"mono_ns": 5, "workers": {"timer": {"cpu 0": 1.5}}}', None),
+        (b'{"mono_ns": 5, "workers": {"timer": []}}', None),
+        (b'{"mono_ns": true, "workers": {}}', None),
+        (b"[1]", None),
+        (b"not json", None),
+        (b'{"mono_ns": 5, "work', None),
+    ],
+)  # fmt: skip
+def test_workers_heard_reads_only_a_well_formed_answer(
+    body: bytes, expected: tuple[int, dict[str, int | None]] | None
+) -> None:
+    assert workers_heard(body) == expected
 
 
 @needs_qemu

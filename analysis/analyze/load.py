@@ -399,8 +399,9 @@ def _drop_before_start(run: Run) -> None:
 
 def _note_unfetched(run: Run) -> None:
     """A note per agent whose last events never reached the recorder (meta.json's
-    ``agents``: the fetch at the end failed, or the agent said it had assigned a newer
-    ``seq`` than the recorder wrote): the run's figures miss them."""
+    ``agents``: the fetch at the end failed, the agent said it had assigned a newer
+    ``seq`` than the recorder wrote, or some of its workers had not reported past the end
+    when the recording stopped): the run's figures miss them."""
     agents = run.meta.get("agents")
     for name, agent in (agents if isinstance(agents, dict) else {}).items():
         if not isinstance(agent, dict):
@@ -417,6 +418,13 @@ def _note_unfetched(run: Run) -> None:
             reason = (
                 f"agent {str(name)[:80]!r} had assigned seq up to {said}, the recording "
                 f"ends at {written}: {said - written} events never reached the recorder"
+            )
+        elif agent.get("drained") is False:
+            behind = agent.get("workers_behind")
+            units = ", ".join(sorted(map(str, behind)))[:200] if isinstance(behind, dict) else ""
+            reason = (
+                f"agent {str(name)[:80]!r}: {units or 'some workers'} had not reported past "
+                "the end of the recording, so what they measured last may be missing"
             )
         else:
             continue

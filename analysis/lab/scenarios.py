@@ -107,10 +107,11 @@ BOOT_TIMEOUT_S = 120.0
 WORKLOAD_VERDICT_S = 40.0
 #: The baseline goes on for up to this long past --baseline until a /clock sample came.
 BASELINE_WAIT_S = 5.0
-#: Seconds the recorder goes on after the guest settled, for the last events: workers send
-#: their lines once a second and the recorder polls every 250 ms (how late each event came
-#: is measured per run: lab-summary.json ``delivery``).
-CANARY_DRAIN_S = 1.5
+#: The longest the recorder waits at the end for the guest's samplers and canaries to
+#: report what they measured before it (``analysis.record.agent_client``): they send their
+#: lines about once a second, and a slow guest after a migration sends them seconds later
+#: (how late each event came is measured per run: lab-summary.json ``delivery``).
+DRAIN_NS = 30_000_000_000
 MIGRATION_TIMEOUT_S = 120.0
 #: Threading of TCG (``analysis.lab.qemu.tcg_accel``, the one rule): the scenarios that
 #: do not migrate run multi-threaded TCG (a host thread per vCPU) on every QEMU; the
@@ -542,6 +543,7 @@ class Scenario:
             command_timeout_ns=1_000_000_000,
             clock_period_ns=250_000_000,
             events_poll_ns=250_000_000,
+            drain_ns=DRAIN_NS,
             status_stream=cast(TextIO, _Prefixed(self.say)) if self.opts.verbose else None,
             command_line=["tsprobe", "lab", "run", "--scenario", self.opts.scenario]
             + (["--via", self.opts.via] if self.opts.via != "qemu" else []),
@@ -551,20 +553,17 @@ class Scenario:
         )
 
     async def _check_guest(self) -> tuple[dict[str, Any], bytes, Exception | None]:
-        """After the disturbance: the health check, the agent's last /metrics, the drain.
+        """After the disturbance: the health check and the agent's last /metrics.
 
-        The workers send their events with their once-a-second sign of life, so the recorder
-        goes on for ``CANARY_DRAIN_S`` from the settle mark while the health check runs (the
-        delays are measured per run: lab-summary.json ``delivery``). The agent's last
-        /metrics is asked for as soon as the health check's first /healthz is answered, so
-        the slow guest renders it while the check goes on (asked for after the check, it
-        came seconds later; sent before the agent answers at all, right after a migration,
-        it can hang past its timeout). Its counters can miss a canary expiration filed after
-        it, while the canaries drain; guest-events.jsonl has every one.
+        The agent's last /metrics is asked for as soon as the health check's first /healthz
+        is answered, so the slow guest renders it while the check goes on (asked for after
+        the check, it came seconds later; sent before the agent answers at all, right after
+        a migration, it can hang past its timeout). Its counters can miss an event the
+        workers report after it; the recorder's drain, when it stops, waits for those
+        (``DRAIN_NS``) and guest-events.jsonl has every one.
 
         :return: the health report, the /metrics body and the error fetching it, if any.
         """
-        drain_end = time.monotonic() + CANARY_DRAIN_S
         await asyncio.sleep(self.opts.linger_s)
         final = self.qemus[-1]
         url = f"http://127.0.0.1:{final.spec.agent_port}/metrics"
@@ -595,10 +594,7 @@ class Scenario:
         # A fetch_metrics scheduled by the first answer has run: it was queued before
         # check_health's return. Without an answer, /metrics is asked for now.
         fetch_metrics()
-        metrics = fetches[0]
-        if self.opts.canaries:
-            await asyncio.sleep(max(0.0, drain_end - time.monotonic()))
-        body, error = await metrics
+        body, error = await fetches[0]
         self.mark("metrics_fetched")
         return health, body, error
 

@@ -302,11 +302,13 @@ def _continuity(
     """Whether the agent's ``seq`` is continuous: no event lost, in order, one agent, and
     none after the last one that arrived.
 
-    The tail is checked against two readings the events cannot give: the agent's own count
-    of the events it appended (``tsprobe_events_total`` of its last /metrics, asked for
-    before the recorder's last fetch, so every event it counts was there for that fetch;
-    ``unfetched``), and whether the recorder's last fetch got through (meta.json,
-    ``last_fetch_failed``).
+    The tail is checked against three readings the events cannot give: the agent's own
+    count of the events it appended (``tsprobe_events_total`` of its last /metrics, asked
+    for before the recorder's last fetch, so every event it counts was there for that
+    fetch; ``unfetched``), whether the recorder's last fetch got through (meta.json,
+    ``last_fetch_failed``), and the guest's workers that had not reported past the end
+    when the recording stopped (meta.json, ``workers_behind``: what they measured last
+    never reached the agent's log).
     """
     seqs = [int(e["seq"]) for e in events if "seq" in e]
     agent_ids = sorted({str(e.get("agent_id")) for e in events if e.get("kind") == "agent_start"})
@@ -316,8 +318,13 @@ def _continuity(
     if counted and len(agent_ids) == 1:  # its count and its seq both start at its start
         unfetched = max(0, int(counted) - (seqs[-1] if seqs else 0))
     agents = meta.get("agents")
-    failed = isinstance(agents, dict) and any(
-        isinstance(a, dict) and a.get("final_fetch") is False for a in agents.values()
+    known = [a for a in agents.values() if isinstance(a, dict)] if isinstance(agents, dict) else []
+    failed = any(a.get("final_fetch") is False for a in known)
+    behind = sorted(
+        str(unit)
+        for a in known
+        if a.get("drained") is False and isinstance(a.get("workers_behind"), dict)
+        for unit in a["workers_behind"]
     )
     return {
         "events": len(seqs),
@@ -327,9 +334,14 @@ def _continuity(
         "missing_count": len(missing),
         "unfetched": unfetched,
         "last_fetch_failed": failed,
+        "workers_behind": behind,
         "in_order": seqs == sorted(seqs) and len(set(seqs)) == len(seqs),
         "agent_starts": len(agent_ids),
-        "continuous": bool(seqs) and not missing and seqs == sorted(set(seqs)) and not unfetched,
+        "continuous": bool(seqs)
+        and not missing
+        and seqs == sorted(set(seqs))
+        and not unfetched
+        and not behind,
     }
 
 
@@ -439,6 +451,8 @@ def render(summary: dict[str, Any]) -> str:
     gaps = [f"{cont['missing_count']} missing"] if cont["missing_count"] else []
     if cont.get("unfetched"):
         gaps.append(f"{cont['unfetched']} the agent counted never arrived")
+    if cont.get("workers_behind"):
+        gaps.append(f"{', '.join(cont['workers_behind'])} had not reported past the end")
     state = "continuous" if cont["continuous"] else ", ".join(gaps) or "not continuous"
     if cont.get("last_fetch_failed"):
         state += " (the recorder's last fetch failed: later events unknown)"

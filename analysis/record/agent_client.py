@@ -29,6 +29,17 @@ the clock sample; one that never got through is said (an ``incomplete`` record, 
 ``final_fetch`` false in meta.json with ``agent_last_seq``, the newest ``seq`` the agent
 said it had), so that a run cannot look complete while the agent's last events are missing.
 
+Before that last fetch the recorder drains the agent's workers: the stall samplers and the
+canaries hold their events until their next sign of life (about once a second, later on a
+loaded guest), so an event measured before the end can still be on its way into the log.
+``GET /healthz`` gives the agent's CLOCK_MONOTONIC (``mono_ns``) and each worker unit's
+newest sign of life on it (``workers``; ``agent.workers.Supervisor.heard``). The first
+answer's ``mono_ns`` is the mark; the recorder asks again every ``DRAIN_POLL_S`` until every
+unit has reported past it, for at most ``drain_ns``. A unit still behind then is said (an
+``incomplete`` record naming it and how far it reported, ``drained`` false in meta.json,
+``workers_behind``), and so is an agent whose /healthz does not say (``drained`` None). An
+agent that does not answer /healthz at all is not waited for: its last fetch fails too.
+
 Clock samples: every ``clock_period_ns`` and on request (each migration phase change) a
 burst of ``burst_reads`` ``/clock`` reads; the read with the shortest round trip is kept,
 with the host's realtime and monotonic send and receive times around it. The guest's
@@ -67,6 +78,37 @@ MAX_BACKOFF_S = 1.0
 FINAL_TIMEOUT_S = 5.0
 #: More tries of a last fetch that failed while the agent still answered /clock.
 FINAL_RETRIES = 2
+#: The longest wait for the workers to report past the end (``tsprobe record --drain``).
+DRAIN_NS = 10_000_000_000
+#: Pause between two /healthz asks while draining.
+DRAIN_POLL_S = 0.25
+
+
+def workers_heard(body: bytes) -> tuple[int, dict[str, int | None]] | None:
+    """Read /healthz's ``mono_ns`` and ``workers`` (each unit as ``"probe unit"``).
+
+    :param body: the /healthz body.
+    :return: the agent's CLOCK_MONOTONIC and how far each unit has reported on it; None
+        when the body does not say (an older agent, or not a /healthz body).
+    """
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    now, workers = doc.get("mono_ns"), doc.get("workers")
+    if type(now) is not int or not isinstance(workers, dict):
+        return None
+    heard: dict[str, int | None] = {}
+    for probe, units in workers.items():
+        if not isinstance(units, dict):
+            return None
+        for unit, at in units.items():
+            if at is not None and type(at) is not int:
+                return None
+            heard[f"{str(probe)[:40]} {str(unit)[:40]}"] = at
+    return now, heard
 
 
 def check_agent_url(url: str) -> str:
@@ -168,9 +210,19 @@ class AgentSummary:
     agent_last_seq: int | None = None
     #: Whether the last fetch, when the recording ended, got through.
     final_fetch: bool | None = None
+    #: Whether every worker unit had reported past the end before the last fetch (None:
+    #: the agent did not say, or did not answer), and how long that took.
+    drained: bool | None = None
+    drain_waited_s: float | None = None
+    #: The units still behind when the drain gave up: ``"probe unit"`` -> how far each
+    #: reported (guest CLOCK_MONOTONIC ns; None: never).
+    workers_behind: dict[str, int | None] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
+        return {
+            k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+            for k, v in self.__dict__.items()
+        }
 
 
 class AgentRecorder:
@@ -186,6 +238,7 @@ class AgentRecorder:
     :param clock_period_ns: pause between periodic clock bursts.
     :param request_timeout_ns: timeout of each HTTP request.
     :param burst_reads: /clock reads per burst.
+    :param drain_ns: the longest wait, at the end, for the workers to report past it.
     :param on_note: called with (agent name, message) for reachability changes.
     """
 
@@ -202,6 +255,7 @@ class AgentRecorder:
         clock_period_ns: int = 1_000_000_000,
         request_timeout_ns: int = 1_000_000_000,
         burst_reads: int = 5,
+        drain_ns: int = DRAIN_NS,
         on_note: Callable[[str, str], None] | None = None,
     ) -> None:
         self.name = name
@@ -214,6 +268,7 @@ class AgentRecorder:
         self._clock_period_s = clock_period_ns / 1e9
         self._timeout_s = request_timeout_ns / 1e9
         self._burst_reads = max(1, burst_reads)
+        self._drain_s = max(0, drain_ns) / 1e9
         self._on_note = on_note
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"tsprobe-{name}")
         self._since = 0
@@ -418,6 +473,54 @@ class AgentRecorder:
                 agent_last_seq=self.summary.agent_last_seq,
             )
 
+    # -- drain --------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until every worker unit of the agent has reported past the end (see the
+        module docstring); keep the outcome in the summary and say what stays behind.
+
+        :param timeout_s: the timeout of each /healthz request.
+        """
+        started = time.monotonic()
+        deadline = started + self._drain_s
+        mark: int | None = None
+        behind: dict[str, int | None] = {}
+        while True:
+            try:
+                reply = await self._get("/healthz", timeout_s)
+            except FetchError:
+                if mark is None:
+                    return  # no answer at all: the last fetch will fail and say so
+            else:
+                reading = workers_heard(reply.body)
+                if reading is None:
+                    self._note(
+                        "incomplete",
+                        "the agent's /healthz does not say how far its workers have "
+                        "reported: events they measured in the last seconds may be missing",
+                    )
+                    return
+                now_ns, heard = reading
+                mark = now_ns if mark is None else mark
+                behind = {unit: at for unit, at in heard.items() if at is None or at < mark}
+                if not behind:
+                    break
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(DRAIN_POLL_S)
+        waited = round(time.monotonic() - started, 3)
+        self.summary.drained = not behind
+        self.summary.drain_waited_s = waited
+        self.summary.workers_behind = behind
+        if behind:
+            self._note(
+                "incomplete",
+                f"{', '.join(sorted(behind))} had not reported past the end of the recording "
+                f"after {waited:g} s: what they measured after their last report may be missing",
+                mark_mono_ns=mark,
+                workers_behind=behind,
+            )
+
     # -- clock --------------------------------------------------------------------------
 
     def request_burst(self, reason: str) -> None:
@@ -509,12 +612,14 @@ class AgentRecorder:
 
         :param stop: set it to end the recording.
         """
+        fetched = False
         try:
             await asyncio.gather(self._events_loop(stop), self._clock_loop(stop))
             # Also after failures: an agent that answered too slowly for the request
             # timeout (a loaded guest right after a stall) still holds the events, and
             # the end of the recording must not lose them.
-            final_timeout = max(self._timeout_s, FINAL_TIMEOUT_S)
+            final_timeout = self._final_timeout_s()
+            await self.drain(final_timeout)
             fetched = await self.fetch_events(final_timeout)
             # With the same patience, whether or not the fetch got through: the clock lag
             # after a migration is read from this sample, and the recorder had none from
@@ -529,5 +634,22 @@ class AgentRecorder:
                     break
                 fetched = await self.fetch_events(final_timeout)
             self._end_note(fetched)
+        except asyncio.CancelledError:
+            if self.summary.final_fetch is None:
+                self._end_note(fetched)  # cut short: what did not get through is said
+            raise
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _final_timeout_s(self) -> float:
+        return max(self._timeout_s, FINAL_TIMEOUT_S)
+
+    def end_budget_s(self) -> float:
+        """The longest the end of ``run`` can take once ``stop`` is set (a recorder that
+        winds down waits this long before it cancels): the drain, then each request of the
+        end with its timeout (the drain's last, the fetch, the clock burst, the retries).
+
+        :return: seconds.
+        """
+        requests = 2 + self._burst_reads + FINAL_RETRIES
+        return self._drain_s + requests * self._final_timeout_s()

@@ -35,6 +35,9 @@ Examples:
 \b
 It stops when the source (the endpoint named src, else the first --qmp) reaches
 completed, failed or cancelled, plus --grace; after --duration; or on Ctrl-C.
+Then each agent gets up to --drain to report what its samplers and canaries
+measured before the end (they send it about once a second); a worker still behind
+is written down as an incomplete record in agent-NAME.jsonl and in meta.json.
 The run directory is described in docs/run-directory.md. With --listen it also
 serves the migration state on /metrics for Prometheus (docs/prometheus.md); keep
 --grace above two scrape intervals so the final state is scraped.
@@ -214,6 +217,13 @@ async def _record(recorder: Recorder) -> str:
     metavar="NAME=PID",
     help="The pid of --qmp NAME's QEMU, where its monitor is not a unix socket (repeatable).",
 )
+@click.option(
+    "--drain",
+    default="10s",
+    show_default=True,
+    help="At the end, wait at most this long for the agents' samplers and canaries to "
+    "report what they measured before it (0: do not wait).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No status lines.")
 def record(
     qmp: tuple[str, ...],
@@ -229,6 +239,7 @@ def record(
     listen: str | None,
     vcpu_poll: str,
     qemu_pid: tuple[str, ...],
+    drain: str,
     quiet: bool,
 ) -> None:
     """Record a migration: both QMP monitors, the guest agents, into a run directory.
@@ -252,8 +263,9 @@ def record(
     timeout_ns = _duration(qmp_timeout, "--qmp-timeout")
     duration_ns = _duration(duration, "--duration")
     vcpu_poll_ns = _duration(vcpu_poll, "--vcpu-poll", allow_zero=True)
+    drain_ns = _duration(drain, "--drain", allow_zero=True)
     pid_map = _pids(qemu_pid)
-    assert vcpu_poll_ns is not None
+    assert vcpu_poll_ns is not None and drain_ns is not None
     assert poll_ns is not None and grace_ns is not None and timeout_ns is not None
     _quiet_qemu_logs()
     exporter = None
@@ -276,6 +288,7 @@ def record(
             on_record=None if exporter is None else exporter.observe,
             vcpu_poll_ns=vcpu_poll_ns,
             qemu_pids=pid_map,
+            drain_ns=drain_ns,
         )
     except RecorderError as err:
         _fail(str(err), 2)

@@ -60,7 +60,7 @@ from typing import IO, Any, TextIO
 
 from analysis import rundir
 from analysis.errors import RecorderError
-from analysis.record.agent_client import AgentRecorder, check_agent_url
+from analysis.record.agent_client import DRAIN_NS, AgentRecorder, check_agent_url
 from analysis.record.libvirt_events import LibvirtEventReader
 from analysis.record.qmp_endpoint import QmpEndpoint, StatusChange, format_address, parse_address
 from analysis.record.vcpu_sampler import VcpuSampler
@@ -72,7 +72,8 @@ TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: At most this many notes are kept for meta.json.
 MAX_NOTES = 1000
-#: How long components get to wind down after the stop.
+#: How long components get to wind down after the stop (an agent's recorder gets as long
+#: as its drain and last requests may take: ``AgentRecorder.end_budget_s``).
 SHUTDOWN_TIMEOUT_S = 15.0
 
 
@@ -154,6 +155,8 @@ class Recorder:
     :param clock_period_ns: pause between periodic /clock bursts.
     :param agent_timeout_ns: timeout of each agent HTTP request.
     :param burst_reads: /clock reads per burst.
+    :param drain_ns: at the end, the longest wait for the agents' workers to report past
+        it (``analysis.record.agent_client``).
     :param on_record: called with (endpoint name, record) for every record written to a
         ``qmp-NAME.jsonl`` (the migration exporter's feed); its errors are ignored.
     :param vcpu_poll_ns: period of the host-side vCPU thread sampler (0: no sampler).
@@ -185,6 +188,7 @@ class Recorder:
         clock_period_ns: int = 1_000_000_000,
         agent_timeout_ns: int = 1_000_000_000,
         burst_reads: int = 5,
+        drain_ns: int = DRAIN_NS,
         on_record: Callable[[str, dict[str, Any]], None] | None = None,
         vcpu_poll_ns: int = 10_000_000,
         qemu_pids: Mapping[str, int] | None = None,
@@ -217,6 +221,7 @@ class Recorder:
             "clock_period_ns": clock_period_ns,
             "agent_timeout_ns": agent_timeout_ns,
             "burst_reads": burst_reads,
+            "drain_ns": drain_ns,
             "vcpu_poll_ns": vcpu_poll_ns,
         }
         self._status_stream = status_stream
@@ -506,6 +511,7 @@ class Recorder:
                 clock_period_ns=int(self._options["clock_period_ns"] or 0),
                 request_timeout_ns=int(self._options["agent_timeout_ns"] or 0),
                 burst_reads=int(self._options["burst_reads"] or 0),
+                drain_ns=int(self._options["drain_ns"] or 0),
                 on_note=self._agent_note,
             )
 
@@ -713,8 +719,9 @@ class Recorder:
         for watcher in watchers:
             watcher.cancel()
         pending: set[asyncio.Future[None]] = set()
+        budget = max([SHUTDOWN_TIMEOUT_S, *(a.end_budget_s() for a in self.agents.values())])
         if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT_S)
+            _done, pending = await asyncio.wait(tasks, timeout=budget)
         for task in pending:
             task.cancel()
         if pending:
