@@ -11,7 +11,9 @@ halts: the source runs, the destination waits with ``-incoming defer``. Checked:
   RESUME events say (within one poll period plus 5 ms and the events' delivery);
 - a SIGSTOPped QEMU reads ``stopped``; a killed one ends its intervals with a note;
 - a TCP monitor has no peer credentials: a note, or ``--qemu-pid``; a wrong pid: a note;
-- bad ``--qemu-pid`` and ``--vcpu-poll`` values: one line, exit 2.
+- bad ``--qemu-pid`` and ``--vcpu-poll`` values: one line, exit 2;
+- the recorder hands an endpoint's threads to the sampler only once QMP said whether its VM
+  runs (without a QEMU: the order of the recorder's calls).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -32,6 +35,7 @@ from typing import Any
 import pytest
 from qemu.qmp import QMPClient
 
+from analysis.record.recorder import Recorder
 from tests.blocked_threads import sigstop_for
 from tests.qemu_helpers import QEMU_PARAMS, free_port
 
@@ -232,3 +236,33 @@ def test_vcpu_poll_zero_turns_the_sampler_off(tmp_path: Path, binary: str) -> No
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "run" / "vcpu-states.jsonl").exists()
     assert meta(tmp_path / "run")["vcpu_sampler"] == {}
+
+
+class _CallsOfTheRecorder:
+    """Stands in for the VcpuSampler: keeps the recorder's calls in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def watch(self, name: str, pid: int, threads: dict[int, int]) -> None:
+        self.calls.append(("watch", name, pid, threads))
+
+    def set_vm_running(self, name: str, running: bool) -> None:
+        self.calls.append(("running", name, running))
+
+
+def test_threads_reach_the_sampler_only_once_the_vms_run_state_is_known(tmp_path: Path) -> None:
+    # A CI run read an incoming QEMU's vCPUs as halted for the 10 ms before its first
+    # query-status answer: the sampler took the VM for a running one until told.
+    recorder = Recorder(tmp_path / "run", qmp={"dst": str(tmp_path / "dst.qmp")})
+    calls = _CallsOfTheRecorder()
+    recorder.vcpu_sampler = calls  # type: ignore[assignment]
+    threads = {0: threading.get_native_id()}
+    recorder._on_vcpus("dst", os.getpid(), threads)
+    assert calls.calls == []
+    recorder._on_runstate("dst", False)
+    assert calls.calls == [("running", "dst", False), ("watch", "dst", os.getpid(), threads)]
+    recorder._on_vcpus("dst", os.getpid(), threads)  # known from now on: at once
+    assert calls.calls[-1] == ("watch", "dst", os.getpid(), threads)
+    recorder._on_runstate("dst", True)
+    assert calls.calls[-1] == ("running", "dst", True) and len(calls.calls) == 4

@@ -34,8 +34,10 @@ canaries hold their events until their next sign of life (about once a second, l
 loaded guest), so an event measured before the end can still be on its way into the log.
 ``GET /healthz`` gives the agent's CLOCK_MONOTONIC (``mono_ns``) and each worker unit's
 newest sign of life on it (``workers``; ``agent.workers.Supervisor.heard``). The first
-answer's ``mono_ns`` is the mark; the recorder asks again every ``DRAIN_POLL_S`` until every
-unit has reported past it, for at most ``drain_ns``. A unit still behind then is said (an
+answer's ``mono_ns`` is the mark; while a unit is behind, the recorder fetches the events
+(what the workers report meanwhile arrives as soon as it would have before the stop) and
+asks again every ``DRAIN_POLL_S``, until every unit has reported past the mark or
+``drain_ns`` has passed. A unit still behind then is said (an
 ``incomplete`` record naming it and how far it reported, ``drained`` false in meta.json,
 ``workers_behind``), and so is an agent whose /healthz does not say (``drained`` None). An
 agent that does not answer /healthz at all is not waited for: its last fetch fails too.
@@ -507,6 +509,7 @@ class AgentRecorder:
                     break
             if time.monotonic() >= deadline:
                 break
+            await self.fetch_events()
             await asyncio.sleep(DRAIN_POLL_S)
         waited = round(time.monotonic() - started, 3)
         self.summary.drained = not behind

@@ -21,7 +21,11 @@ Host truth per vCPU: for every QMP endpoint whose QEMU runs on this host (its pi
 monitor socket's peer credentials, or ``qemu_pids``), a ``VcpuSampler`` reads each vCPU
 thread every ``vcpu_poll_ns`` in a thread of its own and writes ``vcpu-states.jsonl``; an
 endpoint without a pid, or whose vCPU threads are not in ``/proc/PID/task``, gets a note
-instead (meta.json ``vcpu_sampler``). ``vcpu_poll_ns=0`` turns it off.
+instead (meta.json ``vcpu_sampler``). ``vcpu_poll_ns=0`` turns it off. An endpoint's threads
+are handed to the sampler only once QMP has said whether its VM runs (``query-status``,
+STOP, RESUME): before that the sampler would take a VM not yet started for a running one
+and read its idle vCPUs as ``halted`` (a CI run read an incoming QEMU's vCPUs so for the
+10 ms before its first ``query-status`` answer).
 
 Whatever the reason, the writers are flushed and closed and ``meta.json`` is rewritten with
 the versions, endpoints, agents, start and end, counts per file, the stop reason and the
@@ -234,6 +238,9 @@ class Recorder:
         self._stream_status: dict[str, str] = {}
         self._writers: dict[str, JsonlWriter] = {}
         self.vcpu_sampler: VcpuSampler | None = None
+        # Endpoints whose VM's run state QMP told, and vCPU threads waiting for it.
+        self._runstate_known: set[str] = set()
+        self._unwatched: dict[str, tuple[int, dict[int, int]]] = {}
         self._notes: list[str] = []
         self._stop: asyncio.Event | None = None
         self._stop_reason: str | None = None
@@ -446,11 +453,20 @@ class Recorder:
                 "its QEMU does not run on this host, or the pid is wrong",
             )
             return
+        if name not in self._runstate_known:
+            self._unwatched[name] = (pid, threads)
+            return
         sampler.watch(name, pid, threads)
 
     def _on_runstate(self, name: str, running: bool) -> None:
-        if self.vcpu_sampler is not None:
-            self.vcpu_sampler.set_vm_running(name, running)
+        sampler = self.vcpu_sampler
+        if sampler is None:
+            return
+        sampler.set_vm_running(name, running)
+        self._runstate_known.add(name)
+        waiting = self._unwatched.pop(name, None)
+        if waiting is not None:
+            sampler.watch(name, *waiting)
 
     def _open_writers(self) -> None:
         vcpu_poll = int(self._options["vcpu_poll_ns"] or 0)
